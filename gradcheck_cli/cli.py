@@ -1,0 +1,425 @@
+"""The `gradcheck` command: a thin Typer skin over the Python API.
+
+Parses options, calls the API, renders, and maps outcomes to exit codes in one place:
+0 no failing finding, 1 a failing finding, 2 bad usage or input, 130 interrupted.
+torch is imported only inside commands, so `gradcheck --help` and `--version` start fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+
+from gradcheck_cli._version import __version__
+from gradcheck_cli.errors import UserError
+from gradcheck_cli.report import DEFAULT_FAIL_ON, KINDS
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from gradcheck_cli.diagnose import Thresholds
+    from gradcheck_cli.report import Report
+
+EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+app = typer.Typer(
+    name="gradcheck",
+    help="Find the layers whose gradients vanish or explode in a PyTorch model. Exit 1 on bad gradients.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+    markdown = "markdown"
+
+
+class FailLevel(str, Enum):
+    error = "error"
+    warning = "warning"
+
+
+class DeviceChoice(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gradcheck {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """gradcheck: per-layer gradient diagnosis for PyTorch models, for people and for CI."""
+
+
+# -- options shared by analyze and demo -------------------------------------------------------------------
+
+FormatOption = Annotated[Format, typer.Option("--format", "-f", help="table (for people), json or markdown.")]
+OutputOption = Annotated[
+    Path | None,
+    typer.Option("--output", "-o", help="Also write the report here: JSON for .json, Markdown for .md, text else."),
+]
+FailOnOption = Annotated[
+    str,
+    typer.Option(
+        "--fail-on", help=f"Finding kinds that fail the run (comma list of {', '.join(KINDS)}).", show_default=True
+    ),
+]
+FailLevelOption = Annotated[FailLevel, typer.Option("--fail-level", help="Lowest severity that fails the run.")]
+StepsOption = Annotated[int, typer.Option("--steps", help="Batches to measure: one forward and backward each.")]
+TrainStepsOption = Annotated[
+    int, typer.Option("--train-steps", help="Plain SGD steps to take before measuring (0: measure at init).")
+]
+LrOption = Annotated[
+    float, typer.Option("--lr", help="SGD learning rate for --train-steps; also scales the update-size check.")
+]
+SeedOption = Annotated[int, typer.Option("--seed", help="Seed for random data, dropout and projections.")]
+DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")]
+
+DEFAULT_FAIL_ON_TEXT = ",".join(DEFAULT_FAIL_ON)
+
+
+@app.command()
+def analyze(
+    target: Annotated[
+        str,
+        typer.Argument(help="path/model.py, path/model.py:NAME or package.module:NAME.", show_default=False),
+    ],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="NAME of the model in TARGET.")] = None,
+    weights: Annotated[
+        str | None, typer.Option("--weights", "-w", help="Load parameters from a .safetensors file.")
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option("--strict/--no-strict", help="Require weights to match every key (--no-strict: partial).")
+    ] = True,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option("--allow-pickle", help="Allow .pt/.bin/.ckpt weights (torch.load weights_only=True)."),
+    ] = False,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            "-d",
+            help="FILE.safetensors (inputs[, targets]), FILE.py:FN, randn:B,D1,... or randint:HIGH:B,T.",
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Batch size for .safetensors data.")] = 32,
+    loss: Annotated[str, typer.Option("--loss", help="auto, cross-entropy, mse or FILE.py:FN.")] = "auto",
+    steps: StepsOption = 3,
+    train_steps: TrainStepsOption = 0,
+    lr: LrOption = 0.01,
+    seed: SeedOption = 0,
+    device: Annotated[DeviceChoice, typer.Option("--device", help="auto picks cuda when available.")] = DeviceChoice.auto,
+    eval_mode: Annotated[bool, typer.Option("--eval", help="Run in eval mode (default: train mode).")] = False,
+    output_format: FormatOption = Format.table,
+    output: OutputOption = None,
+    fail_on: FailOnOption = DEFAULT_FAIL_ON_TEXT,
+    fail_level: FailLevelOption = FailLevel.error,
+    signal_warning: Annotated[
+        float, typer.Option(help="Signal view: dL/dz change (factor) toward the input that warns.")
+    ] = 10.0,
+    signal_error: Annotated[float, typer.Option(help="Signal view: factor that is an error.")] = 100.0,
+    balance_warning: Annotated[
+        float, typer.Option(help="Update view: ||g||/||W|| this many times below the median warns.")
+    ] = 10.0,
+    balance_error: Annotated[float, typer.Option(help="Update view: factor below the median that is an error.")] = 1000.0,
+    update_warning: Annotated[
+        float, typer.Option(help="Update view: lr*||g||/||W|| (step size relative to weights) that warns.")
+    ] = 0.1,
+    update_error: Annotated[float, typer.Option(help="Update view: step size that is an error.")] = 1.0,
+    dead_warning: Annotated[float, typer.Option(help="Fraction of dead ReLU units that warns.")] = 0.5,
+    dead_error: Annotated[float, typer.Option(help="Fraction of dead ReLU units that is an error.")] = 0.9,
+    saturation_warning: Annotated[float, typer.Option(help="Fraction of saturated sigmoid/tanh inputs that warns.")] = 0.5,
+    saturation_error: Annotated[float, typer.Option(help="Fraction of saturated inputs that is an error.")] = 0.9,
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Measure every layer's gradients over a few forward/backward passes and flag the bad ones."""
+    with _errors(debug):
+        kinds = _parse_fail_on(fail_on)
+        thresholds = _thresholds(**{k: v for k, v in locals().items() if k.endswith(("_warning", "_error"))})
+        _check_output(output)
+
+        def run(progress: Callable[[str, int, int], None] | None) -> Report:
+            from gradcheck_cli.api import analyze_target
+
+            return analyze_target(
+                target,
+                model_name=model,
+                weights=weights,
+                strict=strict,
+                allow_pickle=allow_pickle,
+                data=data,
+                loss=loss,
+                steps=steps,
+                batch_size=batch_size,
+                train_steps=train_steps,
+                lr=lr,
+                seed=seed,
+                device=device.value,
+                eval_mode=eval_mode,
+                thresholds=thresholds,
+                progress=progress,
+            )
+
+        report = _with_progress(run, quiet or output_format != Format.table)
+        _finish(report, output_format, output, kinds, fail_level.value)
+
+
+@app.command()
+def demo(
+    name: Annotated[str | None, typer.Argument(help="Which demo (see --list).", show_default=False)] = None,
+    list_demos: Annotated[bool, typer.Option("--list", help="List the demos, one per line.")] = False,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", "-d", help="Real MNIST: torchvision's MNIST/raw folder or a .safetensors file."),
+    ] = None,
+    steps: StepsOption = 3,
+    train_steps: TrainStepsOption = 0,
+    lr: LrOption = 0.01,
+    seed: SeedOption = 0,
+    output_format: FormatOption = Format.table,
+    output: OutputOption = None,
+    fail_on: FailOnOption = DEFAULT_FAIL_ON_TEXT,
+    fail_level: FailLevelOption = FailLevel.error,
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Replay the 2017 tutorial's sigmoid MLP (sigmoid-mlp) or its fixed twin (relu-he-mlp)."""
+    from gradcheck_cli.demo_names import DEMO_SUMMARIES
+
+    if list_demos:
+        for demo_name, summary in DEMO_SUMMARIES.items():
+            typer.echo(f"{demo_name}  {summary}")
+        return
+    with _errors(debug):
+        if name is None:
+            raise UserError("no demo named", f"choose one of: {', '.join(DEMO_SUMMARIES)} (gradcheck demo --list)")
+        if name not in DEMO_SUMMARIES:
+            raise UserError(f"unknown demo '{name}'", f"choose one of: {', '.join(DEMO_SUMMARIES)}")
+        kinds = _parse_fail_on(fail_on)
+        _check_output(output)
+
+        def run(progress: Callable[[str, int, int], None] | None) -> Report:
+            from gradcheck_cli.api import analyze
+            from gradcheck_cli.demos import TUTORIAL_BATCH, get_demo, mnist_batches, synthetic_digits
+
+            import torch
+
+            chosen = get_demo(name)
+            torch.manual_seed(seed)  # the demo's N(0, 1) weights are part of what is reproduced
+            count = steps + train_steps
+            if data is not None:
+                batches, source = mnist_batches(data, count), f"MNIST from {data}"
+            else:
+                batches, source = synthetic_digits(count, seed), "synthetic MNIST-like digits (no download)"
+            return analyze(
+                chosen.build(),
+                batches,
+                "cross-entropy",
+                steps=steps,
+                train_steps=train_steps,
+                lr=lr,
+                seed=seed,
+                device="cpu",
+                batch_size=TUTORIAL_BATCH,
+                progress=progress,
+                target=f"demo {name}",
+                notes=[f"data: {source}"],
+            )
+
+        report = _with_progress(run, quiet or output_format != Format.table)
+        _finish(report, output_format, output, kinds, fail_level.value)
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+
+
+def _parse_fail_on(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise UserError(f"unknown --fail-on kind(s): {', '.join(unknown)}", f"choose from {', '.join(KINDS)}")
+    return kinds
+
+
+def _thresholds(**values: float) -> Thresholds:
+    from gradcheck_cli.diagnose import Thresholds
+
+    thresholds = Thresholds(**values)
+    thresholds.validate()
+    return thresholds
+
+
+OUTPUT_SUFFIXES = (".json", ".md", ".markdown", ".txt", ".log")
+
+
+def _check_output(output: Path | None) -> None:
+    """Refuse a bad --output before spending time on the passes."""
+    if output is None:
+        return
+    if output.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise UserError(
+            f"--output {output}: unknown report type '{output.suffix}'",
+            "use .json, .md or .txt",
+        )
+    if output.is_dir():
+        raise UserError(f"--output {output} is a directory", "give a file name, e.g. report.json")
+    if not output.parent.exists():
+        raise UserError(f"--output {output}: folder {output.parent} does not exist", "create it first")
+
+
+PIPED_WIDTH = 160  # CI logs and files have no terminal width; the table needs ~130 columns
+
+
+def _stdout_console() -> Console:
+    from rich.console import Console
+
+    console = Console(soft_wrap=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(soft_wrap=False, width=PIPED_WIDTH)
+    return console
+
+
+def _finish(report: Report, output_format: Format, output: Path | None, fail_on: list[str], fail_level: str) -> None:
+    from gradcheck_cli.render import markdown, table
+
+    if output_format == Format.json:
+        sys.stdout.write(report.to_json() + "\n")
+    elif output_format == Format.markdown:
+        sys.stdout.write(markdown.render(report, fail_on, fail_level))
+    else:
+        table.render(report, _stdout_console(), fail_on, fail_level)
+    if output is not None:
+        suffix = output.suffix.lower()
+        if suffix == ".json":
+            text = report.to_json() + "\n"
+        elif suffix in (".md", ".markdown"):
+            text = markdown.render(report, fail_on, fail_level)
+        else:
+            text = _plain_text(report, fail_on, fail_level)
+        write_atomic(output, text)
+    raise typer.Exit(EXIT_FINDINGS if report.failing(fail_on, fail_level) else EXIT_OK)
+
+
+def _plain_text(report: Report, fail_on: list[str], fail_level: str) -> str:
+    from rich.console import Console
+
+    from gradcheck_cli.render import table
+
+    console = Console(record=True, width=PIPED_WIDTH, file=open(os.devnull, "w"), color_system=None)  # noqa: SIM115
+    table.render(report, console, fail_on, fail_level)
+    return console.export_text()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a report."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or Path("."))
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def _with_progress(run: Callable[[Any], Report], quiet: bool) -> Report:
+    """Run with a progress bar on stderr when stderr is a terminal (never on stdout)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if quiet or not console.is_terminal:
+        return _quietly(run, None)
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  console=console, transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                label = "SGD steps" if phase == "train" else "forward/backward passes"
+                tasks[phase] = bar.add_task(label, total=total)
+            bar.update(tasks[phase], completed=done)
+
+        return _quietly(run, progress)
+
+
+def _quietly(run: Callable[[Any], Report], progress: Any) -> Report:
+    """Keep library warnings (torch's NumPy notice, hook internals) off the user's terminal; the model's own
+    warnings are summarised as report notes."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = run(progress)
+    seen = []
+    for warning in caught:
+        text = str(warning.message).splitlines()[0] if str(warning.message) else warning.category.__name__
+        if "NumPy" in text or text in seen:
+            continue
+        seen.append(text)
+    for text in seen[:3]:
+        report.notes.append(f"warning during the run: {text}")
+    return report
+
+
+@contextlib.contextmanager
+def _errors(debug: bool) -> Iterator[None]:
+    """Map every failure to its exit code and one line on stderr; --debug adds the traceback."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except UserError as error:
+        _fail(f"error: {error.one_line()}", EXIT_USAGE, debug)
+    except KeyboardInterrupt:
+        _fail("interrupted", EXIT_INTERRUPTED, debug)
+    except MemoryError:
+        _fail("error: out of memory: use a smaller --batch-size", EXIT_USAGE, debug)
+    except Exception as error:
+        if _is_out_of_memory(error):
+            _fail(f"error: out of memory ({type(error).__name__}): use a smaller --batch-size", EXIT_USAGE, debug)
+        raise
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    text = str(error)
+    return type(error).__name__ == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text
+
+
+def _fail(message: str, code: int, debug: bool) -> NoReturn:
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    typer.echo(message, err=True)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

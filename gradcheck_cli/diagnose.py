@@ -1,0 +1,472 @@
+"""Diagnosis: measured layers -> statuses and findings, each with its evidence and a fix.
+
+Pure functions over the report's dataclasses: no torch, no hooks, no printing.
+
+Two views of the gradients (both reported, each finding names the one that raised it):
+- signal: how ||dL/dz|| (z = a layer's output) changes along the forward order. The chain rule multiplies
+  per-layer Jacobians, so a consistent per-layer gain != 1 compounds geometrically (mean-field chi1; Poole et
+  al. 2016, Schoenholz et al. 2017). This is where vanishing and exploding gradients live.
+- update: each weight layer's ||g|| / ||W||, the relative change one SGD step makes. Against the network's
+  median it tells which layers learn orders of magnitude slower; times the learning rate it tells whether
+  steps are absurdly large. Glorot & Bengio (2010) show the two views can disagree, so both are needed.
+Plus numeric checks (NaN/Inf, all-zero gradients), activation checks (dead ReLU units, saturated
+sigmoid/tanh inputs) and usage (trainable parameters that got no gradient).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gradcheck_cli.errors import UserError
+from gradcheck_cli.report import Finding, Layer, NanOrigin, SignalSummary, UpdateSummary, median
+from gradcheck_cli.stats import theil_sen_slope
+
+LOSS_LAYER = "<loss>"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Every threshold of the diagnosis, with the reason for its default (README: "Thresholds")."""
+
+    # signal view: factor by which ||dL/dz|| at a layer differs from the output end of the chain, flagged only
+    # when the fitted per-layer gain compounds to at least the same factor over the chain (a trend, not one
+    # odd layer). 10x is one order of magnitude: a critically initialised net (chi1 = 1) stays within ~2x
+    # over tens of layers at practical widths, so 10x is far outside init noise.
+    signal_warning: float = 10.0
+    signal_error: float = 100.0
+    # update view, balance: a weight layer whose ||g||/||W|| is this many times below the network median
+    # learns that many times slower under SGD (the tutorial's layer 1).
+    balance_warning: float = 10.0
+    balance_error: float = 1000.0
+    # update view, size: lr * ||g||/||W||, the fraction by which one SGD step changes the weights. The usual
+    # healthy range is 1e-4..1e-2 (cs231n's 1e-3 rule of thumb); DeepDiagnosis flags > 0.1.
+    update_warning: float = 0.1
+    update_error: float = 1.0
+    # activation view: fraction of ReLU units never active over all batches (a He-initialised unit is active
+    # for half the examples, so chance alone leaves ~0.5^batch of them dead), and fraction of sigmoid/tanh
+    # inputs where the derivative is under 5% of its peak (DeepDiagnosis flags > 50% outside [-5, 5]).
+    dead_warning: float = 0.5
+    dead_error: float = 0.9
+    saturation_warning: float = 0.5
+    saturation_error: float = 0.9
+    # update view, input scale: dL/dW = dL/dz x input, so the layer reading the model's input learns in
+    # proportion to the input's scale. When that input is not standardised (RMS outside [1/2, 2] or over half
+    # exact zeros; LeCun et al. 1998, "Efficient BackProp") and the layer's ||g||/||W|| lags the median by
+    # this factor, the lag has a measured cause and a standard fix, so it is flagged below balance_warning.
+    input_lag: float = 2.0
+    # fewest layers for a signal fit and for a balance median. The fit is a Theil-Sen line, which ignores up to
+    # ~29% outlying points: with 5 or more layers one odd end (an embedding, an output head) cannot fake a trend.
+    min_chain: int = 5
+
+    def validate(self) -> None:
+        for name in ("signal", "balance", "update", "dead", "saturation"):
+            low = getattr(self, f"{name}_warning")
+            high = getattr(self, f"{name}_error")
+            if not (math.isfinite(low) and math.isfinite(high)) or low <= 0:
+                raise UserError(f"threshold {name} must be a positive number", "see gradcheck analyze --help")
+            if high < low:
+                raise UserError(
+                    f"{name} error threshold ({high:g}) is below its warning threshold ({low:g})",
+                    "the error threshold must be at least the warning threshold",
+                )
+        if not math.isfinite(self.input_lag) or self.input_lag <= 1:
+            raise UserError("input_lag is a factor and must be above 1", "e.g. 2")
+        for name in ("signal", "balance"):
+            if getattr(self, f"{name}_warning") <= 1:
+                raise UserError(f"{name} thresholds are factors and must be above 1", "e.g. 10")
+        for name in ("dead", "saturation"):
+            if getattr(self, f"{name}_error") > 1:
+                raise UserError(f"{name} thresholds are fractions and must be in (0, 1]", "e.g. 0.5")
+        if self.min_chain < 3:
+            raise UserError("min_chain must be at least 3", "use 5 or more")
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    layers: list[Layer]
+    findings: list[Finding]
+    signal: SignalSummary
+    update: UpdateSummary
+
+
+SIGNAL_CATEGORIES = ("linear", "conv", "recurrent", "attention", "embedding", "other")
+BALANCE_CATEGORIES = ("linear", "conv", "recurrent", "attention", "embedding")
+# When a layer has several findings, its status is the most serious kind.
+STATUS_ORDER = ("nan", "dead", "exploding", "vanishing", "saturated", "unused")
+
+
+def diagnose(
+    layers: Sequence[Layer],
+    loss: Sequence[float | None],
+    thresholds: Thresholds,
+    *,
+    nan_origin: NanOrigin | None = None,
+    lr: float = 0.01,
+) -> Verdict:
+    """Statuses and findings for every layer; the two views' summaries."""
+    findings: list[Finding] = []
+    findings += _numeric(layers, loss, nan_origin)
+    signal, signal_findings = _signal(layers, thresholds)
+    update, update_findings = _update(layers, thresholds, lr, signal)
+    findings += signal_findings + update_findings
+    findings += _activations(layers, thresholds)
+    findings += _usage(layers)
+    return Verdict(_with_status(layers, findings), _ordered(findings, layers), signal, update)
+
+
+# -- numeric: NaN/Inf and all-zero gradients ---------------------------------------------------------------
+
+
+def _numeric(layers: Sequence[Layer], loss: Sequence[float | None], origin: NanOrigin | None) -> list[Finding]:
+    findings = []
+    bad_loss = [v for v in loss if v is not None and not math.isfinite(v)]
+    where = _origin_text(origin)
+    if bad_loss:
+        findings.append(
+            Finding(
+                LOSS_LAYER,
+                "nan",
+                "error",
+                "numeric",
+                f"loss is NaN/Inf in {len(bad_loss)} of {len(loss)} steps{where}",
+                _nan_fix(origin),
+            )
+        )
+    for layer in layers:
+        if layer.trainable_params and layer.nonfinite:
+            started_here = origin is not None and origin.module == layer.name
+            message = (
+                f"{layer.nonfinite} NaN/Inf gradient values; non-finite values start here ({origin.phase})"
+                if started_here and origin is not None
+                else f"{layer.nonfinite} NaN/Inf gradient values{where}"
+            )
+            findings.append(Finding(layer.name, "nan", "error", "numeric", message, _nan_fix(origin)))
+        elif layer.trainable_params and _all_zero(layer):
+            findings.append(
+                Finding(
+                    layer.name,
+                    "dead",
+                    "error",
+                    "numeric",
+                    f"every gradient value is exactly 0 in all {len(layer.grad_norm_steps)} steps: "
+                    "this layer cannot learn",
+                    "check what zeroes its signal: dead ReLUs after it (kaiming_normal_ init, LeakyReLU), a "
+                    "zero-initialised layer downstream, or a detach()/no_grad in the forward",
+                )
+            )
+    return findings
+
+
+def _all_zero(layer: Layer) -> bool:
+    got = [v for v in layer.grad_norm_steps if v is not None]
+    return bool(got) and all(v == 0 for v in got)
+
+
+def _origin_text(origin: NanOrigin | None) -> str:
+    if origin is None:
+        return ""
+    if origin.module:
+        return f"; spread from {origin.module} ({origin.phase})"
+    return f"; {origin.detail}"
+
+
+def _nan_fix(origin: NanOrigin | None) -> str:
+    where = f" in {origin.module}" if origin and origin.module else ""
+    if origin and origin.phase == "input":
+        return "the data holds NaN/Inf: clean or impute it before training"
+    return (
+        f"look for log/sqrt/division of values that reach 0 or below{where}; add an epsilon, lower the learning "
+        "rate, clip with torch.nn.utils.clip_grad_norm_; torch.autograd.set_detect_anomaly(True) names the op"
+    )
+
+
+# -- signal view ------------------------------------------------------------------------------------------
+
+
+def _signal(layers: Sequence[Layer], thresholds: Thresholds) -> tuple[SignalSummary, list[Finding]]:
+    chain = sorted(
+        (
+            layer
+            for layer in layers
+            if layer.category in SIGNAL_CATEGORIES
+            and layer.forward_index is not None
+            and layer.output_grad_norm_median is not None
+            and math.isfinite(layer.output_grad_norm_median)
+            and layer.output_grad_norm_median > 0
+        ),
+        key=lambda layer: layer.forward_index or 0,
+    )
+    names = tuple(layer.name for layer in chain)
+    if len(chain) < thresholds.min_chain:
+        return SignalSummary(names, None, None), []
+    xs = [float(i) for i in range(len(chain))]
+    ys = [math.log10(layer.output_grad_norm_median or 1.0) for layer in chain]
+    slope = theil_sen_slope(xs, ys)
+    assert slope is not None
+    intercept = median([y - slope * x for x, y in zip(xs, ys, strict=True)]) or 0.0
+    end = intercept + slope * xs[-1]
+    # Toward the input, each layer multiplies ||dL/dz|| by 10**(-slope).
+    gain = 10 ** (-slope)
+    total = gain ** (len(chain) - 1)
+    summary = SignalSummary(names, gain, total)
+    findings = []
+    trend = abs(math.log10(total))
+    for layer, y in zip(chain, ys, strict=True):
+        deviation = y - end  # log10 of ||dL/dz|| here over the fitted value at the output end
+        kind = "vanishing" if deviation < 0 else "exploding"
+        if (deviation < 0) != (total < 1):
+            continue  # a layer off the trend's direction is not explained by it
+        level = min(abs(deviation), trend)
+        severity = _level(10**level, thresholds.signal_warning, thresholds.signal_error)
+        if severity is None:
+            continue
+        factor = 10**deviation
+        direction = "smaller" if kind == "vanishing" else "larger"
+        findings.append(
+            Finding(
+                layer.name,
+                kind,
+                severity,
+                "signal",
+                f"dL/dz is {_times(factor)} {direction} than at the output end: x{gain:.3g} per layer over "
+                f"{len(chain)} layers",
+                _signal_fix(kind, layer, chain),
+                factor,
+            )
+        )
+    return summary, findings
+
+
+def _signal_fix(kind: str, layer: Layer, chain: Sequence[Layer]) -> str:
+    saturated = [c.saturated_fraction for c in chain if c.saturated_fraction is not None]
+    if kind == "vanishing":
+        if saturated and (median(saturated) or 0) > 0.2:
+            return (
+                "activations saturate: use nn.ReLU/nn.GELU with nn.init.kaiming_normal_, or put nn.LayerNorm/"
+                "nn.BatchNorm before the sigmoid/tanh; residual connections keep the signal over depth"
+            )
+        return (
+            "weights too small for gain 1: nn.init.xavier_normal_ (tanh), nn.init.kaiming_normal_ (ReLU) or "
+            "nn.init.orthogonal_; add normalization layers or residual connections"
+        )
+    return (
+        "weights too large for gain 1: re-initialise with nn.init.xavier_normal_ / kaiming_normal_ / "
+        "orthogonal_, add normalization layers; clip with torch.nn.utils.clip_grad_norm_ while training"
+    )
+
+
+# -- update view ------------------------------------------------------------------------------------------
+
+
+def _update(
+    layers: Sequence[Layer], thresholds: Thresholds, lr: float, signal: SignalSummary
+) -> tuple[UpdateSummary, list[Finding]]:
+    findings = []
+    members = [
+        layer
+        for layer in layers
+        if layer.category in BALANCE_CATEGORIES
+        and layer.trainable_params
+        and layer.grad_to_weight is not None
+        and math.isfinite(layer.grad_to_weight)
+        and layer.grad_to_weight > 0
+    ]
+    reference = median([layer.grad_to_weight or 0.0 for layer in members])
+    summary = UpdateSummary(tuple(layer.name for layer in members), reference)
+    if reference and len(members) >= thresholds.min_chain:
+        first = _input_layer(layers)
+        for layer in members:
+            factor = (layer.grad_to_weight or 0.0) / reference
+            severity = _level(1 / factor, thresholds.balance_warning, thresholds.balance_error)
+            message = (
+                f"||g||/||W|| = {layer.grad_to_weight:.2g} is {_times(factor)} below the network median "
+                f"{reference:.2g}: this layer learns that much slower under SGD"
+            )
+            fix = _balance_fix(layer, signal)
+            if layer is first and _unstandardised(layer) and 1 / factor >= thresholds.input_lag:
+                severity = severity or "warning"
+                message += "; its input is not standardised" + _input_text(layer) + _signal_context(signal)
+                fix = (
+                    "dL/dW = dL/dz x input, so this layer's steps shrink with its input: standardise the inputs, "
+                    "x = (x - mean) / std (torchvision transforms.Normalize; MNIST: mean 0.1307, std 0.3081)"
+                )
+            if severity is None:
+                continue
+            findings.append(Finding(layer.name, "vanishing", severity, "update", message, fix, factor))
+    for layer in layers:
+        ratio = layer.grad_to_weight
+        if not layer.trainable_params or ratio is None or not math.isfinite(ratio):
+            continue
+        size = lr * ratio
+        severity = _level(size, thresholds.update_warning, thresholds.update_error)
+        if severity is None:
+            continue
+        findings.append(
+            Finding(
+                layer.name,
+                "exploding",
+                severity,
+                "update",
+                f"one SGD step at lr {lr:g} changes the weights by {size:.3g}x their norm "
+                f"(||g||/||W|| = {ratio:.3g})",
+                "gradients are huge for these weights: lower the learning rate, clip with "
+                "torch.nn.utils.clip_grad_norm_, and check the weight and input scale (nn.init.kaiming_normal_, "
+                "standardised inputs)",
+                size,
+            )
+        )
+    return summary, findings
+
+
+def _input_layer(layers: Sequence[Layer]) -> Layer | None:
+    """The first layer in forward order: the one that reads the model's input."""
+    called = [layer for layer in layers if layer.forward_index is not None]
+    return min(called, key=lambda layer: layer.forward_index or 0) if called else None
+
+
+# A standardised input has RMS 1 and few exact zeros; a factor of 2 either way, or mostly zeros, is not.
+STANDARD_INPUT_RMS = (0.5, 2.0)
+SPARSE_INPUT = 0.5
+
+
+def _unstandardised(layer: Layer) -> bool:
+    if layer.input_rms is None:
+        return False  # integer ids (embeddings) have no scale
+    low, high = STANDARD_INPUT_RMS
+    return not low <= layer.input_rms <= high or (layer.input_zero_fraction or 0.0) > SPARSE_INPUT
+
+
+def _input_text(layer: Layer) -> str:
+    return f" (RMS {layer.input_rms:.2g}, {layer.input_zero_fraction or 0.0:.0%} exact zeros; standardised: RMS 1)"
+
+
+def _signal_context(signal: SignalSummary) -> str:
+    """Whether the backpropagated signal explains a lag: the two views side by side."""
+    gain = signal.gain_per_layer
+    if gain is None:
+        return ""
+    if 0.8 <= gain <= 1.25:
+        return f"; the backpropagated signal is not the cause (dL/dz x{gain:.2f} per layer)"
+    return f"; dL/dz also changes x{gain:.2f} per layer (signal view)"
+
+
+def _balance_fix(layer: Layer, signal: SignalSummary) -> str:
+    return (
+        "give this layer a larger share of the updates: initialise it like its neighbours (kaiming_normal_/"
+        "xavier_normal_), or use an adaptive optimizer (torch.optim.Adam) or a per-layer learning rate"
+    )
+
+
+# -- activations -------------------------------------------------------------------------------------------
+
+
+def _activations(layers: Sequence[Layer], thresholds: Thresholds) -> list[Finding]:
+    findings = []
+    for layer in layers:
+        dead = layer.dead_fraction
+        source = "ReLU units never activate over all batches"
+        if dead is None and layer.zero_grad_unit_fraction is not None and not _all_zero(layer):
+            dead, source = layer.zero_grad_unit_fraction, "output units got an all-zero gradient in every step"
+        severity = _level(dead or 0.0, thresholds.dead_warning, thresholds.dead_error)
+        if severity is not None and dead is not None:
+            findings.append(
+                Finding(
+                    layer.name,
+                    "dead",
+                    severity,
+                    "activation",
+                    f"{dead:.0%} of {source}",
+                    "dead ReLUs: initialise with nn.init.kaiming_normal_ and zero biases, lower the learning "
+                    "rate, or use nn.LeakyReLU / nn.GELU",
+                    dead,
+                )
+            )
+        saturated = layer.saturated_fraction
+        severity = _level(saturated or 0.0, thresholds.saturation_warning, thresholds.saturation_error)
+        if severity is not None and saturated is not None:
+            findings.append(
+                Finding(
+                    layer.name,
+                    "saturated",
+                    severity,
+                    "activation",
+                    f"{saturated:.0%} of the sigmoid/tanh inputs it feeds are saturated (derivative < 5% of peak)",
+                    "pre-activations too large: scale the weights down (nn.init.xavier_normal_), standardise "
+                    "inputs, or add nn.LayerNorm/nn.BatchNorm before the activation",
+                    saturated,
+                )
+            )
+    return findings
+
+
+# -- usage ------------------------------------------------------------------------------------------------
+
+
+def _usage(layers: Sequence[Layer]) -> list[Finding]:
+    findings = []
+    for layer in layers:
+        if layer.trainable_params and all(v is None for v in layer.grad_norm_steps):
+            findings.append(
+                Finding(
+                    layer.name,
+                    "unused",
+                    "warning",
+                    "usage",
+                    "trainable, but got no gradient in any step (not used in the forward, or detached)",
+                    "remove it, freeze it (requires_grad_(False)), or check the forward uses it",
+                )
+            )
+    return findings
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+
+
+def _level(value: float, warning: float, error: float) -> str | None:
+    """Severity of a value measured against (warning, error) thresholds, larger is worse."""
+    if not math.isfinite(value):
+        return "error"
+    if value >= error:
+        return "error"
+    if value >= warning:
+        return "warning"
+    return None
+
+
+def _times(factor: float) -> str:
+    """A factor the way people say it: 1.2e-03 -> '830x', 25 -> '25x'."""
+    if factor <= 0 or not math.isfinite(factor):
+        return str(factor)
+    value = factor if factor >= 1 else 1 / factor
+    text = f"{value:.0f}x" if value < 1e4 else f"{value:.1e}x"
+    return text
+
+
+def _with_status(layers: Sequence[Layer], findings: Sequence[Finding]) -> list[Layer]:
+    by_layer: dict[str, list[Finding]] = {}
+    for finding in findings:
+        by_layer.setdefault(finding.layer, []).append(finding)
+    result = []
+    for layer in layers:
+        mine = by_layer.get(layer.name, [])
+        if mine:
+            worst = min(mine, key=lambda f: (f.severity != "error", STATUS_ORDER.index(f.kind)))
+            status, severity = worst.kind, worst.severity
+        elif layer.frozen:
+            status, severity = "frozen", None
+        else:
+            status, severity = "ok", None
+        result.append(dataclasses.replace(layer, status=status, severity=severity))
+    return result
+
+
+def _ordered(findings: Sequence[Finding], layers: Sequence[Layer]) -> list[Finding]:
+    """Errors first, then by position in the forward order."""
+    position = {layer.name: (layer.forward_index if layer.forward_index is not None else 10**9) for layer in layers}
+    return sorted(findings, key=lambda f: (f.severity != "error", position.get(f.layer, -1)))

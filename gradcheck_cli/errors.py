@@ -1,0 +1,39 @@
+"""The one exception type a user can cause.
+
+Everything a user gets wrong (a missing file, a malformed spec, a model that does not fit its data) is raised
+as UserError and becomes exit code 2 with one line on stderr. Any other exception is a bug in gradcheck and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake in the input, with what to do about it.
+
+    `message` names the cause; `hint` says how to fix it. Both are short enough for one terminal line.
+    """
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+    def one_line(self) -> str:
+        """The message and hint on a single line, as the CLI prints them."""
+        text = f"{self.message}: {self.hint}" if self.hint else self.message
+        return " ".join(text.split())
+
+
+class ModelRunError(UserError):
+    """The user's model (or loss) raised while gradcheck ran it.
+
+    Carries the module that was running, so the message can say where the forward failed.
+    """
+
+    def __init__(self, message: str, hint: str = "", module: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.module = module

@@ -1,0 +1,337 @@
+"""Hooks: the only module that touches the user's model while it runs.
+
+`Probe` is a context manager. On entry it registers
+- a forward hook on every module that directly owns parameters: it counts calls, notes the forward order,
+  measures the module's input, and registers a tensor hook on the module's output to capture dL/dz;
+- a forward pre-hook on every ReLU / sigmoid / tanh module: it measures dead and saturated units.
+On exit it removes every handle it registered, whatever happened in between.
+
+Why tensor hooks on outputs rather than module full-backward hooks: full-backward hooks wrap outputs in views,
+so in-place ops downstream (ReLU(inplace=True), `x += shortcut`) raise errors (pytorch #61519), and they warn
+when no input requires grad (pytorch #100528). A hook registered on the output tensor sees dL/dz for the value
+the module produced, even when it is later modified in place.
+
+Hooks only do constant work: a few reductions that stay on the device. The host reads everything once per
+step (stats.to_host).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+CONV_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd,)
+RECURRENT_TYPES: tuple[type[nn.Module], ...] = (nn.RNNBase, nn.RNNCellBase)
+EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Bilinear)
+ATTENTION_TYPES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+
+# ReLU-family: a unit whose input is never > 0 passes no gradient at all ("dead").
+DEAD_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+# Saturating activations and the |input| beyond which the derivative is under 5% of its peak:
+# sigmoid'(x) < 0.05 * 0.25 for |x| > 4.34; tanh'(x) < 0.05 for |x| > 2.18; Hardtanh and Hardsigmoid have
+# derivative exactly 0 beyond their corners.
+SATURATION_LIMITS: dict[type[nn.Module], float] = {
+    nn.Sigmoid: 4.34,
+    nn.Tanh: 2.18,
+    nn.Hardsigmoid: 3.0,
+}
+
+
+def category_of(module: nn.Module) -> str:
+    """What kind of layer a module is, for the rules that treat kinds differently."""
+    for category, types in (
+        ("norm", NORM_TYPES),
+        ("embedding", EMBEDDING_TYPES),
+        ("recurrent", RECURRENT_TYPES),
+        ("attention", ATTENTION_TYPES),
+        ("conv", CONV_TYPES),
+        ("linear", LINEAR_TYPES),
+    ):
+        if isinstance(module, types):
+            return category
+    return "other"
+
+
+def first_tensor(value: Any) -> torch.Tensor | None:
+    """The primary tensor of a module's output or input: the tensor itself, else the first tensor found in a
+    tuple, list, dict (e.g. a model-hub ModelOutput) or PackedSequence, depth first."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, list | tuple):
+        for item in value:
+            found = first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A module that directly owns parameters."""
+
+    index: int
+    name: str
+    module: nn.Module
+    category: str
+    # (qualified name as named_parameters() gives it, the tensor)
+    params: tuple[tuple[str, nn.Parameter], ...]
+
+
+def discover_layers(model: nn.Module) -> list[LayerSpec]:
+    """Every module that directly owns parameters, in named_modules() order.
+
+    A tensor shared by several modules (tied weights) is listed under each; its qualified name is the one
+    named_parameters() reports (the first place it is registered).
+    """
+    canonical: dict[int, str] = {}
+    for name, param in model.named_parameters():
+        canonical.setdefault(id(param), name)
+    layers = []
+    for name, module in model.named_modules():
+        own = [(canonical[id(p)], p) for p in module.parameters(recurse=False) if id(p) in canonical]
+        if own:
+            layers.append(LayerSpec(len(layers), name, module, category_of(module), tuple(own)))
+    return layers
+
+
+@dataclass
+class ActivationKey:
+    """One activation module, attributed to the parameter layer whose output it received."""
+
+    activation: str
+    layer: int
+
+
+@dataclass
+class StepTape:
+    """What the hooks recorded during one step: device tensors, appended as hooks fire."""
+
+    calls: dict[int, int] = field(default_factory=dict)
+    order: list[int] = field(default_factory=list)
+    output_sq: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    input_sq: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    input_zero: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    input_numel: dict[int, int] = field(default_factory=dict)
+    saturated: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    saturated_numel: dict[int, int] = field(default_factory=dict)
+
+
+class Probe:
+    """Hooks for one analysis; use as `with Probe(model, layers) as probe:`.
+
+    Between `start_step()` and the end of backward, `tape` collects the step's raw device tensors.
+    `ever_active[layer]` (bool per unit, on the device) accumulates over all steps.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[LayerSpec], measure_activations: bool = True) -> None:
+        self.model = model
+        self.layers = layers
+        self.measure_activations = measure_activations
+        self.tape = StepTape()
+        self.ever_active: dict[int, torch.Tensor] = {}
+        self._handles: list[RemovableHandle] = []
+        self._last_layer: int | None = None
+        self._layer_category = {spec.index: spec.category for spec in layers}
+        self._recording = False
+
+    def __enter__(self) -> Probe:
+        try:
+            for spec in self.layers:
+                if spec.module is self.model:
+                    # The root's "output gradient" would be dL/d(model output): not a layer's. Skip it.
+                    continue
+                self._handles.append(spec.module.register_forward_hook(self._forward_hook(spec.index)))
+            if self.measure_activations:
+                for name, module in self.model.named_modules():
+                    hook = self._activation_hook(module)
+                    if hook is not None:
+                        self._handles.append(module.register_forward_pre_hook(hook))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook this probe registered (also those registered before a failure)."""
+        while self._handles:
+            self._handles.pop().remove()
+
+    @property
+    def active_hooks(self) -> int:
+        return len(self._handles)
+
+    def start_step(self) -> None:
+        self.tape = StepTape()
+        self._last_layer = None
+        self._recording = True
+
+    def stop_step(self) -> None:
+        self._recording = False
+
+    # -- hooks ------------------------------------------------------------------------------------------
+
+    def _forward_hook(self, index: int) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not self._recording:
+                return
+            tape = self.tape
+            if index not in tape.calls:
+                tape.calls[index] = 0
+                tape.order.append(index)
+            tape.calls[index] += 1
+            self._last_layer = index
+            inputs = first_tensor(args)
+            if inputs is not None and inputs.numel() and inputs.dtype.is_floating_point:
+                detached = inputs.detach()
+                tape.input_sq.setdefault(index, []).append(
+                    torch.linalg.vector_norm(detached, dtype=torch.float32).square()
+                )
+                tape.input_zero.setdefault(index, []).append(detached.numel() - torch.count_nonzero(detached))
+                tape.input_numel[index] = tape.input_numel.get(index, 0) + detached.numel()
+            elif inputs is not None and inputs.numel():
+                # Integer ids (an embedding's input): RMS and zeros of ids mean nothing here.
+                pass
+            out = first_tensor(output)
+            if out is not None and out.requires_grad and out.dtype.is_floating_point:
+                out.register_hook(self._output_grad_hook(index))
+
+        return hook
+
+    def _output_grad_hook(self, index: int) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            # Sum of squares over every call in the step: the norm of all of this module's dL/dz together.
+            self.tape.output_sq.setdefault(index, []).append(
+                torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()
+            )
+
+        return hook
+
+    def _activation_hook(self, module: nn.Module) -> Callable[[nn.Module, Any], None] | None:
+        limit = next((v for t, v in SATURATION_LIMITS.items() if isinstance(module, t)), None)
+        if isinstance(module, nn.Hardtanh):
+            limit = float(module.max_val)  # derivative is 0 outside [min_val, max_val]
+        dead = isinstance(module, DEAD_TYPES)
+        if limit is None and not dead:
+            return None
+
+        def hook(mod: nn.Module, args: Any) -> None:
+            layer = self._last_layer
+            if not self._recording or layer is None:
+                return
+            x = first_tensor(args)
+            if x is None or not x.numel() or not x.dtype.is_floating_point:
+                return
+            x = x.detach()
+            if dead:
+                self._record_active_units(layer, x)
+            if limit is not None:
+                self.tape.saturated.setdefault(layer, []).append((x.abs() > limit).sum())
+                self.tape.saturated_numel[layer] = self.tape.saturated_numel.get(layer, 0) + x.numel()
+
+        return hook
+
+    def _record_active_units(self, layer: int, x: torch.Tensor) -> None:
+        """OR into ever_active[layer] which units had a positive input somewhere in this batch."""
+        unit_dim = self._unit_dim(layer, x)
+        positive = x > 0
+        if x.dim() > 1:
+            positive = positive.movedim(unit_dim, -1).reshape(-1, x.shape[unit_dim]).any(dim=0)
+        previous = self.ever_active.get(layer)
+        if previous is None:
+            self.ever_active[layer] = positive
+        elif previous.shape == positive.shape:
+            previous |= positive
+        # A layer feeding activations of different widths is ambiguous: keep the first.
+
+    def _unit_dim(self, layer: int, x: torch.Tensor) -> int:
+        """Which dimension indexes units: channels (dim 1) after conv/norm on N,C,... tensors; else the last."""
+        if x.dim() <= 1:
+            return 0
+        if x.dim() == 2:
+            return 1
+        if x.dim() >= 4 or self._layer_category.get(layer) in ("conv", "norm"):
+            return 1
+        return x.dim() - 1
+
+
+@dataclass
+class Restorer:
+    """Snapshot of what running passes changes in a model, to put it back afterwards.
+
+    Mode flags per module, parameter .grad references (no copies), buffer values (BatchNorm running stats
+    move in train mode) and, when training steps will change them, parameter values.
+    """
+
+    model: nn.Module
+    save_parameters: bool = False
+    _modes: list[tuple[nn.Module, bool]] = field(default_factory=list)
+    _grads: list[tuple[nn.Parameter, torch.Tensor | None]] = field(default_factory=list)
+    _buffers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    _values: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
+
+    def __enter__(self) -> Restorer:
+        self._modes = [(m, m.training) for m in self.model.modules()]
+        params = list(_unique(self.model.parameters()))
+        self._grads = [(p, p.grad) for p in params]
+        self._buffers = [(b, b.detach().clone()) for b in _unique(self.model.buffers())]
+        if self.save_parameters:
+            self._values = [(p, p.detach().clone()) for p in params]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with torch.no_grad():
+            for param, value in self._values:
+                param.copy_(value)
+            for buffer, value in self._buffers:
+                if buffer.shape == value.shape:
+                    buffer.copy_(value)
+        for param, grad in self._grads:
+            param.grad = grad
+        for module, training in self._modes:
+            module.training = training
+
+
+def _unique(tensors: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    seen: set[int] = set()
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            yield t
+
+
+def hook_count(model: nn.Module) -> int:
+    """Hooks currently registered on any module of the model (used by tests and by the API's self-check)."""
+    total = 0
+    for module in model.modules():
+        for attr in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+        ):
+            total += len(getattr(module, attr, {}))
+    return total

@@ -1,0 +1,118 @@
+"""Formatting shared by every renderer: numbers, factors, sparklines, summary lines."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from gradcheck_cli.report import Finding, Layer, Report
+
+SPARK = " ▁▂▃▄▅▆▇█"
+SPARK_WIDTH = 16
+
+
+def number(value: float | None, digits: int = 1) -> str:
+    """Compact scientific formatting: 0.0123 -> '1.2e-02'; None -> '-'."""
+    if value is None:
+        return "-"
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if value == 0:
+        return "0"
+    return f"{value:.{digits}e}"
+
+
+def count(value: int) -> str:
+    """Parameter counts: 1234567 -> '1.2M'."""
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= limit:
+            return f"{value / limit:.1f}{suffix}"
+    return str(value)
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def display_name(layer: Layer | str) -> str:
+    name = layer.name if isinstance(layer, Layer) else layer
+    return name or "(model)"
+
+
+def spark_window(layers: Sequence[Layer]) -> tuple[int, int] | None:
+    """The histogram bins where any layer has mass: one shared axis, so rows compare by position."""
+    low, high = None, None
+    for layer in layers:
+        if not layer.histogram:
+            continue
+        used = [i for i, c in enumerate(layer.histogram) if c > 0]
+        if used:
+            low = used[0] if low is None else min(low, used[0])
+            high = used[-1] if high is None else max(high, used[-1])
+    return (low, high) if low is not None and high is not None else None
+
+
+def sparkline(histogram: Sequence[int] | None, window: tuple[int, int] | None, width: int = SPARK_WIDTH) -> str:
+    """log10|g| histogram as block characters over the shared window (left = small gradients)."""
+    if not histogram or window is None:
+        return ""
+    low, high = window
+    bins = list(histogram[low : high + 1])
+    group = max(1, math.ceil(len(bins) / width))
+    merged = [sum(bins[i : i + group]) for i in range(0, len(bins), group)]
+    peak = max(merged) or 1
+    return "".join(SPARK[0] if c == 0 else SPARK[max(1, round(c / peak * (len(SPARK) - 1)))] for c in merged)
+
+
+def spark_axis(window: tuple[int, int] | None) -> str:
+    """The sparkline's range in words, e.g. '|g| 1e-09 .. 1e-01'."""
+    from gradcheck_cli.stats import histogram_edges
+
+    if window is None:
+        return ""
+    edges = histogram_edges()
+    return f"|g| 1e{edges[window[0]]:+.0f} .. 1e{edges[window[1] + 1]:+.0f}"
+
+
+def status_text(layer: Layer, findings: Sequence[Finding]) -> str:
+    """'vanishing 830x' style: the status and, when a factor is known, how bad."""
+    if layer.status in ("ok", "frozen", "unused"):
+        return layer.status
+    mine = [f for f in findings if f.layer == layer.name and f.kind == layer.status]
+    factor = next((f.factor for f in mine if f.factor is not None), None)
+    if factor is None or layer.status in ("dead", "saturated"):
+        return layer.status
+    shown = factor if factor >= 1 else 1 / factor
+    return f"{layer.status} {shown:.0f}x" if shown < 1e4 else f"{layer.status} {shown:.0e}x"
+
+
+def signal_line(report: Report) -> str:
+    signal = report.signal
+    if signal.gain_per_layer is None:
+        return f"signal view: too few layers with dL/dz ({len(signal.chain)}) for a per-layer gain"
+    return (
+        f"signal view: ||dL/dz|| x{signal.gain_per_layer:.3g} per layer toward the input over {len(signal.chain)} "
+        f"layers (x{signal.total_factor:.3g} in all)"
+    )
+
+
+def update_line(report: Report) -> str:
+    update = report.update
+    if update.median_grad_to_weight is None:
+        return "update view: no weight layers to compare"
+    return (
+        f"update view: median ||g||/||W|| {update.median_grad_to_weight:.3g} over {len(update.layers)} weight layers "
+        f"(one SGD step at lr {report.lr:g} moves weights by {report.lr * update.median_grad_to_weight:.2g}x)"
+    )
+
+
+def verdict_line(report: Report, failing: Sequence[Finding], fail_on: Sequence[str], fail_level: str) -> str:
+    errors = sum(f.severity == "error" for f in report.findings)
+    warnings = sum(f.severity == "warning" for f in report.findings)
+    head = "FAIL" if failing else "PASS"
+    return (
+        f"{head}: {errors} error(s), {warnings} warning(s); {len(failing)} failing "
+        f"(--fail-on {','.join(fail_on)} at --fail-level {fail_level})"
+    )

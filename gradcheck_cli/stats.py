@@ -1,0 +1,432 @@
+"""Statistics: gradients -> numbers, on the device, then over steps on the host.
+
+Two halves:
+- `GradientReducer` turns one step's parameter gradients into a few device tensors with a handful of fused
+  operations per tensor and no host synchronisation; `Sampler` gathers every scalar of a step into one
+  tensor and copies it to the host once (the step's single sync point).
+- `StepSeries` keeps the per-step floats on the host and summarises them (mean, median, spread).
+Nothing here prints or hooks; the probe calls in, the diagnosis reads out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from gradcheck_cli.probe import LayerSpec, StepTape
+from gradcheck_cli.report import Layer, ParameterRecord
+
+# log10|g| histogram: fixed bins so that steps and layers add up and no range has to be found first
+# (finding one would cost a host sync). 1e-12 .. 1e4 covers float32 gradients that matter; values outside
+# are clamped into the end bins, exact zeros are counted separately (zero_fraction) and not binned.
+HISTOGRAM_LOW = -12.0
+HISTOGRAM_HIGH = 4.0
+HISTOGRAM_BINS = 32
+
+
+def histogram_edges() -> list[float]:
+    """Bin edges (log10 |g|) of every histogram in a report."""
+    width = (HISTOGRAM_HIGH - HISTOGRAM_LOW) / HISTOGRAM_BINS
+    return [HISTOGRAM_LOW + i * width for i in range(HISTOGRAM_BINS + 1)]
+
+
+@dataclass
+class GradientSample:
+    """Device tensors for one parameter's gradient in one step (0-d unless noted)."""
+
+    norm: torch.Tensor
+    max_abs: torch.Tensor
+    zeros: torch.Tensor
+    touched_rows: torch.Tensor | None  # bool per row (dim 0): any nonzero gradient in that row
+    histogram: torch.Tensor | None  # float counts, HISTOGRAM_BINS
+
+
+def dense_values(grad: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The stored values of a gradient and how many of its entries are implicit zeros (sparse grads)."""
+    if grad.is_sparse:
+        grad = grad.coalesce()
+        values = grad.values()
+        return values, grad.numel() - values.numel()
+    return grad, 0
+
+
+def reduce_gradient(grad: torch.Tensor, want_rows: bool, want_histogram: bool) -> GradientSample:
+    """A few fused reductions over one gradient; no host sync.
+
+    Norms are taken in float32 (half-precision sums of squares overflow at 65504).
+    """
+    values, implicit_zeros = dense_values(grad)
+    flat = values.reshape(-1)
+    norm = torch.linalg.vector_norm(flat, dtype=torch.float32)
+    if flat.numel():
+        low, high = torch.aminmax(flat)
+        max_abs = torch.maximum(high.abs(), low.abs()).float()
+    else:
+        max_abs = torch.zeros((), device=flat.device)
+    nonzero = flat != 0
+    zeros = (flat.numel() + implicit_zeros) - nonzero.sum()
+    rows = None
+    if want_rows and grad.dim() >= 1:
+        if grad.is_sparse:
+            coalesced = grad.coalesce()
+            rows = torch.zeros(grad.shape[0], dtype=torch.bool, device=grad.device)
+            touched = coalesced.values().reshape(coalesced.values().shape[0], -1).ne(0).any(dim=1)
+            rows[coalesced.indices()[0][touched]] = True
+        else:
+            rows = nonzero.reshape(grad.shape[0], -1).any(dim=1)
+    histogram = None
+    if want_histogram:
+        # log10 of |g| for nonzero entries; zeros map to -inf -> clamped into bin 0, then removed below.
+        logs = torch.log10(flat.detach().abs().float()).clamp_(HISTOGRAM_LOW, HISTOGRAM_HIGH)
+        histogram = torch.histc(logs, bins=HISTOGRAM_BINS, min=HISTOGRAM_LOW, max=HISTOGRAM_HIGH)
+        histogram[0] -= flat.numel() - nonzero.sum()
+    return GradientSample(norm, max_abs, zeros.float(), rows, histogram)
+
+
+def to_host(tensors: Sequence[torch.Tensor]) -> list[float]:
+    """Copy many 0-d device tensors to Python floats with one transfer: the step's single sync point."""
+    if not tensors:
+        return []
+    return torch.stack([t.detach().float().reshape(()) for t in tensors]).tolist()
+
+
+@dataclass
+class StepSeries:
+    """Per-step host values of one quantity; None marks a step where it did not exist."""
+
+    values: list[float | None] = field(default_factory=list)
+
+    def add(self, value: float | None) -> None:
+        self.values.append(value)
+
+    def present(self) -> list[float]:
+        return [v for v in self.values if v is not None]
+
+    def mean(self) -> float | None:
+        got = self.present()
+        return sum(got) / len(got) if got else None
+
+    def median(self) -> float | None:
+        got = sorted(self.present(), key=_nan_last)
+        if not got:
+            return None
+        mid = len(got) // 2
+        return got[mid] if len(got) % 2 else 0.5 * (got[mid - 1] + got[mid])
+
+    def max(self) -> float | None:
+        got = self.present()
+        return max(got) if got else None
+
+    def as_tuple(self) -> tuple[float | None, ...]:
+        return tuple(self.values)
+
+
+def _nan_last(value: float) -> float:
+    return math.inf if math.isnan(value) else value
+
+
+def safe_ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """numerator / denominator, None when either is missing or the denominator is 0."""
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return numerator / denominator
+
+
+def theil_sen_slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Median of pairwise slopes: a line fit that ignores up to ~29% outlying points.
+
+    Used for the per-layer gain of dL/dz, so that an output head or an embedding at either end of the chain
+    (which legitimately differ from hidden layers) cannot fake a trend.
+    """
+    slopes = []
+    for i in range(len(xs)):
+        for j in range(i + 1, len(xs)):
+            if xs[j] != xs[i]:
+                slopes.append((ys[j] - ys[i]) / (xs[j] - xs[i]))
+    if not slopes:
+        return None
+    slopes.sort()
+    mid = len(slopes) // 2
+    return slopes[mid] if len(slopes) % 2 else 0.5 * (slopes[mid - 1] + slopes[mid])
+
+
+# -- one analysis: per-step collection and the final records ----------------------------------------------
+
+
+@dataclass
+class ParamInfo:
+    """A unique tensor of the model and what the statistics need to know about it."""
+
+    index: int
+    name: str
+    tensor: torch.Tensor
+    layers: tuple[int, ...]  # indices of the layers owning it
+    rows: bool  # track which rows (dim 0) ever get a gradient
+    embedding: bool  # owned by an Embedding: compare gradients with the rows looked up only
+
+
+@dataclass
+class ParamSeries:
+    norm: StepSeries = field(default_factory=StepSeries)
+    max_abs: StepSeries = field(default_factory=StepSeries)
+    zeros: StepSeries = field(default_factory=StepSeries)
+    nonfinite: StepSeries = field(default_factory=StepSeries)
+    touched_weight_sq: StepSeries = field(default_factory=StepSeries)
+
+
+@dataclass
+class LayerSeries:
+    output_sq: StepSeries = field(default_factory=StepSeries)
+    calls: StepSeries = field(default_factory=StepSeries)
+    input_rms: StepSeries = field(default_factory=StepSeries)
+    input_zero: StepSeries = field(default_factory=StepSeries)
+    saturated: StepSeries = field(default_factory=StepSeries)
+
+
+class Collector:
+    """Turns each step's gradients and hook tape into host numbers, then into Layer/ParameterRecord.
+
+    Device work per step: a few reductions per gradient (reduce_gradient) and one stacked copy to the host.
+    Across steps only per-step scalars (host) and small per-row masks and histograms (device) are kept: never
+    a copy of a gradient.
+    """
+
+    def __init__(self, layers: list[LayerSpec], want_histograms: bool = True) -> None:
+        self.layers = layers
+        self.want_histograms = want_histograms
+        owners: dict[int, list[int]] = {}
+        tensors: dict[int, tuple[str, torch.Tensor]] = {}
+        for spec in layers:
+            for name, tensor in spec.params:
+                owners.setdefault(id(tensor), []).append(spec.index)
+                tensors.setdefault(id(tensor), (name, tensor))
+        self.params: list[ParamInfo] = []
+        for key, (name, tensor) in tensors.items():
+            owning = tuple(owners[key])
+            embedding = any(layers[i].category == "embedding" for i in owning)
+            rows = tensor.dim() >= 2 and any(_has_units(layers[i]) for i in owning)
+            self.params.append(ParamInfo(len(self.params), name, tensor, owning, rows or embedding, embedding))
+        self.param_series = [ParamSeries() for _ in self.params]
+        self.layer_series = [LayerSeries() for _ in layers]
+        self.loss = StepSeries()
+        self.weight_norm: list[float] = []
+        self._row_weight_sq: dict[int, torch.Tensor] = {}
+        self._rows_ever: dict[int, torch.Tensor] = {}
+        self._histograms: dict[int, torch.Tensor] = {}
+        self.steps = 0
+
+    def measure_weights(self) -> None:
+        """Weight norms (and per-row norms of embeddings), once: weights do not change while measuring."""
+        tensors = [p.tensor.detach() for p in self.params]
+        norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
+        self.weight_norm = to_host(norms)
+        for info in self.params:
+            if info.embedding:
+                weight = info.tensor.detach()
+                self._row_weight_sq[info.index] = weight.float().square().reshape(weight.shape[0], -1).sum(1)
+
+    def collect(self, tape: StepTape, loss: torch.Tensor) -> float:
+        """Reduce one step (after backward) and copy it to the host in one transfer. Returns the loss."""
+        pending: list[torch.Tensor] = [loss.detach()]
+        slots: list[tuple[str, int]] = [("loss", 0)]
+
+        for info in self.params:
+            grad = info.tensor.grad
+            if grad is None:
+                continue
+            sample = reduce_gradient(grad, info.rows, self.want_histograms)
+            pending += [sample.norm, sample.max_abs, sample.zeros]
+            slots += [("norm", info.index), ("max_abs", info.index), ("zeros", info.index)]
+            if sample.touched_rows is not None:
+                ever = self._rows_ever.get(info.index)
+                self._rows_ever[info.index] = sample.touched_rows if ever is None else ever | sample.touched_rows
+                if info.embedding:
+                    pending.append((self._row_weight_sq[info.index] * sample.touched_rows).sum())
+                    slots.append(("touched", info.index))
+            if sample.histogram is not None:
+                total = self._histograms.get(info.index)
+                self._histograms[info.index] = sample.histogram if total is None else total + sample.histogram
+
+        for index, values in tape.output_sq.items():
+            pending.append(torch.stack(values).sum())
+            slots.append(("output_sq", index))
+        for index, values in tape.input_sq.items():
+            pending.append(torch.stack(values).sum())
+            slots.append(("input_sq", index))
+            pending.append(torch.stack([v.float() for v in tape.input_zero[index]]).sum())
+            slots.append(("input_zero", index))
+        for index, values in tape.saturated.items():
+            pending.append(torch.stack([v.float() for v in values]).sum())
+            slots.append(("saturated", index))
+
+        host = to_host(pending)  # the step's one host synchronisation
+        got: dict[tuple[str, int], float] = dict(zip(slots, host, strict=True))
+        self._record(got, tape)
+        self.steps += 1
+        return got[("loss", 0)]
+
+    def _record(self, got: dict[tuple[str, int], float], tape: StepTape) -> None:
+        self.loss.add(got[("loss", 0)])
+        for info in self.params:
+            series = self.param_series[info.index]
+            norm = got.get(("norm", info.index))
+            series.norm.add(norm)
+            series.max_abs.add(got.get(("max_abs", info.index)))
+            series.zeros.add(got.get(("zeros", info.index)))
+            series.touched_weight_sq.add(got.get(("touched", info.index)))
+            nonfinite = None
+            if norm is not None:
+                nonfinite = 0.0
+                if not math.isfinite(norm):
+                    # Failure path only: a second sync to count the bad entries.
+                    grad = info.tensor.grad
+                    assert grad is not None
+                    values, _ = dense_values(grad)
+                    nonfinite = float((~torch.isfinite(values)).sum().item())
+            series.nonfinite.add(nonfinite)
+        for spec in self.layers:
+            series_l = self.layer_series[spec.index]
+            series_l.calls.add(float(tape.calls.get(spec.index, 0)))
+            series_l.output_sq.add(got.get(("output_sq", spec.index)))
+            numel = tape.input_numel.get(spec.index)
+            input_sq = got.get(("input_sq", spec.index))
+            if numel and input_sq is not None:
+                series_l.input_rms.add(math.sqrt(input_sq / numel))
+                series_l.input_zero.add(got[("input_zero", spec.index)] / numel)
+            else:
+                series_l.input_rms.add(None)
+                series_l.input_zero.add(None)
+            saturated_numel = tape.saturated_numel.get(spec.index)
+            saturated = got.get(("saturated", spec.index))
+            series_l.saturated.add(saturated / saturated_numel if saturated_numel and saturated is not None else None)
+
+    def finish(self, ever_active: dict[int, torch.Tensor], order: list[int]) -> tuple[list[Layer], list[ParameterRecord]]:
+        """Build the records; one more sync for the accumulated masks and histograms."""
+        mask_keys = list(self._rows_ever)
+        hist_keys = list(self._histograms)
+        active_keys = list(ever_active)
+        pending = [(~self._rows_ever[k]).float().mean() for k in mask_keys]
+        pending += [(~ever_active[k]).float().mean() for k in active_keys]
+        host = to_host(pending)
+        histograms = {k: [int(round(v)) for v in self._histograms[k].tolist()] for k in hist_keys}
+        zero_rows = dict(zip(mask_keys, host[: len(mask_keys)], strict=True))
+        dead = dict(zip(active_keys, host[len(mask_keys) :], strict=True))
+        position = {layer: i for i, layer in enumerate(order)}
+        params = [self._param_record(info) for info in self.params]
+        layers = [self._layer_record(spec, params, zero_rows, dead, histograms, position) for spec in self.layers]
+        return layers, params
+
+    def _param_record(self, info: ParamInfo) -> ParameterRecord:
+        series = self.param_series[info.index]
+        tensor = info.tensor
+        numel = tensor.numel()
+        weight_norm = self.weight_norm[info.index]
+        grad_norm = series.norm.mean()
+        zeros = series.zeros.mean()
+        return ParameterRecord(
+            name=info.name,
+            shape=tuple(tensor.shape),
+            requires_grad=bool(tensor.requires_grad),
+            numel=numel,
+            layers=tuple(self.layers[i].name for i in info.layers),
+            grad_norm=grad_norm,
+            grad_norm_steps=series.norm.as_tuple(),
+            weight_norm=weight_norm,
+            grad_to_weight=safe_ratio(grad_norm, weight_norm),
+            rms=grad_norm / math.sqrt(numel) if grad_norm is not None and numel else None,
+            max_abs=series.max_abs.max(),
+            zero_fraction=zeros / numel if zeros is not None and numel else None,
+            nonfinite=int(sum(series.nonfinite.present())),
+        )
+
+    def _layer_record(
+        self,
+        spec: LayerSpec,
+        params: list[ParameterRecord],
+        zero_rows: dict[int, float],
+        dead: dict[int, float],
+        histograms: dict[int, list[int]],
+        position: dict[int, int],
+    ) -> Layer:
+        mine = [info for info in self.params if spec.index in info.layers]
+        trainable = [info for info in mine if info.tensor.requires_grad]
+        weights = [info for info in trainable if info.tensor.dim() >= 2] or trainable
+        grad_steps: list[float | None] = []
+        ratio_steps: list[float | None] = []
+        for step in range(self.steps):
+            norms = [self.param_series[i.index].norm.values[step] for i in trainable]
+            got = [n for n in norms if n is not None]
+            grad_steps.append(math.sqrt(sum(n * n for n in got)) if got else None)
+            ratio_steps.append(self._ratio(weights, step, spec.category == "embedding"))
+        grad = StepSeries(grad_steps)
+        ratio = StepSeries(ratio_steps)
+        layer_series = self.layer_series[spec.index]
+        output = StepSeries([math.sqrt(v) if v is not None else None for v in layer_series.output_sq.values])
+        numel = sum(info.tensor.numel() for info in trainable)
+        grad_norm = grad.mean()
+        zeros = [params[i.index].zero_fraction for i in trainable]
+        zero_counts = [z * i.tensor.numel() for z, i in zip(zeros, trainable, strict=True) if z is not None]
+        maxes = [params[i.index].max_abs for i in trainable if params[i.index].max_abs is not None]
+        unit_source = next((i for i in trainable if i.rows and not i.embedding), None)
+        histogram = None
+        for info in trainable:
+            counts = histograms.get(info.index)
+            if counts is not None:
+                histogram = counts if histogram is None else [a + b for a, b in zip(histogram, counts, strict=True)]
+        return Layer(
+            name=spec.name,
+            type=type(spec.module).__name__,
+            category=spec.category,
+            params=sum(info.tensor.numel() for info in mine),
+            trainable_params=numel,
+            parameters=tuple(info.name for info in mine),
+            calls=layer_series.calls.median() or 0.0,
+            forward_index=position.get(spec.index),
+            grad_norm=grad_norm,
+            grad_norm_median=grad.median(),
+            grad_norm_steps=grad.as_tuple(),
+            weight_norm=math.sqrt(sum(self.weight_norm[i.index] ** 2 for i in mine)),
+            grad_to_weight=ratio.median(),
+            grad_to_weight_steps=ratio.as_tuple(),
+            output_grad_norm=output.mean(),
+            output_grad_norm_median=output.median(),
+            output_grad_norm_steps=output.as_tuple(),
+            rms=grad_norm / math.sqrt(numel) if grad_norm is not None and numel else None,
+            max_abs=max(maxes) if maxes else None,
+            zero_fraction=sum(zero_counts) / numel if zero_counts and numel else None,
+            nonfinite=sum(params[i.index].nonfinite for i in trainable),
+            input_rms=layer_series.input_rms.median(),
+            input_zero_fraction=layer_series.input_zero.median(),
+            dead_fraction=dead.get(spec.index),
+            saturated_fraction=layer_series.saturated.median(),
+            zero_grad_unit_fraction=zero_rows.get(unit_source.index) if unit_source is not None else None,
+            histogram=tuple(histogram) if histogram is not None else None,
+        )
+
+    def _ratio(self, weights: list[ParamInfo], step: int, embedding: bool) -> float | None:
+        """||g|| / ||W|| over the layer's weight tensors in one step; embeddings over the rows looked up."""
+        grad_sq = 0.0
+        weight_sq = 0.0
+        seen = False
+        for info in weights:
+            series = self.param_series[info.index]
+            norm = series.norm.values[step]
+            if norm is None:
+                continue
+            seen = True
+            grad_sq += norm * norm
+            touched = series.touched_weight_sq.values[step] if embedding and info.embedding else None
+            weight_sq += touched if touched is not None else self.weight_norm[info.index] ** 2
+        if not seen or weight_sq <= 0:
+            return None
+        return math.sqrt(grad_sq) / math.sqrt(weight_sq)
+
+
+def _has_units(spec: LayerSpec) -> bool:
+    """Layers whose weight rows (dim 0) are output units: a zero-gradient row is a unit that cannot learn."""
+    if spec.category == "conv":
+        return not getattr(spec.module, "transposed", False)
+    return spec.category in ("linear", "recurrent")

@@ -1,0 +1,173 @@
+"""Failure-path tracing: re-run one batch with extra hooks to say *where* something went wrong.
+
+These hooks cost a host sync per module, so they never run on a healthy model: the measured passes only
+notice that a forward raised or that a loss or gradient was non-finite, then one batch is replayed here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from gradcheck_cli.data import Batch
+from gradcheck_cli.errors import ModelRunError
+from gradcheck_cli.report import NanOrigin
+
+
+def _tensors(value: Any) -> Iterable[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _tensors(item)
+
+
+def _finite(value: Any) -> bool:
+    return all(
+        bool(torch.isfinite(t).all()) for t in _tensors(value) if t.dtype.is_floating_point or t.dtype.is_complex
+    )
+
+
+def _shapes(value: Any) -> str:
+    shapes = [tuple(t.shape) for t in _tensors(value)]
+    return ", ".join(str(s) for s in shapes[:3]) or "no tensors"
+
+
+class _Hooks:
+    """Handles registered on many modules, removed together."""
+
+    def __init__(self) -> None:
+        self.handles: list[RemovableHandle] = []
+
+    def __enter__(self) -> _Hooks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        while self.handles:
+            self.handles.pop().remove()
+
+
+def _named(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name or type(model).__name__, module) for name, module in model.named_modules()]
+
+
+def locate_failure(model: nn.Module, batch: Batch, error: Exception) -> ModelRunError:
+    """Re-run the forward that raised `error`, tracking the module stack, and name the innermost module that
+    was running (with the shapes it received). Returns the error to raise."""
+    stack: list[tuple[str, nn.Module, str]] = []
+    failed: list[tuple[str, nn.Module, str]] = []
+
+    def pre(name: str) -> Callable[[nn.Module, Any], None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            stack.append((name, module, _shapes(args)))
+
+        return hook
+
+    def post(module: nn.Module, args: Any, output: Any) -> None:
+        if stack:
+            stack.pop()
+
+    with _Hooks() as hooks, torch.no_grad():
+        try:
+            for name, module in _named(model):
+                hooks.handles.append(module.register_forward_pre_hook(pre(name)))
+                hooks.handles.append(module.register_forward_hook(post))
+            model(*batch.args, **batch.kwargs)
+        except Exception:
+            failed = list(stack)
+    message = _first_line(error)
+    if failed and len(failed) > 1:
+        name, module, shapes = failed[-1]
+        return ModelRunError(
+            f"the forward pass failed in {name} ({type(module).__name__}, input {shapes}): "
+            f"{type(error).__name__}: {message}",
+            "check that --data fits the model's expected input (--debug shows the traceback)",
+            module=name,
+        )
+    return ModelRunError(
+        f"the model's forward raised {type(error).__name__}: {message}",
+        "check that --data fits the model's expected input (--debug shows the traceback)",
+    )
+
+
+def trace_nonfinite(
+    model: nn.Module,
+    batch: Batch,
+    loss: Callable[[Any, Batch], torch.Tensor],
+    layer_names: list[str],
+) -> NanOrigin:
+    """Replay one batch and find where non-finite values first appear.
+
+    Forward: the first module (in completion order) whose inputs are finite but whose output is not.
+    Backward: the first module output whose dL/dz is non-finite, in the order backward reaches it (the op
+    consuming it produced the bad gradient), or a module whose own parameter gradient is non-finite while
+    its dL/dz is finite.
+    """
+    if not _finite((batch.args, batch.kwargs)):
+        return NanOrigin("input", None, "the input batch already contains NaN or Inf")
+    forward_origin: list[tuple[str, nn.Module]] = []
+    backward_events: list[tuple[str, bool]] = []
+    names = dict((id(m), n) for n, m in _named(model))
+
+    def forward_hook(name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if forward_origin:
+                return
+            if not _finite(output) and _finite(args):
+                forward_origin.append((name, module))
+            for tensor in _tensors(output):
+                if tensor.requires_grad:
+                    tensor.register_hook(lambda g, n=name: backward_events.append((n, _finite(g))))
+                    break
+
+        return hook
+
+    model.zero_grad(set_to_none=True)
+    with _Hooks() as hooks:
+        for name, module in _named(model):
+            if module is not model:
+                hooks.handles.append(module.register_forward_hook(forward_hook(name)))
+        output = model(*batch.args, **batch.kwargs)
+        if forward_origin:
+            name, module = forward_origin[0]
+            return NanOrigin(
+                "forward",
+                name,
+                f"{name} ({type(module).__name__}) produced NaN/Inf from finite inputs in the forward pass",
+            )
+        value = loss(output, batch)
+        if not math.isfinite(float(value.detach())):
+            return NanOrigin("loss", None, "the model output is finite but the loss is NaN/Inf")
+        value.backward()
+    bad_output = next((name for name, finite in backward_events if not finite), None)
+    clean_outputs = {name for name, finite in backward_events if finite}
+    for name, module in _named(model):
+        own = [p for p in module.parameters(recurse=False) if p.grad is not None]
+        if own and not all(bool(torch.isfinite(p.grad).all()) for p in own) and name in clean_outputs:
+            return NanOrigin(
+                "backward",
+                name,
+                f"{name} ({type(module).__name__}) got finite dL/dz but produced a NaN/Inf parameter gradient",
+            )
+    model.zero_grad(set_to_none=True)
+    if bad_output is not None:
+        return NanOrigin(
+            "backward",
+            bad_output,
+            f"dL/dz first became NaN/Inf at the output of {bad_output}, in the backward of the operation using it",
+        )
+    del names, layer_names
+    return NanOrigin("backward", None, "a gradient is NaN/Inf but no module output's gradient was")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
