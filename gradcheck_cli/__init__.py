@@ -20,7 +20,16 @@ if TYPE_CHECKING:
     from gradcheck_cli.errors import UserError
     from gradcheck_cli.report import Finding, Layer, ParameterRecord, Report
 
-__all__ = ["Finding", "Layer", "ParameterRecord", "Report", "Thresholds", "UserError", "__version__", "analyze"]
+__all__ = [
+    "Finding",
+    "Layer",
+    "ParameterRecord",
+    "Report",
+    "Thresholds",
+    "UserError",
+    "__version__",
+    "analyze",
+]
 
 _LAZY = {
     "analyze": "gradcheck_cli.api",

@@ -87,6 +87,7 @@ def analyze(
         prepared = collect_batches(batches, total)
     loss = loss_fn if isinstance(loss_fn, LossSelector) else LossSelector(loss_fn, file_loss, seed)
 
+    _materialize_lazy(model, prepared[0].to(run_device))
     layers = discover_layers(model)
     collector = Collector(layers, want_histograms=histograms)
     probe = Probe(model, layers)
@@ -163,6 +164,21 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, list[str]]:
             model = model.module
             continue
         return model, notes
+
+
+def _materialize_lazy(model: nn.Module, batch: Batch) -> None:
+    """Lazy modules (nn.LazyLinear...) create their parameters on the first forward: run one, without
+    gradients, in eval mode (no BatchNorm statistics move), before hooks and snapshots need the tensors."""
+    if not any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            _forward(model, batch)
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _resolve_device(model: nn.Module, device: str | torch.device | None) -> torch.device:

@@ -83,7 +83,9 @@ OutputOption = Annotated[
 FailOnOption = Annotated[
     str,
     typer.Option(
-        "--fail-on", help=f"Finding kinds that fail the run (comma list of {', '.join(KINDS)}).", show_default=True
+        "--fail-on",
+        help=f"Finding kinds that fail the run (comma list of {', '.join(KINDS)}).",
+        show_default=True,
     ),
 ]
 FailLevelOption = Annotated[FailLevel, typer.Option("--fail-level", help="Lowest severity that fails the run.")]
@@ -92,7 +94,8 @@ TrainStepsOption = Annotated[
     int, typer.Option("--train-steps", help="Plain SGD steps to take before measuring (0: measure at init).")
 ]
 LrOption = Annotated[
-    float, typer.Option("--lr", help="SGD learning rate for --train-steps; also scales the update-size check.")
+    float,
+    typer.Option("--lr", help="SGD learning rate for --train-steps; also scales the update-size check."),
 ]
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed for random data, dropout and projections.")]
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
@@ -112,7 +115,8 @@ def analyze(
         str | None, typer.Option("--weights", "-w", help="Load parameters from a .safetensors file.")
     ] = None,
     strict: Annotated[
-        bool, typer.Option("--strict/--no-strict", help="Require weights to match every key (--no-strict: partial).")
+        bool,
+        typer.Option("--strict/--no-strict", help="Require weights to match every key (--no-strict: partial)."),
     ] = True,
     allow_pickle: Annotated[
         bool,
@@ -132,7 +136,9 @@ def analyze(
     train_steps: TrainStepsOption = 0,
     lr: LrOption = 0.01,
     seed: SeedOption = 0,
-    device: Annotated[DeviceChoice, typer.Option("--device", help="auto picks cuda when available.")] = DeviceChoice.auto,
+    device: Annotated[
+        DeviceChoice, typer.Option("--device", help="auto picks cuda when available.")
+    ] = DeviceChoice.auto,
     eval_mode: Annotated[bool, typer.Option("--eval", help="Run in eval mode (default: train mode).")] = False,
     output_format: FormatOption = Format.table,
     output: OutputOption = None,
@@ -145,14 +151,18 @@ def analyze(
     balance_warning: Annotated[
         float, typer.Option(help="Update view: ||g||/||W|| this many times below the median warns.")
     ] = 10.0,
-    balance_error: Annotated[float, typer.Option(help="Update view: factor below the median that is an error.")] = 1000.0,
+    balance_error: Annotated[
+        float, typer.Option(help="Update view: factor below the median that is an error.")
+    ] = 1000.0,
     update_warning: Annotated[
         float, typer.Option(help="Update view: lr*||g||/||W|| (step size relative to weights) that warns.")
     ] = 0.1,
     update_error: Annotated[float, typer.Option(help="Update view: step size that is an error.")] = 1.0,
     dead_warning: Annotated[float, typer.Option(help="Fraction of dead ReLU units that warns.")] = 0.5,
     dead_error: Annotated[float, typer.Option(help="Fraction of dead ReLU units that is an error.")] = 0.9,
-    saturation_warning: Annotated[float, typer.Option(help="Fraction of saturated sigmoid/tanh inputs that warns.")] = 0.5,
+    saturation_warning: Annotated[
+        float, typer.Option(help="Fraction of saturated sigmoid/tanh inputs that warns.")
+    ] = 0.5,
     saturation_error: Annotated[float, typer.Option(help="Fraction of saturated inputs that is an error.")] = 0.9,
     quiet: QuietOption = False,
     debug: DebugOption = False,
@@ -224,10 +234,10 @@ def demo(
         _check_output(output)
 
         def run(progress: Callable[[str, int, int], None] | None) -> Report:
+            import torch
+
             from gradcheck_cli.api import analyze
             from gradcheck_cli.demos import TUTORIAL_BATCH, get_demo, mnist_batches, synthetic_digits
-
-            import torch
 
             chosen = get_demo(name)
             torch.manual_seed(seed)  # the demo's N(0, 1) weights are part of what is reproduced
@@ -269,7 +279,7 @@ def _parse_fail_on(text: str) -> list[str]:
 def _thresholds(**values: float) -> Thresholds:
     from gradcheck_cli.diagnose import Thresholds
 
-    thresholds = Thresholds(**values)
+    thresholds = Thresholds(**values)  # type: ignore[arg-type]  # every option here is a float field
     thresholds.validate()
     return thresholds
 
@@ -357,8 +367,13 @@ def _with_progress(run: Callable[[Any], Report], quiet: bool) -> Report:
         return _quietly(run, None)
     from rich.progress import BarColumn, Progress, TextColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  console=console, transient=True) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        console=console,
+        transient=True,
+    ) as bar:
         tasks: dict[str, Any] = {}
 
         def progress(phase: str, done: int, total: int) -> None:
@@ -402,7 +417,11 @@ def _errors(debug: bool) -> Iterator[None]:
         _fail("error: out of memory: use a smaller --batch-size", EXIT_USAGE, debug)
     except Exception as error:
         if _is_out_of_memory(error):
-            _fail(f"error: out of memory ({type(error).__name__}): use a smaller --batch-size", EXIT_USAGE, debug)
+            _fail(
+                f"error: out of memory ({type(error).__name__}): use a smaller --batch-size",
+                EXIT_USAGE,
+                debug,
+            )
         raise
 
 

@@ -90,19 +90,18 @@ def to_batch(obj: Any) -> Batch:
     )
 
 
-def _is_single_batch(obj: Any) -> bool:
+def is_single_batch(obj: Any) -> bool:
+    """A tensor, a tuple (a record: inputs, targets) or a dict is one batch; a list, generator or DataLoader is
+    a collection of batches (inside a collection, a list [inputs, targets] is a batch, as DataLoader yields)."""
     import torch
 
-    if isinstance(obj, torch.Tensor | Mapping | tuple | Batch):
-        return True
-    # A list of tensors is (inputs, targets) like a tuple; a list of tuples/dicts is a list of batches.
-    return isinstance(obj, list) and all(isinstance(x, torch.Tensor) for x in obj)
+    return isinstance(obj, torch.Tensor | Mapping | tuple | Batch)
 
 
-def collect_batches(obj: Any, count: int, origin: str = "the data") -> list[Batch]:
+def collect_batches(obj: Any, count: int, origin: str = "the data", single: bool | None = None) -> list[Batch]:
     """`count` batches from one batch or an iterable of batches (DataLoader, generator, list), cycling when the
-    iterable holds fewer; an infinite iterable is read only as far as needed."""
-    if _is_single_batch(obj):
+    iterable holds fewer; an infinite iterable is read only as far as needed. `single` overrides the guess."""
+    if single if single is not None else is_single_batch(obj):
         return [to_batch(obj)] * count
     if not isinstance(obj, Iterable):
         raise UserError(
@@ -273,10 +272,10 @@ def model_file_batches(module: Any, count: int) -> list[Batch] | None:
         return None
     get_batch = file_function(module, "get_batch")
     if get_batch is not None:
-        return collect_batches(_call(get_batch, "get_batch"), count, "get_batch()")
+        return collect_batches(_call(get_batch, "get_batch"), count, "get_batch()", single=True)
     batches = file_function(module, "batches")
     if batches is not None:
-        return collect_batches(_call(batches, "batches"), count, "batches()")
+        return collect_batches(_call(batches, "batches"), count, "batches()", single=False)
     return None
 
 

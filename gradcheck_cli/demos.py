@@ -49,7 +49,7 @@ class TutorialMLP(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.flatten(1))
+        return self.net(x.flatten(1))  # type: ignore[no-any-return]
 
 
 def sigmoid_mlp() -> TutorialMLP:
@@ -138,7 +138,10 @@ def mnist_batches(path: Path, count: int, batch_size: int = TUTORIAL_BATCH) -> l
     elif not path.exists():
         raise UserError(f"MNIST data not found: {path}", "give torchvision's MNIST/raw folder or a .safetensors file")
     else:
-        raise UserError(f"cannot read MNIST from {path.name}", "give torchvision's MNIST/raw folder or a .safetensors file")
+        raise UserError(
+            f"cannot read MNIST from {path.name}",
+            "give torchvision's MNIST/raw folder or a .safetensors file",
+        )
     images = images.reshape(images.shape[0], -1).float()
     if images.shape[1] != 784:
         raise UserError(f"MNIST images must have 784 pixels, got {images.shape[1]}", "give 28x28 images")
@@ -154,7 +157,12 @@ def mnist_batches(path: Path, count: int, batch_size: int = TUTORIAL_BATCH) -> l
 
 def _read_idx_folder(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
     def find(stem: str) -> Path:
-        for candidate in (folder / stem, folder / f"{stem}.gz", folder / "raw" / stem, folder / "raw" / f"{stem}.gz"):
+        for candidate in (
+            folder / stem,
+            folder / f"{stem}.gz",
+            folder / "raw" / stem,
+            folder / "raw" / f"{stem}.gz",
+        ):
             if candidate.exists():
                 return candidate
         raise UserError(f"{folder} has no {stem}[.gz]", "give torchvision's MNIST/raw folder")

@@ -313,8 +313,7 @@ def _update(
                 "exploding",
                 severity,
                 "update",
-                f"one SGD step at lr {lr:g} changes the weights by {size:.3g}x their norm "
-                f"(||g||/||W|| = {ratio:.3g})",
+                f"one SGD step at lr {lr:g} changes the weights by {size:.3g}x their norm (||g||/||W|| = {ratio:.3g})",
                 "gradients are huge for these weights: lower the learning rate, clip with "
                 "torch.nn.utils.clip_grad_norm_, and check the weight and input scale (nn.init.kaiming_normal_, "
                 "standardised inputs)",
@@ -372,7 +371,10 @@ def _activations(layers: Sequence[Layer], thresholds: Thresholds) -> list[Findin
         dead = layer.dead_fraction
         source = "ReLU units never activate over all batches"
         if dead is None and layer.zero_grad_unit_fraction is not None and not _all_zero(layer):
-            dead, source = layer.zero_grad_unit_fraction, "output units got an all-zero gradient in every step"
+            dead, source = (
+                layer.zero_grad_unit_fraction,
+                "output units got an all-zero gradient in every step",
+            )
         severity = _level(dead or 0.0, thresholds.dead_warning, thresholds.dead_error)
         if severity is not None and dead is not None:
             findings.append(
@@ -467,6 +469,9 @@ def _with_status(layers: Sequence[Layer], findings: Sequence[Finding]) -> list[L
 
 
 def _ordered(findings: Sequence[Finding], layers: Sequence[Layer]) -> list[Finding]:
-    """Errors first, then by position in the forward order."""
+    """Errors first; then by kind and view (findings that share a fix sit together); then forward order."""
     position = {layer.name: (layer.forward_index if layer.forward_index is not None else 10**9) for layer in layers}
-    return sorted(findings, key=lambda f: (f.severity != "error", position.get(f.layer, -1)))
+    return sorted(
+        findings,
+        key=lambda f: (f.severity != "error", STATUS_ORDER.index(f.kind), f.view, position.get(f.layer, -1)),
+    )

@@ -181,11 +181,11 @@ def model_candidates(module: ModuleType) -> list[str]:
     for key, value in vars(module).items():
         if key.startswith("_"):
             continue
-        if isinstance(value, nn.Module):
-            names.append(key)
-        elif inspect.isclass(value) and issubclass(value, nn.Module) and value.__module__ == module.__name__:
-            names.append(key)
-        elif key in MODEL_FACTORIES and callable(value):
+        if (
+            isinstance(value, nn.Module)
+            or (inspect.isclass(value) and issubclass(value, nn.Module) and value.__module__ == module.__name__)
+            or (key in MODEL_FACTORIES and callable(value))
+        ):
             names.append(key)
     return names
 
@@ -260,8 +260,12 @@ def _required_arguments(obj: Callable[..., Any]) -> list[str]:
         p.name
         for p in signature.parameters.values()
         if p.default is inspect.Parameter.empty
-        and p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                       inspect.Parameter.KEYWORD_ONLY)
+        and p.kind
+        in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            inspect.Parameter.KEYWORD_ONLY,
+        )
     ]
 
 
@@ -297,13 +301,17 @@ def load_weights(model: Any, path: Path, strict: bool = True, allow_pickle: bool
 
 
 def _looks_like_pickle(path: Path) -> bool:
+    """torch.save writes a zip archive ("PK\x03\x04"), older torch and plain pickle start with 0x80. A safetensors
+    file starts with its header's length (8 bytes, little-endian) and then "{", which is checked first: a
+    128-byte header also starts with 0x80."""
     try:
         with path.open("rb") as handle:
-            head = handle.read(4)
+            head = handle.read(9)
     except OSError:
         return False
-    # Pickle protocol 2+ starts with 0x80; torch.save writes a zip archive ("PK\x03\x04").
-    return head[:1] == b"\x80" or head == b"PK\x03\x04"
+    if len(head) == 9 and head[8:9] == b"{":
+        return False
+    return head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"
 
 
 def _load_safetensors(path: Path) -> dict[str, Any]:
@@ -353,9 +361,7 @@ def _apply_state(model: Any, state: dict[str, Any], path: Path, strict: bool) ->
     # Tied weights: a tensor registered under several names is saved once (safetensors' save_model);
     # a missing alias of a loaded tensor is not missing.
     loaded_storage = {own[k].untyped_storage().data_ptr() for k in state if k in own}
-    missing = [
-        k for k in own if k not in state and own[k].untyped_storage().data_ptr() not in loaded_storage
-    ]
+    missing = [k for k in own if k not in state and own[k].untyped_storage().data_ptr() not in loaded_storage]
     unexpected = [k for k in state if k not in own]
     if strict and (missing or unexpected):
         parts = []

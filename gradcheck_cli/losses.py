@@ -38,8 +38,10 @@ def model_output_loss(output: Any) -> torch.Tensor | None:
 
 def prediction(output: Any) -> torch.Tensor:
     """The tensor a loss compares with targets: `logits` of a model-hub output, else the first tensor."""
-    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
-        return output["logits"]
+    if isinstance(output, Mapping):
+        logits_entry = output.get("logits")
+        if isinstance(logits_entry, torch.Tensor):
+            return logits_entry
     logits = getattr(output, "logits", None)
     if isinstance(logits, torch.Tensor):
         return logits
@@ -69,8 +71,10 @@ def cross_entropy(output: Any, targets: torch.Tensor) -> torch.Tensor:
         )
     if logits.dim() == targets.dim() + 1 and logits.shape[:-1] == targets.shape and logits.dim() > 2:
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).long())
-    if logits.dim() == targets.dim() + 1 and logits.shape[0] == targets.shape[0] and (
-        logits.shape[2:] == targets.shape[1:]
+    if (
+        logits.dim() == targets.dim() + 1
+        and logits.shape[0] == targets.shape[0]
+        and (logits.shape[2:] == targets.shape[1:])
     ):
         return F.cross_entropy(logits.float(), targets.long())
     raise UserError(
@@ -158,7 +162,8 @@ class LossSelector:
             return LossChoice("cross-entropy", lambda o, b: cross_entropy(o, b.targets))
         if isinstance(targets, torch.Tensor):
             return LossChoice("mse", lambda o, b: mse(o, b.targets))
-        return LossChoice("random-projection", lambda o, b, p=RandomProjection(self.seed): p(o, None))
+        projection = RandomProjection(self.seed)
+        return LossChoice("random-projection", lambda o, b: projection(o, None))
 
     def _with_targets(
         self,

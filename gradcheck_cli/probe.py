@@ -102,7 +102,7 @@ def discover_layers(model: nn.Module) -> list[LayerSpec]:
     canonical: dict[int, str] = {}
     for name, param in model.named_parameters():
         canonical.setdefault(id(param), name)
-    layers = []
+    layers: list[LayerSpec] = []
     for name, module in model.named_modules():
         own = [(canonical[id(p)], p) for p in module.parameters(recurse=False) if id(p) in canonical]
         if own:
@@ -158,7 +158,7 @@ class Probe:
                     continue
                 self._handles.append(spec.module.register_forward_hook(self._forward_hook(spec.index)))
             if self.measure_activations:
-                for name, module in self.model.named_modules():
+                for module in self.model.modules():
                     hook = self._activation_hook(module)
                     if hook is not None:
                         self._handles.append(module.register_forward_pre_hook(hook))
@@ -289,9 +289,9 @@ class Restorer:
     model: nn.Module
     save_parameters: bool = False
     _modes: list[tuple[nn.Module, bool]] = field(default_factory=list)
-    _grads: list[tuple[nn.Parameter, torch.Tensor | None]] = field(default_factory=list)
+    _grads: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
     _buffers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    _values: list[tuple[nn.Parameter, torch.Tensor]] = field(default_factory=list)
+    _values: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     def __enter__(self) -> Restorer:
         self._modes = [(m, m.training) for m in self.model.modules()]

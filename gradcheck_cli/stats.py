@@ -198,9 +198,10 @@ class Collector:
         self.layers = layers
         self.want_histograms = want_histograms
         owners: dict[int, list[int]] = {}
-        tensors: dict[int, tuple[str, torch.Tensor]] = {}
+        tensors: dict[int, tuple[str, torch.Tensor]] = {}  # id -> (qualified name, tensor)
         for spec in layers:
-            for name, tensor in spec.params:
+            for name, param in spec.params:
+                tensor: torch.Tensor = param
                 owners.setdefault(id(tensor), []).append(spec.index)
                 tensors.setdefault(id(tensor), (name, tensor))
         self.params: list[ParamInfo] = []
@@ -303,7 +304,9 @@ class Collector:
             saturated = got.get(("saturated", spec.index))
             series_l.saturated.add(saturated / saturated_numel if saturated_numel and saturated is not None else None)
 
-    def finish(self, ever_active: dict[int, torch.Tensor], order: list[int]) -> tuple[list[Layer], list[ParameterRecord]]:
+    def finish(
+        self, ever_active: dict[int, torch.Tensor], order: list[int]
+    ) -> tuple[list[Layer], list[ParameterRecord]]:
         """Build the records; one more sync for the accumulated masks and histograms."""
         mask_keys = list(self._rows_ever)
         hist_keys = list(self._histograms)
@@ -311,7 +314,7 @@ class Collector:
         pending = [(~self._rows_ever[k]).float().mean() for k in mask_keys]
         pending += [(~ever_active[k]).float().mean() for k in active_keys]
         host = to_host(pending)
-        histograms = {k: [int(round(v)) for v in self._histograms[k].tolist()] for k in hist_keys}
+        histograms = {k: [round(v) for v in self._histograms[k].tolist()] for k in hist_keys}
         zero_rows = dict(zip(mask_keys, host[: len(mask_keys)], strict=True))
         dead = dict(zip(active_keys, host[len(mask_keys) :], strict=True))
         position = {layer: i for i, layer in enumerate(order)}
@@ -369,7 +372,7 @@ class Collector:
         grad_norm = grad.mean()
         zeros = [params[i.index].zero_fraction for i in trainable]
         zero_counts = [z * i.tensor.numel() for z, i in zip(zeros, trainable, strict=True) if z is not None]
-        maxes = [params[i.index].max_abs for i in trainable if params[i.index].max_abs is not None]
+        maxes = [m for m in (params[i.index].max_abs for i in trainable) if m is not None]
         unit_source = next((i for i in trainable if i.rows and not i.embedding), None)
         histogram = None
         for info in trainable:

@@ -150,8 +150,8 @@ def trace_nonfinite(
     bad_output = next((name for name, finite in backward_events if not finite), None)
     clean_outputs = {name for name, finite in backward_events if finite}
     for name, module in _named(model):
-        own = [p for p in module.parameters(recurse=False) if p.grad is not None]
-        if own and not all(bool(torch.isfinite(p.grad).all()) for p in own) and name in clean_outputs:
+        own = [p.grad for p in module.parameters(recurse=False) if p.grad is not None]
+        if own and not all(bool(torch.isfinite(g).all()) for g in own) and name in clean_outputs:
             return NanOrigin(
                 "backward",
                 name,

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from theory import relu_chi1, sigmoid_chi1, tanh_chi1
+from torch import nn
 
 WIDTH = 128
 DEPTH = 20
@@ -62,7 +61,10 @@ def mlp_batches(width: int = WIDTH, classes: int = 10, count: int = 3, seed: int
     """Standardised Gaussian inputs (mean 0, variance 1 per feature) and uniform class labels."""
     generator = torch.Generator().manual_seed(seed)
     return [
-        (torch.randn(BATCH, width, generator=generator), torch.randint(0, classes, (BATCH,), generator=generator))
+        (
+            torch.randn(BATCH, width, generator=generator),
+            torch.randint(0, classes, (BATCH,), generator=generator),
+        )
         for _ in range(count)
     ]
 
@@ -129,7 +131,10 @@ class ResNet(nn.Module):
 def image_batches(count: int = 3, seed: int = 0, size: int = 16) -> list[tuple]:
     generator = torch.Generator().manual_seed(seed)
     return [
-        (torch.randn(16, 3, size, size, generator=generator), torch.randint(0, 10, (16,), generator=generator))
+        (
+            torch.randn(16, 3, size, size, generator=generator),
+            torch.randint(0, 10, (16,), generator=generator),
+        )
         for _ in range(count)
     ]
 
@@ -140,13 +145,21 @@ def image_batches(count: int = 3, seed: int = 0, size: int = 16) -> list[tuple]:
 class PreLNTransformerLM(nn.Module):
     """GPT-style pre-LN transformer LM built from nn.TransformerEncoder (norm_first=True), causal mask."""
 
-    def __init__(self, vocab: int = 512, d_model: int = 64, heads: int = 4, layers: int = 4, context: int = 32,
-                 tie: bool = False) -> None:
+    def __init__(
+        self,
+        vocab: int = 512,
+        d_model: int = 64,
+        heads: int = 4,
+        layers: int = 4,
+        context: int = 32,
+        tie: bool = False,
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, d_model)
         self.position = nn.Parameter(torch.randn(1, context, d_model) * 0.02)
-        layer = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.1, activation="gelu",
-                                           batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            d_model, heads, 4 * d_model, dropout=0.1, activation="gelu", batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab, bias=False)
@@ -164,8 +177,9 @@ class PreLNTransformerLM(nn.Module):
 class LSTMLM(nn.Module):
     """Word-level LSTM LM (as in PyTorch's word_language_model example) with a large vocabulary."""
 
-    def __init__(self, vocab: int = 20000, embed: int = 64, hidden: int = 128, layers: int = 2,
-                 tie: bool = False) -> None:
+    def __init__(
+        self, vocab: int = 20000, embed: int = 64, hidden: int = 128, layers: int = 2, tie: bool = False
+    ) -> None:
         super().__init__()
         self.encoder = nn.Embedding(vocab, embed if not tie else hidden)
         self.rnn = nn.LSTM(embed if not tie else hidden, hidden, layers, batch_first=True, dropout=0.2)
@@ -278,38 +292,129 @@ class Case:
 def cases() -> list[Case]:
     crit_sw2, crit_sb2 = 1.761, 0.05
     return [
-        Case("he-relu-mlp", lambda: MLP(nn.ReLU, 2.0), mlp_batches, True, (),
-             f"He init: chi1 = sw2/2 = {relu_chi1(2.0):.2f}, critical"),
-        Case("he-relu-mlp-deep-narrow", lambda: MLP(nn.ReLU, 2.0, depth=30, width=96), lambda: mlp_batches(96), True,
-             (), "He init at depth 30: critical; finite-width fluctuations only"),
-        Case("critical-tanh", lambda: MLP(nn.Tanh, crit_sw2, crit_sb2), mlp_batches, True, (),
-             f"tanh at (sw2, sb2) = ({crit_sw2}, {crit_sb2}): chi1 = {tanh_chi1(crit_sw2, crit_sb2):.3f}, critical"),
+        Case(
+            "he-relu-mlp",
+            lambda: MLP(nn.ReLU, 2.0),
+            mlp_batches,
+            True,
+            (),
+            f"He init: chi1 = sw2/2 = {relu_chi1(2.0):.2f}, critical",
+        ),
+        Case(
+            "he-relu-mlp-deep-narrow",
+            lambda: MLP(nn.ReLU, 2.0, depth=30, width=96),
+            lambda: mlp_batches(96),
+            True,
+            (),
+            "He init at depth 30: critical; finite-width fluctuations only",
+        ),
+        Case(
+            "critical-tanh",
+            lambda: MLP(nn.Tanh, crit_sw2, crit_sb2),
+            mlp_batches,
+            True,
+            (),
+            f"tanh at (sw2, sb2) = ({crit_sw2}, {crit_sb2}): chi1 = {tanh_chi1(crit_sw2, crit_sb2):.3f}, critical",
+        ),
         Case("resnet18-bn", ResNet, image_batches, True, (), "residual + BatchNorm, torchvision init"),
-        Case("pre-ln-transformer", PreLNTransformerLM, lambda: token_batches(512), True, (),
-             "pre-LN keeps gradients flat over depth (Xiong et al. 2020)"),
-        Case("lstm-lm-20k", LSTMLM, lambda: token_batches(20000), True, (),
-             "word-level LSTM LM, 20k vocabulary: sparse embedding gradients are expected"),
-        Case("frozen-backbone", FrozenBackbone, image_batches, True, (), "frozen layers get no gradient by design"),
-        Case("tied-transformer", lambda: PreLNTransformerLM(tie=True), lambda: token_batches(512), True, (),
-             "input and output embeddings share one tensor"),
-        Case("tied-lstm", lambda: LSTMLM(vocab=5000, tie=True), lambda: token_batches(5000), True, (),
-             "tied LSTM LM (Press & Wolf 2017)"),
-        Case("ordered-tanh", lambda: MLP(nn.Tanh, 0.5), mlp_batches, False, ("vanishing",),
-             f"tanh sw2 = 0.5: chi1 = {tanh_chi1(0.5, 0.0):.2f} < 1, ordered phase; depth scale "
-             f"{-1 / math.log(tanh_chi1(0.5, 0.0)):.1f} layers << {DEPTH}"),
-        Case("chaotic-tanh", lambda: MLP(nn.Tanh, 6.0, depth=30), mlp_batches, False, ("exploding",),
-             f"tanh sw2 = 6: chi1 = {tanh_chi1(6.0, 0.0):.2f} > 1, chaotic phase; x{tanh_chi1(6.0, 0.0) ** 14.5:.0f} "
-             "over 30 layers"),
-        Case("glorot-sigmoid", lambda: MLP(nn.Sigmoid, 1.0, depth=10), mlp_batches, False, ("vanishing",),
-             f"sigmoid with Glorot scale (sw2 = 1): chi1 = {sigmoid_chi1(1.0, 0.0):.3f}, deep in the ordered phase"),
-        Case("relu-4x-he", lambda: MLP(nn.ReLU, 32.0, depth=6), mlp_batches, False, ("exploding",),
-             f"ReLU at 16x He variance: chi1 = {relu_chi1(32.0):.0f}, gradients x4 per layer"),
-        Case("linear-orthogonal-3x", lambda: orthogonal_linear(8, 3.0), mlp_batches, False, ("exploding",),
-             "W = 3 * orthogonal: dL/dh grows 3x per layer toward the input, weight gradients flat"),
-        Case("dead-relu", lambda: MLP(nn.ReLU, 2.0, depth=6, bias_shift=-4.0), mlp_batches, False, ("dead",),
-             "biases -4: layer 1's pre-activations have std sqrt(2), so P(active) = Phi(-2.8) = 0.002; deeper layers "
-             "get ~0 input, pre-activation -4, and never activate"),
+        Case(
+            "pre-ln-transformer",
+            PreLNTransformerLM,
+            lambda: token_batches(512),
+            True,
+            (),
+            "pre-LN keeps gradients flat over depth (Xiong et al. 2020)",
+        ),
+        Case(
+            "lstm-lm-20k",
+            LSTMLM,
+            lambda: token_batches(20000),
+            True,
+            (),
+            "word-level LSTM LM, 20k vocabulary: sparse embedding gradients are expected",
+        ),
+        Case(
+            "frozen-backbone",
+            FrozenBackbone,
+            image_batches,
+            True,
+            (),
+            "frozen layers get no gradient by design",
+        ),
+        Case(
+            "tied-transformer",
+            lambda: PreLNTransformerLM(tie=True),
+            lambda: token_batches(512),
+            True,
+            (),
+            "input and output embeddings share one tensor",
+        ),
+        Case(
+            "tied-lstm",
+            lambda: LSTMLM(vocab=5000, tie=True),
+            lambda: token_batches(5000),
+            True,
+            (),
+            "tied LSTM LM (Press & Wolf 2017)",
+        ),
+        Case(
+            "ordered-tanh",
+            lambda: MLP(nn.Tanh, 0.5),
+            mlp_batches,
+            False,
+            ("vanishing",),
+            f"tanh sw2 = 0.5: chi1 = {tanh_chi1(0.5, 0.0):.2f} < 1, ordered phase; depth scale "
+            f"{-1 / math.log(tanh_chi1(0.5, 0.0)):.1f} layers << {DEPTH}",
+        ),
+        Case(
+            "chaotic-tanh",
+            lambda: MLP(nn.Tanh, 6.0, depth=30),
+            mlp_batches,
+            False,
+            ("exploding",),
+            f"tanh sw2 = 6: chi1 = {tanh_chi1(6.0, 0.0):.2f} > 1, chaotic phase; x{tanh_chi1(6.0, 0.0) ** 14.5:.0f} "
+            "over 30 layers",
+        ),
+        Case(
+            "glorot-sigmoid",
+            lambda: MLP(nn.Sigmoid, 1.0, depth=10),
+            mlp_batches,
+            False,
+            ("vanishing",),
+            f"sigmoid with Glorot scale (sw2 = 1): chi1 = {sigmoid_chi1(1.0, 0.0):.3f}, deep in the ordered phase",
+        ),
+        Case(
+            "relu-4x-he",
+            lambda: MLP(nn.ReLU, 32.0, depth=6),
+            mlp_batches,
+            False,
+            ("exploding",),
+            f"ReLU at 16x He variance: chi1 = {relu_chi1(32.0):.0f}, gradients x4 per layer",
+        ),
+        Case(
+            "linear-orthogonal-3x",
+            lambda: orthogonal_linear(8, 3.0),
+            mlp_batches,
+            False,
+            ("exploding",),
+            "W = 3 * orthogonal: dL/dh grows 3x per layer toward the input, weight gradients flat",
+        ),
+        Case(
+            "dead-relu",
+            lambda: MLP(nn.ReLU, 2.0, depth=6, bias_shift=-4.0),
+            mlp_batches,
+            False,
+            ("dead",),
+            "biases -4: layer 1's pre-activations have std sqrt(2), so P(active) = Phi(-2.8) = 0.002; deeper layers "
+            "get ~0 input, pre-activation -4, and never activate",
+        ),
         Case("nan-forward", NaNNet, lambda: mlp_batches(32), False, ("nan",), "log of negative pre-activations"),
-        Case("nan-backward", BackwardNaNNet, lambda: mlp_batches(32), False, ("nan",),
-             "sqrt at exactly 0: 0/0 in the backward of a learned scale"),
+        Case(
+            "nan-backward",
+            BackwardNaNNet,
+            lambda: mlp_batches(32),
+            False,
+            ("nan",),
+            "sqrt at exactly 0: 0/0 in the backward of a learned scale",
+        ),
     ]

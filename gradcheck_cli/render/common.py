@@ -77,15 +77,32 @@ def spark_axis(window: tuple[int, int] | None) -> str:
 
 
 def status_text(layer: Layer, findings: Sequence[Finding]) -> str:
-    """'vanishing 830x' style: the status and, when a factor is known, how bad."""
+    """'vanishing 830x [signal]' style: the status, how bad (a factor or a fraction), and which view said so."""
     if layer.status in ("ok", "frozen", "unused"):
         return layer.status
     mine = [f for f in findings if f.layer == layer.name and f.kind == layer.status]
-    factor = next((f.factor for f in mine if f.factor is not None), None)
-    if factor is None or layer.status in ("dead", "saturated"):
+    worst = min(mine, key=lambda f: f.severity != "error") if mine else None
+    if worst is None:
         return layer.status
+    factor = worst.factor
+    if factor is None:
+        return f"{layer.status} [{worst.view}]"
+    if layer.status in ("dead", "saturated"):
+        return f"{layer.status} {factor:.0%} [{worst.view}]"
     shown = factor if factor >= 1 else 1 / factor
-    return f"{layer.status} {shown:.0f}x" if shown < 1e4 else f"{layer.status} {shown:.0e}x"
+    amount = f"{shown:.0f}x" if shown < 1e4 else f"{shown:.0e}x"
+    return f"{layer.status} {amount} [{worst.view}]"
+
+
+def grouped(findings: Sequence[Finding]) -> list[tuple[list[Finding], str]]:
+    """Consecutive findings that share a fix, so each fix is printed once under its group."""
+    groups: list[tuple[list[Finding], str]] = []
+    for finding in findings:
+        if groups and groups[-1][1] == finding.fix:
+            groups[-1][0].append(finding)
+        else:
+            groups.append(([finding], finding.fix))
+    return groups
 
 
 def signal_line(report: Report) -> str:
@@ -93,7 +110,7 @@ def signal_line(report: Report) -> str:
     if signal.gain_per_layer is None:
         return f"signal view: too few layers with dL/dz ({len(signal.chain)}) for a per-layer gain"
     return (
-        f"signal view: ||dL/dz|| x{signal.gain_per_layer:.3g} per layer toward the input over {len(signal.chain)} "
+        f"signal view: ||dL/dz|| x{signal.gain_per_layer:.2f} per layer toward the input over {len(signal.chain)} "
         f"layers (x{signal.total_factor:.3g} in all)"
     )
 

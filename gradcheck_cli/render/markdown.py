@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from gradcheck_cli.render.common import (
     count,
     display_name,
+    grouped,
     number,
     signal_line,
     spark_axis,
@@ -72,9 +73,11 @@ def render(report: Report, fail_on: Sequence[str], fail_level: str) -> str:
         )
     if report.findings:
         lines += ["", "### Findings", ""]
-        for finding in report.findings:
-            lines.append(
-                f"- {ICON[finding.severity]} **{finding.severity}** `{display_name(finding.layer)}` "
-                f"{finding.kind} [{finding.view}]: {finding.message}  \n  fix: {finding.fix}"
-            )
+        for group, fix in grouped(report.findings):
+            for finding in group:
+                lines.append(
+                    f"- {ICON[finding.severity]} **{finding.severity}** `{display_name(finding.layer)}` "
+                    f"{finding.kind} [{finding.view}]: {finding.message}"
+                )
+            lines.append(f"  - fix{'' if len(group) == 1 else f' (the {len(group)} above)'}: {fix}")
     return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ from rich.text import Text
 from gradcheck_cli.render.common import (
     count,
     display_name,
+    grouped,
     number,
     percent,
     signal_line,
@@ -77,18 +78,21 @@ def build(report: Report, fail_on: Sequence[str], fail_level: str) -> Renderable
     if report.findings:
         parts.append(Text(""))
         parts.append(Text("Findings", style="bold"))
-    for finding in report.findings:
-        line = Text()
-        line.append(f"{finding.severity.upper():7} ", style=SEVERITY_STYLE[finding.severity])
-        line.append(f"{display_name(finding.layer)} ", style="bold")
-        line.append(f"{finding.kind} [{finding.view}]: ")
-        line.append(finding.message)
-        line.append("\n        fix: ", style="dim")
-        line.append(finding.fix, style="dim")
-        parts.append(line)
+    for group, fix in grouped(report.findings):
+        for finding in group:
+            line = Text()
+            line.append(f"{finding.severity.upper():7} ", style=SEVERITY_STYLE[finding.severity])
+            line.append(f"{display_name(finding.layer)} ", style="bold")
+            line.append(f"{finding.kind} [{finding.view}]: ")
+            line.append(finding.message)
+            parts.append(line)
+        label = "fix" if len(group) == 1 else f"fix (the {len(group)} above)"
+        parts.append(Text(f"        {label}: {fix}", style="cyan"))
     failing = report.failing(fail_on, fail_level)
     parts.append(Text(""))
-    parts.append(Text(verdict_line(report, failing, fail_on, fail_level), style="bold red" if failing else "bold green"))
+    parts.append(
+        Text(verdict_line(report, failing, fail_on, fail_level), style="bold red" if failing else "bold green")
+    )
     extras = _column_notes(report)
     if extras:
         parts.append(Text(extras, style="dim"))

@@ -1,0 +1,165 @@
+"""The rules alone, on hand-made layer records: each rule fires where it should and nowhere else."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from gradcheck_cli.diagnose import Thresholds, diagnose
+from gradcheck_cli.errors import UserError
+from gradcheck_cli.report import Layer, NanOrigin
+
+
+def layer(name: str, index: int | None, dz: float | None = 1.0, ratio: float | None = 0.01, **extra) -> Layer:
+    values = dict(
+        name=name,
+        type="Linear",
+        category="linear",
+        params=100,
+        trainable_params=100,
+        parameters=(f"{name}.weight",),
+        calls=1.0,
+        forward_index=index,
+        grad_norm=1.0,
+        grad_norm_median=1.0,
+        grad_norm_steps=(1.0, 1.0, 1.0),
+        weight_norm=10.0,
+        grad_to_weight=ratio,
+        grad_to_weight_steps=(ratio,) * 3,
+        output_grad_norm=dz,
+        output_grad_norm_median=dz,
+        output_grad_norm_steps=(dz,) * 3,
+        rms=0.1,
+        max_abs=1.0,
+        zero_fraction=0.0,
+        nonfinite=0,
+        input_rms=1.0,
+        input_zero_fraction=0.0,
+        dead_fraction=None,
+        saturated_fraction=None,
+        zero_grad_unit_fraction=None,
+    )
+    values.update(extra)
+    return Layer(**values)
+
+
+def chain(gains: list[float], **extra) -> list[Layer]:
+    """Layers 0..n in forward order with dL/dz given from the output end backwards by per-layer gains."""
+    norms = [1.0]
+    for gain in gains:
+        norms.append(norms[-1] * gain)
+    norms.reverse()
+    return [layer(f"l{i}", i, dz=n, **extra) for i, n in enumerate(norms)]
+
+
+def kinds(layers: list[Layer], **kwargs) -> set[tuple[str, str, str, str]]:
+    verdict = diagnose(layers, [1.0], Thresholds(), **kwargs)
+    return {(f.layer, f.kind, f.severity, f.view) for f in verdict.findings}
+
+
+def test_flat_chain_is_clean_even_with_an_odd_head_and_embedding() -> None:
+    layers = chain([1.0] * 9)
+    layers[0] = dataclasses.replace(layers[0], output_grad_norm_median=1e-3, category="embedding")
+    layers[-1] = dataclasses.replace(layers[-1], output_grad_norm_median=50.0)
+    assert kinds(layers) == set()
+
+
+def test_geometric_decay_flags_the_layers_far_from_the_output() -> None:
+    layers = chain([0.5] * 11)  # 2x smaller per layer toward the input: 2048x over the chain
+    found = kinds(layers)
+    assert ("l0", "vanishing", "error", "signal") in found  # 2048x below the output end
+    assert ("l6", "vanishing", "warning", "signal") in found  # 32x
+    assert not any(name in ("l9", "l10", "l11") for name, *_ in found)  # within 10x of the end
+
+
+def test_growth_toward_the_input_is_exploding() -> None:
+    assert ("l0", "exploding", "error", "signal") in kinds(chain([3.0] * 8))
+
+
+def test_one_odd_layer_without_a_trend_is_not_a_signal_finding() -> None:
+    layers = chain([1.0] * 9)
+    layers[4] = dataclasses.replace(layers[4], output_grad_norm_median=1e-4)
+    assert kinds(layers) == set()
+
+
+def test_short_chains_are_not_fitted() -> None:
+    verdict = diagnose(chain([0.1] * 3), [1.0], Thresholds())
+    assert verdict.signal.gain_per_layer is None
+    assert verdict.findings == []
+
+
+def test_balance_flags_layers_far_below_the_median() -> None:
+    layers = [layer(f"l{i}", i, ratio=0.01) for i in range(6)]
+    layers[2] = dataclasses.replace(layers[2], grad_to_weight=0.0005)  # 20x below
+    layers[3] = dataclasses.replace(layers[3], grad_to_weight=0.000005)  # 2000x below
+    found = kinds(layers)
+    assert ("l2", "vanishing", "warning", "update") in found
+    assert ("l3", "vanishing", "error", "update") in found
+    assert len(found) == 2
+
+
+def test_input_lag_needs_both_an_unstandardised_input_and_a_lag() -> None:
+    layers = [layer(f"l{i}", i, ratio=0.01) for i in range(6)]
+    lagging = dataclasses.replace(layers[0], grad_to_weight=0.003)  # 3.3x below the median
+    assert kinds([lagging, *layers[1:]]) == set()  # standardised input: 3x is within healthy spread
+    small_input = dataclasses.replace(lagging, input_rms=0.3)
+    assert kinds([small_input, *layers[1:]]) == {("l0", "vanishing", "warning", "update")}
+    sparse_input = dataclasses.replace(lagging, input_zero_fraction=0.8)
+    assert kinds([sparse_input, *layers[1:]]) == {("l0", "vanishing", "warning", "update")}
+    no_lag = dataclasses.replace(layers[0], input_rms=0.3)
+    assert kinds([no_lag, *layers[1:]]) == set()
+
+
+def test_update_size_uses_the_learning_rate() -> None:
+    layers = [layer(f"l{i}", i, ratio=20.0) for i in range(3)]
+    assert {k[1:] for k in kinds(layers, lr=0.01)} == {("exploding", "warning", "update")}  # 0.2x per step
+    assert {k[1:] for k in kinds(layers, lr=0.1)} == {("exploding", "error", "update")}  # 2x per step
+    assert kinds(layers, lr=0.001) == set()
+
+
+def test_nan_layers_name_the_origin() -> None:
+    layers = [layer("a", 0, nonfinite=5), layer("b", 1, nonfinite=3), layer("c", 2)]
+    origin = NanOrigin("forward", "b", "b produced NaN")
+    verdict = diagnose(layers, [float("nan")], Thresholds(), nan_origin=origin)
+    messages = {f.layer: f.message for f in verdict.findings}
+    assert "start here" in messages["b"]
+    assert "spread from b" in messages["a"]
+    assert "<loss>" in messages
+    assert [x.status for x in verdict.layers] == ["nan", "nan", "ok"]
+
+
+def test_all_zero_gradients_are_dead_errors_and_status_prefers_the_worst() -> None:
+    zero = layer("z", 0, grad_norm_steps=(0.0, 0.0, 0.0), dead_fraction=1.0)
+    verdict = diagnose([zero], [1.0], Thresholds())
+    assert verdict.layers[0].status == "dead" and verdict.layers[0].severity == "error"
+    assert {f.view for f in verdict.findings} == {"numeric", "activation"}
+
+
+def test_dead_and_saturated_fractions() -> None:
+    found = kinds([layer("a", 0, dead_fraction=0.6), layer("b", 1, saturated_fraction=0.95)])
+    assert found == {("a", "dead", "warning", "activation"), ("b", "saturated", "error", "activation")}
+
+
+def test_frozen_and_unused() -> None:
+    frozen = layer("f", 0, trainable_params=0, grad_norm_steps=(None, None, None))
+    unused = layer("u", None, grad_norm_steps=(None, None, None))
+    verdict = diagnose([frozen, unused], [1.0], Thresholds())
+    assert [x.status for x in verdict.layers] == ["frozen", "unused"]
+    assert [(f.layer, f.severity) for f in verdict.findings] == [("u", "warning")]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"signal_warning": 0.5},
+        {"signal_warning": 100.0, "signal_error": 10.0},
+        {"dead_error": 1.5},
+        {"balance_warning": float("nan")},
+        {"input_lag": 1.0},
+        {"min_chain": 2},
+    ],
+)
+def test_thresholds_out_of_range_are_user_errors(change: dict) -> None:
+    with pytest.raises(UserError):
+        Thresholds(**change).validate()

@@ -1,0 +1,220 @@
+"""Every number gradcheck reports, checked against autograd written out independently in the test."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradcheck_cli
+
+
+def _batches(count: int, features: int = 8, classes: int = 4, size: int = 12, seed: int = 3) -> list[tuple]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(size, features, generator=g), torch.randint(0, classes, (size,), generator=g))
+        for _ in range(count)
+    ]
+
+
+def _reference_sequential(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor) -> tuple[dict, dict]:
+    """Per-parameter gradients and per-module dL/dz, by plain autograd with retain_grad."""
+    outputs = {}
+    h = x
+    for name, module in model.named_children():
+        h = module(h)
+        if any(True for _ in module.parameters()):
+            h.retain_grad()
+            outputs[name] = h
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(h, y).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return grads, {name: out.grad for name, out in outputs.items()}
+
+
+def test_parameter_and_layer_norms_match_autograd() -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    batches = _batches(3)
+    report = gradcheck_cli.analyze(model, batches, steps=3)
+
+    per_step = [_reference_sequential(model, x, y) for x, y in batches]
+    for record in report.parameters:
+        norms = [grads[record.name].norm().item() for grads, _ in per_step]
+        assert record.grad_norm_steps == pytest.approx(norms, rel=1e-5)
+        assert record.grad_norm == pytest.approx(sum(norms) / 3, rel=1e-5)
+        assert record.max_abs == pytest.approx(max(grads[record.name].abs().max().item() for grads, _ in per_step))
+        assert record.weight_norm == pytest.approx(dict(model.named_parameters())[record.name].norm().item())
+        zeros = sum(float((grads[record.name] == 0).sum()) for grads, _ in per_step) / 3
+        assert record.zero_fraction == pytest.approx(zeros / record.numel)
+        assert record.rms == pytest.approx(record.grad_norm / math.sqrt(record.numel))
+
+    for layer in report.layers:
+        weight = dict(model.named_parameters())[f"{layer.name}.weight"]
+        expected = [
+            math.sqrt(grads[f"{layer.name}.weight"].norm() ** 2 + grads[f"{layer.name}.bias"].norm() ** 2)
+            for grads, _ in per_step
+        ]
+        assert layer.grad_norm_steps == pytest.approx(expected, rel=1e-5)
+        # grad_to_weight is over the weight matrix only (biases start at 0 and would make it meaningless)
+        ratios = sorted(grads[f"{layer.name}.weight"].norm().item() / weight.norm().item() for grads, _ in per_step)
+        assert layer.grad_to_weight == pytest.approx(ratios[1], rel=1e-5)  # median of 3
+        dz = [outs[layer.name].norm().item() for _, outs in per_step]
+        assert layer.output_grad_norm_steps == pytest.approx(dz, rel=1e-5)
+        assert layer.output_grad_norm == pytest.approx(sum(dz) / 3, rel=1e-5)
+
+
+def test_output_gradient_is_taken_before_an_inplace_relu() -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(inplace=True), nn.Linear(16, 4))
+    ((x, y),) = _batches(1)
+    report = gradcheck_cli.analyze(model, (x, y), steps=1)
+    z = model[0](x)
+    z.retain_grad()
+    F.cross_entropy(model[2](F.relu(z)), y).backward()
+    assert report.layer("0").output_grad_norm == pytest.approx(z.grad.norm().item(), rel=1e-5)
+
+
+class SharedTwice(nn.Module):
+    """One Linear applied twice per forward (weight sharing, as in a recurrence)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+def test_module_called_twice_reports_the_norm_over_both_calls() -> None:
+    model = SharedTwice()
+    ((x, y),) = _batches(1)
+    report = gradcheck_cli.analyze(model, (x, y), steps=1)
+    first = model.shared(x)
+    first.retain_grad()
+    second = model.shared(torch.tanh(first))
+    second.retain_grad()
+    F.cross_entropy(model.head(torch.tanh(second)), y).backward()
+    expected = math.sqrt(first.grad.norm() ** 2 + second.grad.norm() ** 2)
+    layer = report.layer("shared")
+    assert layer.calls == 2
+    assert layer.output_grad_norm == pytest.approx(expected, rel=1e-5)
+    assert layer.grad_norm == pytest.approx(
+        math.sqrt(model.shared.weight.grad.norm() ** 2 + model.shared.bias.grad.norm() ** 2), rel=1e-5
+    )
+
+
+class TiedLM(nn.Module):
+    def __init__(self, vocab: int = 50, dim: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.embed(ids))))
+
+
+def test_tied_weights_are_one_parameter_owned_by_both_layers() -> None:
+    model = TiedLM()
+    ids = torch.randint(0, 50, (4, 6))
+    targets = torch.randint(0, 50, (4, 6))
+    report = gradcheck_cli.analyze(model, (ids, targets), steps=1)
+    names = [p.name for p in report.parameters]
+    assert names.count("embed.weight") == 1 and "head.weight" not in names
+    tied = next(p for p in report.parameters if p.name == "embed.weight")
+    assert set(tied.layers) == {"embed", "head"}
+    logits = model(ids)
+    (grad,) = torch.autograd.grad(F.cross_entropy(logits.reshape(-1, 50), targets.reshape(-1)), [model.embed.weight])
+    assert tied.grad_norm == pytest.approx(grad.norm().item(), rel=1e-5)
+    assert report.layer("head").grad_norm == pytest.approx(grad.norm().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_embedding_update_ratio_uses_only_the_rows_looked_up(sparse: bool) -> None:
+    model = nn.Sequential(nn.Embedding(1000, 8, sparse=sparse), nn.Flatten(), nn.Linear(8 * 5, 3))
+    ids = torch.randint(0, 1000, (6, 5))
+    targets = torch.randint(0, 3, (6,))
+    report = gradcheck_cli.analyze(model, (ids, targets), steps=1)
+    weight = model[0].weight
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(ids), targets), [weight])
+    grad = grad.to_dense()
+    rows = ids.unique()
+    layer = report.layer("0")
+    assert layer.grad_norm == pytest.approx(grad.norm().item(), rel=1e-5)
+    assert layer.grad_to_weight == pytest.approx(grad.norm().item() / weight[rows].norm().item(), rel=1e-5)
+    param = report.parameters[0]
+    assert param.zero_fraction == pytest.approx(float((grad == 0).sum()) / grad.numel())
+
+
+class PartlyUsed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = nn.Linear(8, 8)
+        self.frozen.requires_grad_(False)
+        self.used = nn.Linear(8, 4)
+        self.spare = nn.Linear(8, 4)  # trainable, never called
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(torch.relu(self.frozen(x)))
+
+
+def test_frozen_and_unused_layers() -> None:
+    report = gradcheck_cli.analyze(PartlyUsed(), _batches(1)[0], steps=2)
+    assert report.layer("frozen").status == "frozen"
+    assert report.layer("frozen").grad_norm is None
+    spare = report.layer("spare")
+    assert spare.status == "unused" and spare.forward_index is None
+    assert [f.kind for f in report.findings if f.layer == "spare"] == ["unused"]
+    frozen_params = [p for p in report.parameters if p.name.startswith("frozen")]
+    assert all(not p.requires_grad and p.grad_norm is None for p in frozen_params)
+
+
+def test_dead_units_are_counted_per_unit_over_all_batches() -> None:
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    with torch.no_grad():
+        model[0].bias[:3] = -100.0  # units 0..2 can never activate; 3..5 sometimes do
+        model[0].bias[3:] = 100.0
+    report = gradcheck_cli.analyze(model, _batches(3, features=4, classes=2), steps=3)
+    layer = report.layer("0")
+    assert layer.dead_fraction == pytest.approx(0.5)
+    assert layer.zero_grad_unit_fraction == pytest.approx(0.5)
+
+
+def test_saturation_fraction_counts_inputs_past_the_knee() -> None:
+    model = nn.Sequential(nn.Linear(4, 64), nn.Sigmoid(), nn.Linear(64, 2))
+    x, y = _batches(1, features=4, classes=2)[0]
+    report = gradcheck_cli.analyze(model, (x, y), steps=1)
+    z = model[0](x)
+    expected = float((z.abs() > 4.34).float().mean())
+    assert report.layer("0").saturated_fraction == pytest.approx(expected)
+
+
+def test_input_statistics_of_the_first_layer() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.tensor([[0.0, 0.0, 3.0, 4.0]] * 5)
+    report = gradcheck_cli.analyze(model, (x, torch.zeros(5, dtype=torch.long)), steps=1)
+    first = report.layer("0")
+    assert first.input_rms == pytest.approx(math.sqrt((9 + 16) / 4))
+    assert first.input_zero_fraction == pytest.approx(0.5)
+
+
+def test_histograms_count_every_nonzero_gradient_value() -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    report = gradcheck_cli.analyze(model, _batches(2), steps=2)
+    for layer in report.layers:
+        nonzero = layer.trainable_params * 2 * (1 - (layer.zero_fraction or 0.0))
+        assert sum(layer.histogram or ()) == pytest.approx(nonzero, abs=0.5)
+
+
+def test_loss_is_recorded_per_step() -> None:
+    model = nn.Sequential(nn.Linear(8, 4))
+    batches = _batches(2)
+    report = gradcheck_cli.analyze(model, batches, steps=2)
+    expected = [F.cross_entropy(model(x), y).item() for x, y in batches]
+    assert report.loss == pytest.approx(expected, rel=1e-6)
+    assert report.loss_name == "cross-entropy"

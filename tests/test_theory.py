@@ -1,0 +1,50 @@
+"""Signal propagation measured by gradcheck against theory computed in the test (theory.py)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from theory import relu_chi1, tanh_chi1
+from torch import nn
+from zoo import MLP, orthogonal_linear
+
+import gradcheck_cli
+
+
+def _batches(width: int) -> list:
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(128, width, generator=g), torch.randint(0, 10, (128,), generator=g)) for _ in range(3)]
+
+
+@pytest.mark.parametrize(("sw2", "sb2"), [(0.5, 0.0), (1.761, 0.05), (2.5, 0.2), (4.0, 0.0)])
+def test_deep_tanh_gain_matches_mean_field_sqrt_chi1(sw2: float, sb2: float) -> None:
+    """W ~ N(0, sw2/fan_in), b ~ N(0, sb2): consecutive ||dL/dz|| differ by sqrt(chi1) (Schoenholz et al. 2017)."""
+    torch.manual_seed(0)
+    width = 256
+    report = gradcheck_cli.analyze(MLP(nn.Tanh, sw2, sb2, depth=24, width=width), _batches(width))
+    expected = math.sqrt(tanh_chi1(sw2, sb2))
+    assert report.signal.gain_per_layer == pytest.approx(expected, rel=0.04)
+    # and layer by layer in the bulk of the chain: the median consecutive ratio
+    norms = [layer.output_grad_norm_median for layer in report.layers if layer.name.startswith("hidden.")]
+    ratios = sorted(norms[i] / norms[i + 1] for i in range(len(norms) - 1))
+    assert ratios[len(ratios) // 2] == pytest.approx(expected, rel=0.04)
+
+
+def test_he_relu_is_critical() -> None:
+    torch.manual_seed(0)
+    report = gradcheck_cli.analyze(MLP(nn.ReLU, 2.0, depth=24, width=256), _batches(256))
+    assert report.signal.gain_per_layer == pytest.approx(math.sqrt(relu_chi1(2.0)), rel=0.04)
+
+
+def test_orthogonal_linear_chain_is_exact() -> None:
+    """With W = s * orthogonal, ||dL/dh_l|| = s ||dL/dh_{l+1}|| exactly: no statistics involved."""
+    torch.manual_seed(0)
+    scale = 1.5
+    report = gradcheck_cli.analyze(orthogonal_linear(6, scale), _batches(128))
+    norms = [layer.output_grad_norm_median for layer in report.layers][:-1]  # the head is 10 x 128, not square
+    for inner, outer in itertools.pairwise(norms):
+        assert inner / outer == pytest.approx(scale, rel=1e-4)
+    assert report.signal.gain_per_layer == pytest.approx(scale, rel=1e-3)
