@@ -116,7 +116,7 @@ def analyze(
                     first_bad = (batch, rng)
                 if progress:
                     progress("measure", step + 1, steps)
-            layer_records, param_records = collector.finish(probe.ever_active, probe.tape.order)
+            layer_records, param_records = collector.finish(probe.ever_active, probe.tape.order, probe.feeds_norm)
         if first_bad is not None:
             batch, rng = first_bad
             torch.random.set_rng_state(rng)
@@ -144,7 +144,7 @@ def analyze(
         mode="eval" if eval_mode else "train",
         seed=seed,
         nan_origin=nan_origin,
-        notes=list(notes),
+        notes=[*notes, *verdict.notes],
         torch_version=torch.__version__,
     )
 

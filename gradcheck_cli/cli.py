@@ -146,8 +146,8 @@ def analyze(
     fail_level: FailLevelOption = FailLevel.error,
     signal_warning: Annotated[
         float, typer.Option(help="Signal view: dL/dz change (factor) toward the input that warns.")
-    ] = 10.0,
-    signal_error: Annotated[float, typer.Option(help="Signal view: factor that is an error.")] = 100.0,
+    ] = 20.0,
+    signal_error: Annotated[float, typer.Option(help="Signal view: factor that is an error.")] = 400.0,
     balance_warning: Annotated[
         float, typer.Option(help="Update view: ||g||/||W|| this many times below the median warns.")
     ] = 10.0,
@@ -156,21 +156,30 @@ def analyze(
     ] = 1000.0,
     update_warning: Annotated[
         float, typer.Option(help="Update view: lr*||g||/||W|| (step size relative to weights) that warns.")
-    ] = 0.1,
-    update_error: Annotated[float, typer.Option(help="Update view: step size that is an error.")] = 1.0,
+    ] = 1.0,
+    update_error: Annotated[float, typer.Option(help="Update view: step size that is an error.")] = 10.0,
     dead_warning: Annotated[float, typer.Option(help="Fraction of dead ReLU units that warns.")] = 0.5,
     dead_error: Annotated[float, typer.Option(help="Fraction of dead ReLU units that is an error.")] = 0.9,
     saturation_warning: Annotated[
         float, typer.Option(help="Fraction of saturated sigmoid/tanh inputs that warns.")
     ] = 0.5,
     saturation_error: Annotated[float, typer.Option(help="Fraction of saturated inputs that is an error.")] = 0.9,
+    input_lag: Annotated[
+        float,
+        typer.Option(help="Update view: lag of the input layer (factor) flagged when its input is unstandardised."),
+    ] = 2.0,
+    min_chain: Annotated[int, typer.Option(help="Fewest layers for a signal-view fit or a balance median.")] = 5,
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Measure every layer's gradients over a few forward/backward passes and flag the bad ones."""
     with _errors(debug):
         kinds = _parse_fail_on(fail_on)
-        thresholds = _thresholds(**{k: v for k, v in locals().items() if k.endswith(("_warning", "_error"))})
+        thresholds = _thresholds(
+            input_lag=input_lag,
+            min_chain=min_chain,
+            **{k: v for k, v in locals().items() if k.endswith(("_warning", "_error"))},
+        )
         _check_output(output)
 
         def run(progress: Callable[[str, int, int], None] | None) -> Report:
@@ -276,7 +285,7 @@ def _parse_fail_on(text: str) -> list[str]:
     return kinds
 
 
-def _thresholds(**values: float) -> Thresholds:
+def _thresholds(**values: float | int) -> Thresholds:
     from gradcheck_cli.diagnose import Thresholds
 
     thresholds = Thresholds(**values)  # type: ignore[arg-type]  # every option here is a float field

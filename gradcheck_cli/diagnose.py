@@ -33,18 +33,20 @@ class Thresholds:
 
     # signal view: factor by which ||dL/dz|| at a layer differs from the output end of the chain, flagged only
     # when the fitted per-layer gain compounds to at least the same factor over the chain (a trend, not one
-    # odd layer). 10x is one order of magnitude: a critically initialised net (chi1 = 1) stays within ~2x
-    # over tens of layers at practical widths, so 10x is far outside init noise.
-    signal_warning: float = 10.0
-    signal_error: float = 100.0
+    # odd layer). Over L layers the factor is exp(L / (2 xi)), xi = -1/ln(chi1) the depth scale; plain nets
+    # stop training beyond L ~ 6 xi (Schoenholz et al. 2017), a factor of e^3 ~ 20: the warning. Twice that
+    # depth, e^6 ~ 400: the error. Critical nets stay within ~2x over tens of layers at practical widths.
+    signal_warning: float = 20.0
+    signal_error: float = 400.0
     # update view, balance: a weight layer whose ||g||/||W|| is this many times below the network median
     # learns that many times slower under SGD (the tutorial's layer 1).
     balance_warning: float = 10.0
     balance_error: float = 1000.0
-    # update view, size: lr * ||g||/||W||, the fraction by which one SGD step changes the weights. The usual
-    # healthy range is 1e-4..1e-2 (cs231n's 1e-3 rule of thumb); DeepDiagnosis flags > 0.1.
-    update_warning: float = 0.1
-    update_error: float = 1.0
+    # update view, size: lr * ||g||/||W||, the fraction by which one SGD step changes the weights. Above 1 a
+    # step is no longer an update but a re-initialisation of the layer; 10 is ten of them. (The usual healthy
+    # range is 1e-4..1e-2; DeepDiagnosis flags > 0.1, but output heads legitimately reach ~0.1 at init.)
+    update_warning: float = 1.0
+    update_error: float = 10.0
     # activation view: fraction of ReLU units never active over all batches (a He-initialised unit is active
     # for half the examples, so chance alone leaves ~0.5^batch of them dead), and fraction of sigmoid/tanh
     # inputs where the derivative is under 5% of its peak (DeepDiagnosis flags > 50% outside [-5, 5]).
@@ -93,6 +95,7 @@ class Verdict:
     findings: list[Finding]
     signal: SignalSummary
     update: UpdateSummary
+    notes: list[str] = dataclasses.field(default_factory=list)
 
 
 SIGNAL_CATEGORIES = ("linear", "conv", "recurrent", "attention", "embedding", "other")
@@ -117,14 +120,53 @@ def diagnose(
     findings += signal_findings + update_findings
     findings += _activations(layers, thresholds)
     findings += _usage(layers)
-    return Verdict(_with_status(layers, findings), _ordered(findings, layers), signal, update)
+    notes = []
+    gated = gates(layers)
+    if gated:
+        names = sorted(set(gated.values()))
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        notes.append(
+            f"{len(gated)} layer(s) get exactly zero gradient only because zero-initialised layers after them "
+            f"({shown}) gate their branch (zero_init_residual / Fixup / ReZero); the gates get gradients and open "
+            "on the first update: check with --train-steps 1"
+        )
+    return Verdict(_with_status(layers, findings), _ordered(findings, layers), signal, update, notes)
 
 
 # -- numeric: NaN/Inf and all-zero gradients ---------------------------------------------------------------
 
 
+def gates(layers: Sequence[Layer]) -> dict[str, str]:
+    """Layers whose gradient is exactly zero because a zero-initialised layer after them in the same block
+    multiplies their signal by 0 (torchvision's zero_init_residual, Fixup, ReZero, SkipInit). Such a gate gets
+    a gradient itself, moves on the first update, and opens the branch: not a dead layer. Returns
+    {gated layer: gate layer}."""
+    gate_layers = [
+        g
+        for g in layers
+        if g.trainable_params and g.weight_norm == 0 and g.forward_index is not None and _got_gradient(g)
+    ]
+    gated = {}
+    for layer in layers:
+        if not (layer.trainable_params and _all_zero(layer)) or layer.forward_index is None:
+            continue
+        for gate in gate_layers:
+            block = gate.name.rpartition(".")[0]
+            same_block = layer.name.startswith(block + ".") if block else True
+            ancestor = layer.name.startswith(gate.name + ".") or gate.name == ""
+            if (gate.forward_index or 0) > layer.forward_index and (same_block or ancestor):
+                gated[layer.name] = gate.name
+                break
+    return gated
+
+
+def _got_gradient(layer: Layer) -> bool:
+    return any(v is not None and v > 0 for v in layer.grad_norm_steps)
+
+
 def _numeric(layers: Sequence[Layer], loss: Sequence[float | None], origin: NanOrigin | None) -> list[Finding]:
     findings = []
+    gated = gates(layers)
     bad_loss = [v for v in loss if v is not None and not math.isfinite(v)]
     where = _origin_text(origin)
     if bad_loss:
@@ -147,7 +189,7 @@ def _numeric(layers: Sequence[Layer], loss: Sequence[float | None], origin: NanO
                 else f"{layer.nonfinite} NaN/Inf gradient values{where}"
             )
             findings.append(Finding(layer.name, "nan", "error", "numeric", message, _nan_fix(origin)))
-        elif layer.trainable_params and _all_zero(layer):
+        elif layer.trainable_params and _all_zero(layer) and layer.name not in gated:
             findings.append(
                 Finding(
                     layer.name,
@@ -196,9 +238,9 @@ def _signal(layers: Sequence[Layer], thresholds: Thresholds) -> tuple[SignalSumm
             for layer in layers
             if layer.category in SIGNAL_CATEGORIES
             and layer.forward_index is not None
-            and layer.output_grad_norm_median is not None
-            and math.isfinite(layer.output_grad_norm_median)
-            and layer.output_grad_norm_median > 0
+            and layer.output_grad_per_position is not None
+            and math.isfinite(layer.output_grad_per_position)
+            and layer.output_grad_per_position > 0
         ),
         key=lambda layer: layer.forward_index or 0,
     )
@@ -206,7 +248,7 @@ def _signal(layers: Sequence[Layer], thresholds: Thresholds) -> tuple[SignalSumm
     if len(chain) < thresholds.min_chain:
         return SignalSummary(names, None, None), []
     xs = [float(i) for i in range(len(chain))]
-    ys = [math.log10(layer.output_grad_norm_median or 1.0) for layer in chain]
+    ys = [math.log10(layer.output_grad_per_position or 1.0) for layer in chain]
     slope = theil_sen_slope(xs, ys)
     assert slope is not None
     intercept = median([y - slope * x for x, y in zip(xs, ys, strict=True)]) or 0.0
@@ -282,6 +324,10 @@ def _update(
     if reference and len(members) >= thresholds.min_chain:
         first = _input_layer(layers)
         for layer in members:
+            if layer.feeds_norm:
+                # Scale-invariant (its output is normalised): SGD tunes its effective learning rate by itself
+                # (Arora et al. 2019), so a slow start is not a lasting imbalance.
+                continue
             factor = (layer.grad_to_weight or 0.0) / reference
             severity = _level(1 / factor, thresholds.balance_warning, thresholds.balance_error)
             message = (
@@ -302,6 +348,11 @@ def _update(
     for layer in layers:
         ratio = layer.grad_to_weight
         if not layer.trainable_params or ratio is None or not math.isfinite(ratio):
+            continue
+        if layer.feeds_norm:
+            # Its output is normalised, so the loss does not depend on its weights' scale: a large step grows
+            # ||W|| (the gradient is orthogonal to W), which shrinks the next steps by itself (van Laarhoven
+            # 2017; Hoffer et al. 2018). Step size relative to ||W|| is not a hazard here.
             continue
         size = lr * ratio
         severity = _level(size, thresholds.update_warning, thresholds.update_error)

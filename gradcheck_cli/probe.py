@@ -125,6 +125,7 @@ class StepTape:
     calls: dict[int, int] = field(default_factory=dict)
     order: list[int] = field(default_factory=list)
     output_sq: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    output_positions: dict[int, int] = field(default_factory=dict)
     input_sq: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     input_zero: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     input_numel: dict[int, int] = field(default_factory=dict)
@@ -145,6 +146,9 @@ class Probe:
         self.measure_activations = measure_activations
         self.tape = StepTape()
         self.ever_active: dict[int, torch.Tensor] = {}
+        # Layers whose output went straight into a normalisation layer: scale-invariant, see diagnose.
+        self.feeds_norm: set[int] = set()
+        self._last_output: torch.Tensor | None = None
         self._handles: list[RemovableHandle] = []
         self._last_layer: int | None = None
         self._layer_category = {spec.index: spec.category for spec in layers}
@@ -187,14 +191,19 @@ class Probe:
     def start_step(self) -> None:
         self.tape = StepTape()
         self._last_layer = None
+        self._last_output = None
         self._recording = True
 
     def stop_step(self) -> None:
         self._recording = False
+        self._last_output = None  # do not keep the step's activations alive
 
     # -- hooks ------------------------------------------------------------------------------------------
 
     def _forward_hook(self, index: int) -> Callable[[nn.Module, Any, Any], None]:
+        category = self._layer_category[index]
+        unit_dim = 1 if category == "conv" else -1
+
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if not self._recording:
                 return
@@ -203,8 +212,15 @@ class Probe:
                 tape.calls[index] = 0
                 tape.order.append(index)
             tape.calls[index] += 1
-            self._last_layer = index
             inputs = first_tensor(args)
+            if (
+                category == "norm"
+                and inputs is not None
+                and inputs is self._last_output
+                and self._last_layer is not None
+            ):
+                self.feeds_norm.add(self._last_layer)
+            self._last_layer = index
             if inputs is not None and inputs.numel() and inputs.dtype.is_floating_point:
                 detached = inputs.detach()
                 tape.input_sq.setdefault(index, []).append(
@@ -212,21 +228,23 @@ class Probe:
                 )
                 tape.input_zero.setdefault(index, []).append(detached.numel() - torch.count_nonzero(detached))
                 tape.input_numel[index] = tape.input_numel.get(index, 0) + detached.numel()
-            elif inputs is not None and inputs.numel():
-                # Integer ids (an embedding's input): RMS and zeros of ids mean nothing here.
-                pass
             out = first_tensor(output)
+            self._last_output = out
             if out is not None and out.requires_grad and out.dtype.is_floating_point:
-                out.register_hook(self._output_grad_hook(index))
+                out.register_hook(self._output_grad_hook(index, unit_dim))
 
         return hook
 
-    def _output_grad_hook(self, index: int) -> Callable[[torch.Tensor], None]:
+    def _output_grad_hook(self, index: int, unit_dim: int) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
             # Sum of squares over every call in the step: the norm of all of this module's dL/dz together.
             self.tape.output_sq.setdefault(index, []).append(
                 torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()
             )
+            # Positions = elements per unit (batch x sequence x spatial): what the signal view averages over.
+            units = grad.shape[unit_dim] if grad.dim() else 1
+            positions = grad.numel() // max(1, units)
+            self.tape.output_positions[index] = self.tape.output_positions.get(index, 0) + positions
 
         return hook
 

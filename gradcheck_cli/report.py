@@ -80,6 +80,9 @@ class Layer:
     output_grad_norm: float | None  # ||dL/dz||, z = the module's output; mean over steps
     output_grad_norm_median: float | None
     output_grad_norm_steps: tuple[float | None, ...]
+    # ||dL/dz|| per position (batch x sequence x spatial), summed over units/channels: what the signal view
+    # compares across layers, since mean-field theory treats positions like samples and channels like width.
+    output_grad_per_position: float | None
     rms: float | None
     max_abs: float | None
     zero_fraction: float | None
@@ -90,6 +93,7 @@ class Layer:
     saturated_fraction: float | None  # sigmoid/tanh inputs fed by this layer that sit in saturation
     zero_grad_unit_fraction: float | None  # output units whose weight gradient was 0 in every step
     histogram: tuple[int, ...] | None = None  # counts of log10|g| in fixed bins (see HISTOGRAM_EDGES)
+    feeds_norm: bool = False  # its output goes straight into a normalisation layer: scale-invariant
     status: str = "ok"
     severity: str | None = None
 

@@ -10,6 +10,7 @@ Nothing here prints or hooks; the probe calls in, the diagnosis reads out.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -180,6 +181,7 @@ class ParamSeries:
 @dataclass
 class LayerSeries:
     output_sq: StepSeries = field(default_factory=StepSeries)
+    output_per_position: StepSeries = field(default_factory=StepSeries)
     calls: StepSeries = field(default_factory=StepSeries)
     input_rms: StepSeries = field(default_factory=StepSeries)
     input_zero: StepSeries = field(default_factory=StepSeries)
@@ -291,7 +293,12 @@ class Collector:
         for spec in self.layers:
             series_l = self.layer_series[spec.index]
             series_l.calls.add(float(tape.calls.get(spec.index, 0)))
-            series_l.output_sq.add(got.get(("output_sq", spec.index)))
+            output_sq = got.get(("output_sq", spec.index))
+            series_l.output_sq.add(output_sq)
+            positions = tape.output_positions.get(spec.index)
+            series_l.output_per_position.add(
+                math.sqrt(output_sq / positions) if output_sq is not None and positions else None
+            )
             numel = tape.input_numel.get(spec.index)
             input_sq = got.get(("input_sq", spec.index))
             if numel and input_sq is not None:
@@ -305,7 +312,7 @@ class Collector:
             series_l.saturated.add(saturated / saturated_numel if saturated_numel and saturated is not None else None)
 
     def finish(
-        self, ever_active: dict[int, torch.Tensor], order: list[int]
+        self, ever_active: dict[int, torch.Tensor], order: list[int], feeds_norm: set[int] | None = None
     ) -> tuple[list[Layer], list[ParameterRecord]]:
         """Build the records; one more sync for the accumulated masks and histograms."""
         mask_keys = list(self._rows_ever)
@@ -319,7 +326,14 @@ class Collector:
         dead = dict(zip(active_keys, host[len(mask_keys) :], strict=True))
         position = {layer: i for i, layer in enumerate(order)}
         params = [self._param_record(info) for info in self.params]
-        layers = [self._layer_record(spec, params, zero_rows, dead, histograms, position) for spec in self.layers]
+        normalised = feeds_norm or set()
+        layers = [
+            dataclasses.replace(
+                self._layer_record(spec, params, zero_rows, dead, histograms, position),
+                feeds_norm=spec.index in normalised,
+            )
+            for spec in self.layers
+        ]
         return layers, params
 
     def _param_record(self, info: ParamInfo) -> ParameterRecord:
@@ -397,6 +411,7 @@ class Collector:
             output_grad_norm=output.mean(),
             output_grad_norm_median=output.median(),
             output_grad_norm_steps=output.as_tuple(),
+            output_grad_per_position=layer_series.output_per_position.median(),
             rms=grad_norm / math.sqrt(numel) if grad_norm is not None and numel else None,
             max_abs=max(maxes) if maxes else None,
             zero_fraction=sum(zero_counts) / numel if zero_counts and numel else None,

@@ -61,7 +61,7 @@ def test_fail_on_and_fail_level_select_what_fails(cli, write) -> None:
         ["analyze", "missing_model.py"],
         ["analyze", "{model}", "--fail-on", "vanishing,bogus"],
         ["analyze", "{model}", "--steps", "0"],
-        ["analyze", "{model}", "--signal-warning", "200"],
+        ["analyze", "{model}", "--signal-warning", "500"],
         ["analyze", "{model}", "--loss", "hinge"],
         ["analyze", "{model}", "--format", "yaml"],
         ["analyze", "{model}", "--output", "report.xyz"],

@@ -205,6 +205,74 @@ def token_batches(vocab: int, count: int = 3, seed: int = 0, batch: int = 16, le
     return out
 
 
+class Bottleneck(nn.Module):
+    """The ResNet-50 block: 1x1 reduce, 3x3, 1x1 expand (x4), BatchNorm after each, identity or projection."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or inplanes != planes * 4:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet50(nn.Module):
+    """ResNet-50 layout (3-4-6-3 bottlenecks, 7x7 stem, max-pool), kaiming fan_out init, narrowed for CPU."""
+
+    def __init__(self, width: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 7, 2, 3, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1),
+        )
+        blocks: list[nn.Module] = []
+        inplanes = width
+        for stage, count in enumerate((3, 4, 6, 3)):
+            planes = width * 2**stage
+            for i in range(count):
+                blocks.append(Bottleneck(inplanes, planes, 2 if i == 0 and stage > 0 else 1))
+                inplanes = planes * 4
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(inplanes, classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1))
+
+
+class BatchNormMLP(nn.Module):
+    """Linear -> BatchNorm -> ReLU, repeated, no skip connections (Yang et al. 2019)."""
+
+    def __init__(self, depth: int = 40, width: int = WIDTH) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for _ in range(depth):
+            layers += [nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
 class FrozenBackbone(nn.Module):
     """A ResNet backbone with requires_grad False and a trainable linear head (fine-tuning)."""
 
@@ -318,6 +386,14 @@ def cases() -> list[Case]:
         ),
         Case("resnet18-bn", ResNet, image_batches, True, (), "residual + BatchNorm, torchvision init"),
         Case(
+            "resnet50-bn",
+            ResNet50,
+            lambda: image_batches(size=32),
+            True,
+            (),
+            "bottleneck ResNet with BatchNorm: every conv is scale-invariant",
+        ),
+        Case(
             "pre-ln-transformer",
             PreLNTransformerLM,
             lambda: token_batches(512),
@@ -407,6 +483,15 @@ def cases() -> list[Case]:
             ("dead",),
             "biases -4: layer 1's pre-activations have std sqrt(2), so P(active) = Phi(-2.8) = 0.002; deeper layers "
             "get ~0 input, pre-activation -4, and never activate",
+        ),
+        Case(
+            "batchnorm-mlp",
+            BatchNormMLP,
+            mlp_batches,
+            False,
+            ("exploding",),
+            "plain BatchNorm-ReLU MLP, 40 layers: gradients explode at sqrt(pi/(pi-1)) = 1.21 per layer "
+            "(Yang et al. 2019), x1.21^39 ~ 1700",
         ),
         Case("nan-forward", NaNNet, lambda: mlp_batches(32), False, ("nan",), "log of negative pre-activations"),
         Case(
