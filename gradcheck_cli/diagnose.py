@@ -117,7 +117,7 @@ def diagnose(
     findings += _numeric(layers, loss, nan_origin)
     signal, signal_findings = _signal(layers, thresholds)
     update, update_findings = _update(layers, thresholds, lr, signal)
-    findings += signal_findings + update_findings
+    findings += _consistent(signal_findings + update_findings, layers, thresholds, lr)
     findings += _activations(layers, thresholds)
     findings += _usage(layers)
     notes = []
@@ -131,6 +131,39 @@ def diagnose(
             "on the first update: check with --train-steps 1"
         )
     return Verdict(_with_status(layers, findings), _ordered(findings, layers), signal, update, notes)
+
+
+# -- stability: a finding must hold on most batches, not only on their median -------------------------------
+
+
+def _consistent(findings: list[Finding], layers: Sequence[Layer], thresholds: Thresholds, lr: float) -> list[Finding]:
+    """Keep a signal/update finding only if the same (layer, kind, view) also comes out of at least half of
+    the single-step diagnoses, so one odd batch can neither make nor break a CI verdict."""
+    steps = max((len(layer.grad_norm_steps) for layer in layers), default=0)
+    if steps < 2:
+        return findings
+    votes: dict[tuple[str, str, str], int] = {}
+    for step in range(steps):
+        single = [_at_step(layer, step) for layer in layers]
+        signal, signal_findings = _signal(single, thresholds)
+        _, update_findings = _update(single, thresholds, lr, signal)
+        for key in {(f.layer, f.kind, f.view) for f in signal_findings + update_findings}:
+            votes[key] = votes.get(key, 0) + 1
+    needed = (steps + 1) // 2
+    return [f for f in findings if votes.get((f.layer, f.kind, f.view), 0) >= needed]
+
+
+def _at_step(layer: Layer, step: int) -> Layer:
+    def pick(values: tuple[float | None, ...]) -> float | None:
+        return values[step] if step < len(values) else None
+
+    return dataclasses.replace(
+        layer,
+        grad_norm_median=pick(layer.grad_norm_steps),
+        grad_to_weight=pick(layer.grad_to_weight_steps),
+        output_grad_norm_median=pick(layer.output_grad_norm_steps),
+        output_grad_per_position=pick(layer.output_grad_per_position_steps),
+    )
 
 
 # -- numeric: NaN/Inf and all-zero gradients ---------------------------------------------------------------

@@ -83,6 +83,10 @@ class Layer:
     # ||dL/dz|| per position (batch x sequence x spatial), summed over units/channels: what the signal view
     # compares across layers, since mean-field theory treats positions like samples and channels like width.
     output_grad_per_position: float | None
+    output_grad_per_position_steps: tuple[float | None, ...]
+    # max/min over steps of ||g|| and of ||dL/dz||: how much the batches disagree (1.0 = identical)
+    grad_norm_spread: float | None
+    output_grad_spread: float | None
     rms: float | None
     max_abs: float | None
     zero_fraction: float | None

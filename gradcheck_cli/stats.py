@@ -117,6 +117,11 @@ class StepSeries:
         mid = len(got) // 2
         return got[mid] if len(got) % 2 else 0.5 * (got[mid - 1] + got[mid])
 
+    def spread(self) -> float | None:
+        """max / min over the steps (1.0 when every batch agrees); None without two positive values."""
+        got = [v for v in self.present() if math.isfinite(v) and v > 0]
+        return max(got) / min(got) if len(got) >= 2 else None
+
     def max(self) -> float | None:
         got = self.present()
         return max(got) if got else None
@@ -412,6 +417,9 @@ class Collector:
             output_grad_norm_median=output.median(),
             output_grad_norm_steps=output.as_tuple(),
             output_grad_per_position=layer_series.output_per_position.median(),
+            output_grad_per_position_steps=layer_series.output_per_position.as_tuple(),
+            grad_norm_spread=grad.spread(),
+            output_grad_spread=output.spread(),
             rms=grad_norm / math.sqrt(numel) if grad_norm is not None and numel else None,
             max_abs=max(maxes) if maxes else None,
             zero_fraction=sum(zero_counts) / numel if zero_counts and numel else None,

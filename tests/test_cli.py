@@ -195,3 +195,11 @@ def test_help_and_version_do_not_import_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize("seed", ["1", "2"])
+def test_demo_verdicts_hold_for_other_seeds(cli, seed: str) -> None:
+    _, report = cli.json("demo", "sigmoid-mlp", "--seed", seed)
+    assert report["layers"][0]["status"] == "vanishing"
+    code, fixed = cli.json("demo", "relu-he-mlp", "--seed", seed, "--fail-level", "warning")
+    assert code == 0 and fixed["findings"] == []

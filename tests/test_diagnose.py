@@ -30,6 +30,9 @@ def layer(name: str, index: int | None, dz: float | None = 1.0, ratio: float | N
         output_grad_norm=dz,
         output_grad_norm_median=dz,
         output_grad_per_position=dz,
+        output_grad_per_position_steps=(dz,) * 3,
+        grad_norm_spread=1.0,
+        output_grad_spread=1.0,
         output_grad_norm_steps=(dz,) * 3,
         rms=0.1,
         max_abs=1.0,
@@ -43,6 +46,11 @@ def layer(name: str, index: int | None, dz: float | None = 1.0, ratio: float | N
     )
     values.update(extra)
     return Layer(**values)
+
+
+def ratio(record: Layer, value: float) -> Layer:
+    """The same ||g||/||W|| in every step (and so as the median)."""
+    return dataclasses.replace(record, grad_to_weight=value, grad_to_weight_steps=(value,) * 3)
 
 
 def chain(gains: list[float], **extra) -> list[Layer]:
@@ -92,8 +100,8 @@ def test_short_chains_are_not_fitted() -> None:
 
 def test_balance_flags_layers_far_below_the_median() -> None:
     layers = [layer(f"l{i}", i, ratio=0.01) for i in range(6)]
-    layers[2] = dataclasses.replace(layers[2], grad_to_weight=0.0005)  # 20x below
-    layers[3] = dataclasses.replace(layers[3], grad_to_weight=0.000005)  # 2000x below
+    layers[2] = ratio(layers[2], 0.0005)  # 20x below
+    layers[3] = ratio(layers[3], 0.000005)  # 2000x below
     found = kinds(layers)
     assert ("l2", "vanishing", "warning", "update") in found
     assert ("l3", "vanishing", "error", "update") in found
@@ -102,7 +110,7 @@ def test_balance_flags_layers_far_below_the_median() -> None:
 
 def test_input_lag_needs_both_an_unstandardised_input_and_a_lag() -> None:
     layers = [layer(f"l{i}", i, ratio=0.01) for i in range(6)]
-    lagging = dataclasses.replace(layers[0], grad_to_weight=0.003)  # 3.3x below the median
+    lagging = ratio(layers[0], 0.003)  # 3.3x below the median
     assert kinds([lagging, *layers[1:]]) == set()  # standardised input: 3x is within healthy spread
     small_input = dataclasses.replace(lagging, input_rms=0.3)
     assert kinds([small_input, *layers[1:]]) == {("l0", "vanishing", "warning", "update")}
@@ -172,3 +180,13 @@ def test_frozen_and_unused() -> None:
 def test_thresholds_out_of_range_are_user_errors(change: dict) -> None:
     with pytest.raises(UserError):
         Thresholds(**change).validate()
+
+
+def test_a_finding_must_hold_on_most_batches() -> None:
+    """One wild batch moves a median only so far; the per-step vote removes what the others do not show."""
+    layers = [layer(f"l{i}", i, ratio=0.01) for i in range(6)]
+    # l2 is 50x below the median in one of three steps and normal in the others
+    odd = dataclasses.replace(layers[2], grad_to_weight=0.0002, grad_to_weight_steps=(0.0002, 0.01, 0.01))
+    assert kinds([*layers[:2], odd, *layers[3:]]) == set()
+    steady = dataclasses.replace(layers[2], grad_to_weight=0.0002, grad_to_weight_steps=(0.0002, 0.0002, 0.01))
+    assert kinds([*layers[:2], steady, *layers[3:]]) == {("l2", "vanishing", "warning", "update")}

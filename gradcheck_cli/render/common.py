@@ -32,6 +32,11 @@ def count(value: int) -> str:
     return str(value)
 
 
+def spread(value: float | None) -> str:
+    """max/min over steps as a factor: '1.3x'; '-' with a single step."""
+    return "-" if value is None else f"{value:.1f}x"
+
+
 def percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.0%}"
 

@@ -13,6 +13,7 @@ from gradcheck_cli.render.common import (
     spark_axis,
     spark_window,
     sparkline,
+    spread,
     status_text,
     update_line,
     verdict_line,
@@ -45,8 +46,8 @@ def render(report: Report, fail_on: Sequence[str], fail_level: str) -> str:
     window = spark_window(report.layers)
     lines += [
         "",
-        f"| layer | type | params | ‖g‖ | ‖g‖/‖W‖ | ‖dL/dz‖ | {spark_axis(window) or 'histogram'} | status |",
-        "|---|---|---:|---:|---:|---:|---|---|",
+        f"| layer | type | params | ‖g‖ | spread | ‖g‖/‖W‖ | ‖dL/dz‖ | {spark_axis(window) or 'histogram'} | status |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     ordered = sorted(report.layers, key=lambda layer: (layer.forward_index is None, layer.forward_index or 0))
     for layer in ordered:
@@ -63,6 +64,7 @@ def render(report: Report, fail_on: Sequence[str], fail_level: str) -> str:
                     layer.type,
                     count(layer.params),
                     number(layer.grad_norm_median),
+                    spread(layer.grad_norm_spread),
                     number(layer.grad_to_weight),
                     number(layer.output_grad_norm_median),
                     f"`{spark}`" if spark.strip() else "",

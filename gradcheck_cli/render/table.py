@@ -18,6 +18,7 @@ from gradcheck_cli.render.common import (
     spark_axis,
     spark_window,
     sparkline,
+    spread,
     status_text,
     update_line,
     verdict_line,
@@ -50,6 +51,7 @@ def build(report: Report, fail_on: Sequence[str], fail_level: str) -> Renderable
     table.add_column("type")
     table.add_column("params", justify="right")
     table.add_column("‖g‖", justify="right")
+    table.add_column("spread", justify="right")
     table.add_column("‖g‖/‖W‖", justify="right")
     table.add_column("‖dL/dz‖", justify="right")
     table.add_column(spark_axis(window) or "|g| histogram", no_wrap=True)
@@ -62,6 +64,7 @@ def build(report: Report, fail_on: Sequence[str], fail_level: str) -> Renderable
             layer.type,
             count(layer.params),
             number(layer.grad_norm_median),
+            spread(layer.grad_norm_spread),
             number(layer.grad_to_weight),
             number(layer.output_grad_norm_median),
             Text(sparkline(layer.histogram, window), style="cyan"),
