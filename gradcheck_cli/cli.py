@@ -369,13 +369,12 @@ def write_atomic(path: Path, text: str) -> None:
 
 def _with_progress(run: Callable[[Any], Report], quiet: bool) -> Report:
     """Run with a progress bar on stderr when stderr is a terminal (never on stdout)."""
+    if quiet or not sys.stderr.isatty():
+        return _quietly(run, None)  # and without importing rich: JSON runs in CI start faster
     from rich.console import Console
-
-    console = Console(stderr=True)
-    if quiet or not console.is_terminal:
-        return _quietly(run, None)
     from rich.progress import BarColumn, Progress, TextColumn
 
+    console = Console(stderr=True)
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from gradcheck_cli.stats import sample
+
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
     nn.LayerNorm,
@@ -222,12 +224,13 @@ class Probe:
                 self.feeds_norm.add(self._last_layer)
             self._last_layer = index
             if inputs is not None and inputs.numel() and inputs.dtype.is_floating_point:
-                detached = inputs.detach()
+                # RMS and zero fraction of what the layer reads: estimated from a sample, constant work.
+                values = sample(inputs.detach())
                 tape.input_sq.setdefault(index, []).append(
-                    torch.linalg.vector_norm(detached, dtype=torch.float32).square()
+                    torch.linalg.vector_norm(values, dtype=torch.float32).square()
                 )
-                tape.input_zero.setdefault(index, []).append(detached.numel() - torch.count_nonzero(detached))
-                tape.input_numel[index] = tape.input_numel.get(index, 0) + detached.numel()
+                tape.input_zero.setdefault(index, []).append(values.numel() - torch.count_nonzero(values))
+                tape.input_numel[index] = tape.input_numel.get(index, 0) + values.numel()
             out = first_tensor(output)
             self._last_output = out
             if out is not None and out.requires_grad and out.dtype.is_floating_point:
@@ -267,17 +270,22 @@ class Probe:
             if dead:
                 self._record_active_units(layer, x)
             if limit is not None:
-                self.tape.saturated.setdefault(layer, []).append((x.abs() > limit).sum())
-                self.tape.saturated_numel[layer] = self.tape.saturated_numel.get(layer, 0) + x.numel()
+                # A fraction: estimated from a strided sample (stats.sample), constant work per call.
+                values = sample(x)
+                self.tape.saturated.setdefault(layer, []).append(torch.count_nonzero(values.abs() > limit))
+                self.tape.saturated_numel[layer] = self.tape.saturated_numel.get(layer, 0) + values.numel()
 
         return hook
 
     def _record_active_units(self, layer: int, x: torch.Tensor) -> None:
         """OR into ever_active[layer] which units had a positive input somewhere in this batch."""
         unit_dim = self._unit_dim(layer, x)
-        positive = x > 0
         if x.dim() > 1:
-            positive = positive.movedim(unit_dim, -1).reshape(-1, x.shape[unit_dim]).any(dim=0)
+            # The largest input each unit saw (a plain reduction, no boolean temporaries), then > 0.
+            others = [d for d in range(x.dim()) if d != unit_dim % x.dim()]
+            positive = x.amax(dim=others) > 0
+        else:
+            positive = x > 0
         previous = self.ever_active.get(layer)
         if previous is None:
             self.ever_active[layer] = positive

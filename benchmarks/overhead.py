@@ -1,0 +1,365 @@
+"""What gradcheck costs next to the bare passes it needs, and next to what users would run instead.
+
+    python benchmarks/overhead.py [--device cpu|cuda] [--repeats 3] [--steps 5] [--quick] [--no-scale]
+
+Every configuration runs in its own process (benchmarks/runner.py, or the `gradcheck` CLI itself), the
+configurations interleaved within each repeat so machine noise hits them alike; the table reports medians
+over the repeats:
+- end to end: `gradcheck analyze MODEL.py --steps N` against a plain script doing the same N forward/backward
+  passes, process start included: wall time and peak RSS (os.wait4);
+- per step: the median step time in process (the first step is warm-up), bare vs with each tool attached:
+  gradcheck (its analyze(), hooks and statistics), Lightning's grad_norm, TensorBoard add_histogram of every
+  gradient, wandb.watch(log="gradients", log_freq=1) offline. A tool that is not installed is skipped and
+  named;
+- the ratio from 1M to 100M parameters (MLP widths), end to end and per step;
+- `gradcheck --help` and `--version` against `python -c "import torch"`.
+Targets (issue 6): end to end <= 1.10x wall and <= 1.15x peak memory; --help/--version < 0.5x of import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RUNNER = HERE / "runner.py"
+
+MLP = """
+import torch
+from torch import nn
+
+WIDTH, BATCH, INPUTS = {width}, {batch}, 1024
+
+def build_model():
+    layers = [nn.Linear(INPUTS, WIDTH), nn.ReLU()]
+    for _ in range(2):
+        layers += [nn.Linear(WIDTH, WIDTH), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(WIDTH, 10))
+
+def get_batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(BATCH, INPUTS, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
+"""
+
+CNN = """
+import torch
+from torch import nn
+
+class Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.short = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x if self.short is None else self.short(x)
+        return self.relu(out)
+
+class ResNet18(nn.Module):
+    def __init__(self, width=32):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
+        blocks, cin = [], width
+        for stage in range(4):
+            cout = width * 2 ** stage
+            blocks += [Block(cin, cout, 1 if stage == 0 else 2), Block(cout, cout, 1)]
+            cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, 10)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+def build_model():
+    return ResNet18()
+
+def get_batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(64, 3, 32, 32, generator=g), torch.randint(0, 10, (64,), generator=g)
+"""
+
+TRANSFORMER = """
+import torch
+from torch import nn
+
+VOCAB, D, LENGTH, BATCH = 8192, 256, 128, 16
+
+class LM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.position = nn.Parameter(torch.randn(1, LENGTH, D) * 0.02)
+        layer = nn.TransformerEncoderLayer(D, 4, 4 * D, dropout=0.1, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, ids):
+        mask = nn.Transformer.generate_square_subsequent_mask(ids.shape[1], device=ids.device)
+        x = self.embed(ids) + self.position[:, : ids.shape[1]]
+        return self.head(self.norm(self.encoder(x, mask=mask, is_causal=True))).transpose(1, 2)
+
+def build_model():
+    return LM()
+
+def get_batch():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (BATCH, LENGTH + 1), generator=g)
+    return ids[:, :-1], ids[:, 1:]
+"""
+
+
+@dataclass
+class Workload:
+    name: str
+    source: str
+    tools: bool = True  # also run the alternative tools on it
+
+
+@dataclass
+class Row:
+    workload: str
+    params: int = 0
+    wall: dict[str, list[float]] = field(default_factory=dict)
+    rss: dict[str, list[float]] = field(default_factory=dict)
+    step: dict[str, list[float]] = field(default_factory=dict)
+
+
+def run_child(command: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """Run one measured child in a fresh interpreter that reports its own peak RSS (exact per process)."""
+    wrapper = [
+        sys.executable,
+        "-c",
+        "import os, resource, subprocess, sys, time, json\n"
+        "start = time.perf_counter()\n"
+        "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "wall = time.perf_counter() - start\n"
+        "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
+        "sys.stderr.write(p.stderr)\n"
+        "print(json.dumps({'wall': wall, 'rss_kb': rss, 'code': p.returncode, 'out': p.stdout}))\n",
+        *command,
+    ]
+    result = subprocess.run(wrapper, capture_output=True, text=True, env=env, check=False)
+    try:
+        data = json.loads(result.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError) as exc:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}") from exc
+    if data["code"] not in (0, 1):
+        raise RuntimeError(f"{' '.join(command)} exited {data['code']}:\n{result.stderr[-2000:]}")
+    return data["wall"], data["rss_kb"] / 1024, data["out"]
+
+
+def available(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="one repeat, 3 steps, no 100M model")
+    parser.add_argument("--no-scale", action="store_true", help="skip the 1M/100M MLPs")
+    parser.add_argument("--json", type=Path, help="also write all measurements here")
+    args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.steps = 1, 3
+    gradcheck = shutil.which("gradcheck")
+    if gradcheck is None:
+        sys.exit("gradcheck is not installed in this environment (pip install -e .)")
+
+    workloads = [
+        Workload("mlp-10M", MLP.format(width=2048, batch=256)),
+        Workload("cnn-resnet18", CNN),
+        Workload("transformer", TRANSFORMER),
+    ]
+    if not args.no_scale:
+        workloads.insert(0, Workload("mlp-1M", MLP.format(width=512, batch=256), tools=False))
+        if not args.quick:
+            workloads.append(Workload("mlp-100M", MLP.format(width=6912, batch=256), tools=False))
+
+    tools = ["lightning", "tensorboard", "wandb"]
+    present = {
+        "lightning": available("lightning"),
+        "tensorboard": available("tensorboard"),
+        "wandb": available("wandb"),
+    }
+    skipped = [t for t in tools if not present[t]]
+    tools = [t for t in tools if present[t]]
+
+    env = dict(os.environ, PYTHONWARNINGS="ignore", WANDB_SILENT="true", WANDB_MODE="offline")
+    folder = Path(tempfile.mkdtemp(prefix="gradcheck-bench-"))
+    rows: list[Row] = []
+    for workload in workloads:
+        path = folder / f"{workload.name.replace('-', '_')}.py"
+        path.write_text(textwrap.dedent(workload.source))
+        row = Row(workload.name)
+        modes = ["bare", "gradcheck", *(tools if workload.tools else [])]
+        for repeat in range(args.repeats):
+            # end to end: a plain script vs the CLI, process start included
+            for label, command in (
+                (
+                    "bare",
+                    [
+                        sys.executable,
+                        str(RUNNER),
+                        "bare",
+                        str(path),
+                        "--steps",
+                        str(args.steps),
+                        "--device",
+                        args.device,
+                    ],
+                ),
+                (
+                    "gradcheck",
+                    [
+                        gradcheck,
+                        "analyze",
+                        str(path),
+                        "--steps",
+                        str(args.steps),
+                        "--device",
+                        args.device,
+                        "--format",
+                        "json",
+                        "--quiet",
+                    ],
+                ),
+            ):
+                wall, rss, _ = run_child(command, env)
+                row.wall.setdefault(label, []).append(wall)
+                row.rss.setdefault(label, []).append(rss)
+            # per step, in process
+            for mode in modes:
+                out_dir = folder / f"out-{workload.name}-{mode}-{repeat}"
+                command = [
+                    sys.executable,
+                    str(RUNNER),
+                    mode,
+                    str(path),
+                    "--steps",
+                    str(args.steps),
+                    "--device",
+                    args.device,
+                    "--out",
+                    str(out_dir),
+                ]
+                wall, rss, out = run_child(command, env)
+                data = json.loads(out.strip().splitlines()[-1])
+                row.params = data["params"]
+                row.step.setdefault(mode, []).append(data["median_step_ms"])
+                if mode != "bare":
+                    row.wall.setdefault(f"{mode} (script)", []).append(wall)
+                    row.rss.setdefault(f"{mode} (script)", []).append(rss)
+                else:
+                    row.wall.setdefault("bare (script)", []).append(wall)
+                    row.rss.setdefault("bare (script)", []).append(rss)
+            print(f"  {workload.name}: repeat {repeat + 1}/{args.repeats} done", file=sys.stderr)
+        rows.append(row)
+
+    startup = measure_startup(gradcheck, env, args.repeats * 2 + 1)
+    print_report(rows, startup, skipped, args)
+    if args.json:
+        args.json.write_text(json.dumps({"rows": [row.__dict__ for row in rows], "startup": startup}, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def measure_startup(gradcheck: str, env: dict[str, str], repeats: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for label, command in (
+            ("import torch", [sys.executable, "-c", "import torch"]),
+            ("gradcheck --help", [gradcheck, "--help"]),
+            ("gradcheck --version", [gradcheck, "--version"]),
+        ):
+            start = time.perf_counter()
+            subprocess.run(command, capture_output=True, env=env, check=True)
+            times.setdefault(label, []).append(time.perf_counter() - start)
+    return {label: statistics.median(values) for label, values in times.items()}
+
+
+def print_report(rows: list[Row], startup: dict[str, float], skipped: list[str], args: argparse.Namespace) -> None:
+    median = statistics.median
+    print()
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} "
+        f"{platform.python_version()}, torch {_torch_version()}, device {args.device}; "
+        f"{args.steps} steps, median of {args.repeats} repeat(s)"
+    )
+    print()
+    print("End to end (process start included): gradcheck analyze vs a plain script with the same passes")
+    header = (
+        f"{'workload':14} {'params':>8} {'bare s':>8} {'gradcheck s':>12} {'wall x':>7} {'bare MiB':>9} "
+        f"{'gradcheck MiB':>14} {'memory x':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        wall_b, wall_g = median(row.wall["bare"]), median(row.wall["gradcheck"])
+        rss_b, rss_g = median(row.rss["bare"]), median(row.rss["gradcheck"])
+        print(
+            f"{row.workload:14} {_count(row.params):>8} {wall_b:8.2f} {wall_g:12.2f} {wall_g / wall_b:7.3f} "
+            f"{rss_b:9.0f} {rss_g:14.0f} {rss_g / rss_b:9.3f}"
+        )
+    print()
+    print("Per step (in process, median step time) and peak memory of the process, relative to bare passes")
+    header = f"{'workload':14} {'tool':12} {'step ms':>9} {'step x':>7} {'peak MiB':>9} {'memory x':>9}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        bare_step = median(row.step["bare"])
+        bare_rss = median(row.rss["bare (script)"])
+        for mode, values in row.step.items():
+            rss = median(row.rss[f"{mode} (script)"])
+            print(
+                f"{row.workload:14} {mode:12} {median(values):9.1f} {median(values) / bare_step:7.3f} "
+                f"{rss:9.0f} {rss / bare_rss:9.3f}"
+            )
+    if skipped:
+        print(f"\nnot installed, skipped: {', '.join(skipped)}")
+    print()
+    torch_import = startup["import torch"]
+    for label in ("gradcheck --help", "gradcheck --version"):
+        print(
+            f"{label:20} {startup[label]:6.3f} s = {startup[label] / torch_import:.2f}x of "
+            f"`python -c 'import torch'` ({torch_import:.3f} s)"
+        )
+
+
+def _count(value: int) -> str:
+    return f"{value / 1e6:.1f}M"
+
+
+def _torch_version() -> str:
+    try:
+        import torch
+
+        return torch.__version__
+    except ImportError:
+        return "?"
+
+
+if __name__ == "__main__":
+    main()
