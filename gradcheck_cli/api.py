@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,8 +25,11 @@ from gradcheck_cli.errors import ModelRunError, UserError
 from gradcheck_cli.losses import LossFunction, LossSelector
 from gradcheck_cli.probe import Probe, Restorer, discover_layers
 from gradcheck_cli.report import Report
-from gradcheck_cli.stats import Collector
+from gradcheck_cli.stats import Collector, histogram_edges
 from gradcheck_cli.tracing import locate_failure, trace_nonfinite
+
+if TYPE_CHECKING:
+    from gradcheck_cli.gradsave import GradientWriter
 
 Progress = Callable[[str, int, int], None]
 
@@ -45,6 +49,8 @@ def analyze(
     batch_size: int = DEFAULT_BATCH_SIZE,
     file_loss: LossFunction | None = None,
     histograms: bool = True,
+    value_histograms: bool = False,
+    save_grads: str | Path | None = None,
     progress: Progress | None = None,
     target: str | None = None,
     notes: Sequence[str] = (),
@@ -57,6 +63,10 @@ def analyze(
     loss_fn: "auto", "cross-entropy", "mse" or a callable (output, targets) -> scalar tensor.
     train_steps, lr: plain SGD steps before measuring, to see the picture after some training.
     device: where to run; None keeps the model where it is. The model is moved there and left there.
+    value_histograms: also keep each layer's signed gradient values per step as a histogram (Layer.
+        value_histograms), the tutorial's picture; plots and TensorBoard use it. Off by default: it costs time.
+    save_grads: a .safetensors file to write every measured gradient to (see gradsave.py); each step's
+        gradients are copied to the CPU, one tensor at a time.
 
     The model is left as found: no hooks, the same .grad tensors, train/eval flags, buffers (BatchNorm
     running statistics) and, after train_steps, parameter values restored. The global RNG state is untouched.
@@ -89,11 +99,16 @@ def analyze(
 
     _materialize_lazy(model, prepared[0].to(run_device))
     layers = discover_layers(model)
-    collector = Collector(layers, want_histograms=histograms)
+    collector = Collector(layers, want_histograms=histograms, want_value_histograms=value_histograms)
     probe = Probe(model, layers)
     train_loss: list[float] = []
     nan_origin = None
-    with _seeded(seed, run_device), Restorer(model, save_parameters=train_steps > 0):
+    grad_writer = _gradient_writer(save_grads, model, train_steps)
+    with (
+        _seeded(seed, run_device),
+        Restorer(model, save_parameters=train_steps > 0),
+        grad_writer or contextlib.nullcontext(),
+    ):
         model.train(not eval_mode)
         for step in range(train_steps):
             train_loss.append(_sgd_step(model, prepared[step].to(run_device), loss, lr))
@@ -112,6 +127,8 @@ def analyze(
                 finally:
                     probe.stop_step()
                 value = collector.collect(probe.tape, loss_value)
+                if grad_writer is not None:
+                    grad_writer.add_step(step, layers)
                 if first_bad is None and not (math.isfinite(value) and _grads_finite(collector, step)):
                     first_bad = (batch, rng)
                 if progress:
@@ -123,6 +140,11 @@ def analyze(
             nan_origin = trace_nonfinite(model, batch, loss, [spec.name for spec in layers])
         _clear_grads(model)
 
+    if grad_writer is not None:
+        notes.append(
+            f"gradients saved: {grad_writer.path} ({len(grad_writer.header)} tensors, "
+            f"{grad_writer.bytes_written / 1e6:.3g} MB)"
+        )
     verdict = diagnose(layer_records, collector.loss.values, thresholds, nan_origin=nan_origin, lr=lr)
     return Report(
         model=type(model).__name__,
@@ -146,6 +168,19 @@ def analyze(
         nan_origin=nan_origin,
         notes=[*notes, *verdict.notes],
         torch_version=torch.__version__,
+        histogram_edges=histogram_edges(),
+    )
+
+
+def _gradient_writer(save_grads: str | Path | None, model: nn.Module, train_steps: int) -> GradientWriter | None:
+    if save_grads is None:
+        return None
+    from gradcheck_cli.gradsave import GradientWriter, check_path
+
+    path = Path(save_grads)
+    check_path(path)
+    return GradientWriter(
+        path, {"model": type(model).__name__, "train_steps": str(train_steps), "torch_version": torch.__version__}
     )
 
 
@@ -282,11 +317,11 @@ def analyze_target(
     device: str = "auto",
     eval_mode: bool = False,
     thresholds: Thresholds | None = None,
+    value_histograms: bool = False,
+    save_grads: str | Path | None = None,
     progress: Progress | None = None,
 ) -> Report:
     """What `gradcheck analyze` does: load TARGET (and --weights, --data, --loss), then analyze()."""
-    from pathlib import Path
-
     from gradcheck_cli.data import load_data, model_file_batches, parse_data_spec
     from gradcheck_cli.loading import file_function, import_target, load_weights, parse_target, resolve_model
     from gradcheck_cli.losses import NAMED_LOSSES
@@ -338,6 +373,8 @@ def analyze_target(
         thresholds=thresholds,
         batch_size=batch_size,
         file_loss=file_function(module, "loss_fn"),
+        value_histograms=value_histograms,
+        save_grads=save_grads,
         progress=progress,
         target=parsed.label() if not model_name else f"{parsed.source}:{model_name}",
         notes=notes,

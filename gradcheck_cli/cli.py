@@ -8,9 +8,7 @@ torch is imported only inside commands, so `gradcheck --help` and `--version` st
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from enum import Enum
@@ -24,9 +22,8 @@ from gradcheck_cli.errors import UserError
 from gradcheck_cli.report import DEFAULT_FAIL_ON, KINDS
 
 if TYPE_CHECKING:
-    from rich.console import Console
-
     from gradcheck_cli.diagnose import Thresholds
+    from gradcheck_cli.outputs import Outputs
     from gradcheck_cli.report import Report
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -42,6 +39,13 @@ app = typer.Typer(
 
 
 class Format(str, Enum):
+    table = "table"
+    json = "json"
+    markdown = "markdown"
+    junit = "junit"
+
+
+class CompareFormat(str, Enum):
     table = "table"
     json = "json"
     markdown = "markdown"
@@ -66,19 +70,80 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
     """gradcheck: per-layer gradient diagnosis for PyTorch models, for people and for CI."""
+    if ctx.invoked_subcommand == "analyze":
+        with _errors(debug=False):
+            _load_config(ctx, "analyze")
+
+
+def _load_config(ctx: typer.Context, name: str) -> None:
+    """[tool.gradcheck] from pyproject.toml becomes the command's defaults (click's default_map), so flags
+    given on the command line win and values go through the same parsing as flags."""
+    from gradcheck_cli import config
+
+    found = config.find()
+    if found is None:
+        return
+    command = getattr(ctx.command, "get_command")(ctx, name)  # noqa: B009  # click's Group API, typed loosely
+    params = list(command.params)
+    values = config.defaults(found, config.option_names(params))
+    probe = type(ctx)(command, parent=ctx, info_name=name)
+    by_name = {param.name: param for param in params}
+    for param_name, value in values.items():
+        try:
+            by_name[param_name].process_value(probe, value)
+        except Exception as error:
+            key = next(k for k, v in config.option_names(params).items() if v == param_name)
+            message = getattr(error, "message", None) or str(error)
+            raise UserError(
+                f"{found.path}: [tool.gradcheck] {key} = {value!r}: {message}",
+                f"give what --{key} takes (gradcheck {name} --help)",
+            ) from None
+    ctx.default_map = {**(ctx.default_map or {}), name: values}
+    ctx.meta["gradcheck.config"] = found.path
 
 
 # -- options shared by analyze and demo -------------------------------------------------------------------
 
-FormatOption = Annotated[Format, typer.Option("--format", "-f", help="table (for people), json or markdown.")]
+FormatOption = Annotated[
+    Format, typer.Option("--format", "-f", help="table (for people), json, markdown (job summaries) or junit (XML).")
+]
 OutputOption = Annotated[
     Path | None,
-    typer.Option("--output", "-o", help="Also write the report here: JSON for .json, Markdown for .md, text else."),
+    typer.Option(
+        "--output",
+        "-o",
+        help="Also write the report here: JSON for .json, Markdown for .md, JUnit XML for .xml, text else.",
+    ),
+]
+PlotOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--plot",
+        help="Draw the gradient-flow figure and per-layer histograms to FILE.png or FILE.svg (needs matplotlib).",
+        show_default=False,
+    ),
+]
+TensorBoardOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--tensorboard",
+        help="Write per-layer gradient histograms and norms as TensorBoard events into DIR (needs tensorboard).",
+        show_default=False,
+    ),
+]
+SaveGradsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--save-grads",
+        help="Save every measured gradient, per step and layer, to FILE.safetensors.",
+        show_default=False,
+    ),
 ]
 FailOnOption = Annotated[
     str,
@@ -106,9 +171,13 @@ DEFAULT_FAIL_ON_TEXT = ",".join(DEFAULT_FAIL_ON)
 
 @app.command()
 def analyze(
+    ctx: typer.Context,
     target: Annotated[
         str,
-        typer.Argument(help="path/model.py, path/model.py:NAME or package.module:NAME.", show_default=False),
+        typer.Argument(
+            help="path/model.py, path/model.py:NAME or package.module:NAME (or `target` in [tool.gradcheck]).",
+            show_default=False,
+        ),
     ],
     model: Annotated[str | None, typer.Option("--model", "-m", help="NAME of the model in TARGET.")] = None,
     weights: Annotated[
@@ -169,10 +238,16 @@ def analyze(
         typer.Option(help="Update view: lag of the input layer (factor) flagged when its input is unstandardised."),
     ] = 2.0,
     min_chain: Annotated[int, typer.Option(help="Fewest layers for a signal-view fit or a balance median.")] = 5,
+    plot: PlotOption = None,
+    tensorboard: TensorBoardOption = None,
+    save_grads: SaveGradsOption = None,
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Measure every layer's gradients over a few forward/backward passes and flag the bad ones."""
+    """Measure every layer's gradients over a few forward/backward passes and flag the bad ones.
+
+    Defaults come from [tool.gradcheck] in the nearest pyproject.toml, if any; flags given here win.
+    """
     with _errors(debug):
         kinds = _parse_fail_on(fail_on)
         thresholds = _thresholds(
@@ -180,7 +255,7 @@ def analyze(
             min_chain=min_chain,
             **{k: v for k, v in locals().items() if k.endswith(("_warning", "_error"))},
         )
-        _check_output(output)
+        outputs = _outputs(output_format, output, plot, tensorboard, save_grads, kinds, fail_level)
 
         def run(progress: Callable[[str, int, int], None] | None) -> Report:
             from gradcheck_cli.api import analyze_target
@@ -201,11 +276,16 @@ def analyze(
                 device=device.value,
                 eval_mode=eval_mode,
                 thresholds=thresholds,
+                value_histograms=outputs.value_histograms,
+                save_grads=save_grads,
                 progress=progress,
             )
 
         report = _with_progress(run, quiet or output_format != Format.table)
-        _finish(report, output_format, output, kinds, fail_level.value)
+        config_path = ctx.meta.get("gradcheck.config")
+        if config_path is not None:
+            report.notes.insert(0, f"config: {config_path}")
+        raise typer.Exit(outputs.emit(report))
 
 
 @app.command()
@@ -224,6 +304,9 @@ def demo(
     output: OutputOption = None,
     fail_on: FailOnOption = DEFAULT_FAIL_ON_TEXT,
     fail_level: FailLevelOption = FailLevel.error,
+    plot: PlotOption = None,
+    tensorboard: TensorBoardOption = None,
+    save_grads: SaveGradsOption = None,
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
@@ -240,7 +323,7 @@ def demo(
         if name not in DEMO_SUMMARIES:
             raise UserError(f"unknown demo '{name}'", f"choose one of: {', '.join(DEMO_SUMMARIES)}")
         kinds = _parse_fail_on(fail_on)
-        _check_output(output)
+        outputs = _outputs(output_format, output, plot, tensorboard, save_grads, kinds, fail_level)
 
         def run(progress: Callable[[str, int, int], None] | None) -> Report:
             import torch
@@ -265,13 +348,55 @@ def demo(
                 seed=seed,
                 device="cpu",
                 batch_size=TUTORIAL_BATCH,
+                value_histograms=outputs.value_histograms,
+                save_grads=save_grads,
                 progress=progress,
                 target=f"demo {name}",
                 notes=[f"data: {source}"],
             )
 
         report = _with_progress(run, quiet or output_format != Format.table)
-        _finish(report, output_format, output, kinds, fail_level.value)
+        raise typer.Exit(outputs.emit(report))
+
+
+@app.command()
+def compare(
+    base: Annotated[
+        Path, typer.Argument(help="The reference report (JSON from gradcheck analyze).", show_default=False)
+    ],
+    new: Annotated[Path, typer.Argument(help="The report to check against it.", show_default=False)],
+    factor: Annotated[
+        float,
+        typer.Option(
+            "--factor",
+            help="A layer regressed when a norm's ratio new/base leaves [1/F, F] (10: an order of magnitude).",
+        ),
+    ] = 10.0,
+    output_format: Annotated[
+        CompareFormat, typer.Option("--format", "-f", help="table (for people), json or markdown.")
+    ] = CompareFormat.table,
+    debug: DebugOption = False,
+) -> None:
+    """Per-layer changes between two reports; exit 1 when a layer regressed (a CI regression gate)."""
+    with _errors(debug):
+        from gradcheck_cli.compare import compare as compare_reports
+        from gradcheck_cli.compare import load
+        from gradcheck_cli.render import compare as render
+        from gradcheck_cli.render import github
+
+        comparison = compare_reports(load(base), load(new), factor, (str(base), str(new)))
+        if output_format == CompareFormat.json:
+            sys.stdout.write(comparison.to_json() + "\n")
+        elif output_format == CompareFormat.markdown:
+            sys.stdout.write(render.render_markdown(comparison))
+        else:
+            from gradcheck_cli.outputs import stdout_console
+
+            render.render_table(comparison, stdout_console())
+        if github.enabled():
+            for line in render.workflow_commands(comparison):
+                print(line, file=sys.stderr)
+        raise typer.Exit(EXIT_FINDINGS if comparison.regressions else EXIT_OK)
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
@@ -293,78 +418,21 @@ def _thresholds(**values: float | int) -> Thresholds:
     return thresholds
 
 
-OUTPUT_SUFFIXES = (".json", ".md", ".markdown", ".txt", ".log")
+def _outputs(
+    output_format: Format,
+    output: Path | None,
+    plot: Path | None,
+    tensorboard: Path | None,
+    save_grads: Path | None,
+    fail_on: list[str],
+    fail_level: FailLevel,
+) -> Outputs:
+    """Where the report goes, checked before any pass runs (suffixes, folders, optional extras)."""
+    from gradcheck_cli.outputs import Outputs
 
-
-def _check_output(output: Path | None) -> None:
-    """Refuse a bad --output before spending time on the passes."""
-    if output is None:
-        return
-    if output.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise UserError(
-            f"--output {output}: unknown report type '{output.suffix}'",
-            "use .json, .md or .txt",
-        )
-    if output.is_dir():
-        raise UserError(f"--output {output} is a directory", "give a file name, e.g. report.json")
-    if not output.parent.exists():
-        raise UserError(f"--output {output}: folder {output.parent} does not exist", "create it first")
-
-
-PIPED_WIDTH = 160  # CI logs and files have no terminal width; the table needs ~130 columns
-
-
-def _stdout_console() -> Console:
-    from rich.console import Console
-
-    console = Console(soft_wrap=False)
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(soft_wrap=False, width=PIPED_WIDTH)
-    return console
-
-
-def _finish(report: Report, output_format: Format, output: Path | None, fail_on: list[str], fail_level: str) -> None:
-    from gradcheck_cli.render import markdown, table
-
-    if output_format == Format.json:
-        sys.stdout.write(report.to_json() + "\n")
-    elif output_format == Format.markdown:
-        sys.stdout.write(markdown.render(report, fail_on, fail_level))
-    else:
-        table.render(report, _stdout_console(), fail_on, fail_level)
-    if output is not None:
-        suffix = output.suffix.lower()
-        if suffix == ".json":
-            text = report.to_json() + "\n"
-        elif suffix in (".md", ".markdown"):
-            text = markdown.render(report, fail_on, fail_level)
-        else:
-            text = _plain_text(report, fail_on, fail_level)
-        write_atomic(output, text)
-    raise typer.Exit(EXIT_FINDINGS if report.failing(fail_on, fail_level) else EXIT_OK)
-
-
-def _plain_text(report: Report, fail_on: list[str], fail_level: str) -> str:
-    from rich.console import Console
-
-    from gradcheck_cli.render import table
-
-    console = Console(record=True, width=PIPED_WIDTH, file=open(os.devnull, "w"), color_system=None)  # noqa: SIM115
-    table.render(report, console, fail_on, fail_level)
-    return console.export_text()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a report."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or Path("."))
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    outputs = Outputs(output_format.value, output, plot, tensorboard, save_grads, tuple(fail_on), fail_level.value)
+    outputs.check()
+    return outputs
 
 
 def _with_progress(run: Callable[[Any], Report], quiet: bool) -> Report:

@@ -60,6 +60,21 @@ class ParameterRecord:
 
 
 @dataclass(frozen=True)
+class ValueHistogram:
+    """A layer's gradient values in one step, the tutorial's histogram: counts in len(counts) equal bins over
+    [-limit, limit] (limit = the largest |g| seen), estimated from a sample of at most 65,536 values per tensor
+    and scaled to all elements."""
+
+    step: int  # measurement step (0-based)
+    limit: float
+    counts: tuple[int, ...]
+
+    def edges(self) -> list[float]:
+        bins = len(self.counts)
+        return [self.limit * (2 * i / bins - 1) for i in range(bins + 1)]
+
+
+@dataclass(frozen=True)
 class Layer:
     """A module that directly owns parameters, measured over the steps, with its verdict."""
 
@@ -98,6 +113,8 @@ class Layer:
     zero_grad_unit_fraction: float | None  # output units whose weight gradient was 0 in every step
     histogram: tuple[int, ...] | None = None  # counts of log10|g| in fixed bins (see HISTOGRAM_EDGES)
     feeds_norm: bool = False  # its output goes straight into a normalisation layer: scale-invariant
+    # per-step signed-value histograms; only when asked for (analyze(value_histograms=True), --plot, --tensorboard)
+    value_histograms: tuple[ValueHistogram, ...] | None = None
     status: str = "ok"
     severity: str | None = None
 
@@ -157,6 +174,8 @@ class Report:
     nan_origin: NanOrigin | None = None
     notes: list[str] = field(default_factory=list)
     torch_version: str = ""
+    # Edges (log10 |g|) of every layer's `histogram`: written into the report so that a plot needs nothing else.
+    histogram_edges: list[float] = field(default_factory=list)
 
     @property
     def healthy(self) -> bool:
@@ -199,6 +218,7 @@ class Report:
             "update": dataclasses.asdict(self.update),
             "nan_origin": dataclasses.asdict(self.nan_origin) if self.nan_origin else None,
             "notes": self.notes,
+            "histogram_edges": self.histogram_edges,
             "findings": [f.as_dict() for f in self.findings],
             "layers": [_layer_dict(layer) for layer in self.layers],
             "parameters": [dataclasses.asdict(p) for p in self.parameters],
@@ -206,6 +226,77 @@ class Report:
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(_finite(self.to_dict()), indent=indent, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        """The inverse of to_dict (after a JSON round trip): what `gradcheck compare` and plots read.
+
+        Raises ValueError naming what is wrong when `data` is not a gradcheck.report/1 document.
+        """
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"not a {SCHEMA} document (schema: {found!r})")
+        try:
+            return cls(
+                model=data["model"],
+                target=data.get("target"),
+                steps=data["steps"],
+                loss=[_float(v) for v in data["loss"]],
+                layers=[_record(Layer, item, _LAYER_TEXT) for item in data["layers"]],
+                parameters=[_record(ParameterRecord, item, _PARAMETER_TEXT) for item in data["parameters"]],
+                findings=[_record(Finding, item, _FINDING_TEXT) for item in data["findings"]],
+                signal=_record(SignalSummary, data["signal"], {"chain"}),
+                update=_record(UpdateSummary, data["update"], {"layers"}),
+                thresholds={k: _float(v) for k, v in data["thresholds"].items()},
+                loss_name=data.get("loss_name", ""),
+                train_steps=data.get("train_steps", 0),
+                train_loss=[_float(v) for v in data.get("train_loss", [])],
+                lr=_float(data.get("lr", 0.01)),
+                batch_size=data.get("batch_size"),
+                device=data.get("device", "cpu"),
+                mode=data.get("mode", "train"),
+                seed=data.get("seed", 0),
+                nan_origin=_record(NanOrigin, data["nan_origin"], {"phase", "module", "detail"})
+                if data.get("nan_origin")
+                else None,
+                notes=list(data.get("notes", [])),
+                torch_version=data.get("torch_version", ""),
+                histogram_edges=[_float(v) for v in data.get("histogram_edges", [])],
+            )
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"malformed {SCHEMA} document ({type(error).__name__}: {error})") from None
+
+
+# Fields that hold text, and so are never read as the strings "nan"/"inf" that stand for numbers in JSON.
+_LAYER_TEXT = {"name", "type", "category", "parameters", "status", "severity"}
+_PARAMETER_TEXT = {"name", "layers"}
+_FINDING_TEXT = {"layer", "kind", "severity", "view", "message", "fix"}
+
+
+def _float(value: Any) -> Any:
+    """A JSON number back to a float: "nan", "inf", "-inf" as written by _finite; lists become tuples."""
+    if isinstance(value, str):
+        return float(value) if value in ("nan", "inf", "-inf") else value
+    if isinstance(value, list):
+        return tuple(_float(v) for v in value)
+    return value
+
+
+def _record(cls: type[Any], data: dict[str, Any], text: set[str]) -> Any:
+    """One dataclass from its dict: known fields only (a newer report may have more), numbers restored."""
+    values: dict[str, Any] = {}
+    for item in dataclasses.fields(cls):
+        if item.name not in data:
+            continue  # a field added after this report was written: its default applies
+        value = data[item.name]
+        if item.name == "value_histograms" and value is not None:
+            value = tuple(ValueHistogram(h["step"], _float(h["limit"]), tuple(h["counts"])) for h in value)
+        elif item.name in text:
+            value = tuple(value) if isinstance(value, list) else value
+        else:
+            value = _float(value)
+        values[item.name] = value
+    return cls(**values)
 
 
 def _layer_dict(layer: Layer) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gradcheck_cli.report import Layer, ParameterRecord
+from gradcheck_cli.report import Layer, ParameterRecord, ValueHistogram
 
 if TYPE_CHECKING:
     from gradcheck_cli.probe import LayerSpec, StepTape
@@ -142,6 +142,35 @@ def _reduce_sparse(grad: torch.Tensor, want_rows: bool, want_histogram: bool) ->
     return GradientSample(norm, _max_abs(flat), zeros, rows, _histogram(flat) if want_histogram else None)
 
 
+# Signed-value histograms: the tutorial's picture (TensorBoard's histograms of gradient values). VALUE_BINS
+# equal bins over [-limit, limit], limit = the largest |g| in the layer's samples that step: a range per layer
+# and step, found on the device (values are divided by it and binned in [-1, 1]), so no host sync. Odd, so
+# that 0 sits in the middle of the centre bin. Off by default: only --plot and --tensorboard ask for it.
+VALUE_BINS = 65
+
+
+def value_histogram(grads: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(limit, counts) of one layer's gradients in one step, no host sync: counts of g in VALUE_BINS equal bins
+    over [-limit, limit], estimated from a sample of each tensor (`sample`) and scaled to all its elements."""
+    parts = []
+    for grad in grads:
+        values, implicit_zeros = dense_values(grad.detach())
+        flat = values.reshape(-1)
+        if flat.numel():
+            parts.append((sample(flat).float(), flat.numel(), implicit_zeros))
+    device = grads[0].device if grads else torch.device("cpu")
+    counts = torch.zeros(VALUE_BINS, device=device)
+    if not parts:
+        return torch.zeros((), device=device), counts
+    limit = torch.stack([part.abs().amax() for part, _, _ in parts]).amax()
+    scale = torch.where(limit > 0, limit, torch.ones_like(limit))  # an all-zero gradient: every count at 0
+    for part, stored, implicit_zeros in parts:
+        counts += torch.histc(part / scale, bins=VALUE_BINS, min=-1.0, max=1.0) * (stored / part.numel())
+        if implicit_zeros:  # sparse gradients: the entries not stored are zeros
+            counts[VALUE_BINS // 2] += implicit_zeros
+    return limit, counts
+
+
 def to_host(tensors: Sequence[torch.Tensor]) -> list[float]:
     """Copy many 0-d device tensors to Python floats with one transfer: the step's single sync point."""
     if not tensors:
@@ -256,9 +285,12 @@ class Collector:
     a copy of a gradient.
     """
 
-    def __init__(self, layers: list[LayerSpec], want_histograms: bool = True) -> None:
+    def __init__(
+        self, layers: list[LayerSpec], want_histograms: bool = True, want_value_histograms: bool = False
+    ) -> None:
         self.layers = layers
         self.want_histograms = want_histograms
+        self.want_value_histograms = want_value_histograms
         owners: dict[int, list[int]] = {}
         tensors: dict[int, tuple[str, torch.Tensor]] = {}  # id -> (qualified name, tensor)
         for spec in layers:
@@ -279,6 +311,8 @@ class Collector:
         self._row_weight_sq: dict[int, torch.Tensor] = {}
         self._rows_ever: dict[int, torch.Tensor] = {}
         self._histograms: dict[int, torch.Tensor] = {}
+        # layer index -> (step, limit, counts) per step, on the device until finish()
+        self._value_histograms: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         self.steps = 0
 
     def measure_weights(self) -> None:
@@ -312,6 +346,13 @@ class Collector:
             if sample.histogram is not None:
                 total = self._histograms.get(info.index)
                 self._histograms[info.index] = sample.histogram if total is None else total + sample.histogram
+
+        if self.want_value_histograms:
+            for spec in self.layers:
+                grads = [p.grad for _, p in spec.params if p.requires_grad and p.grad is not None]
+                if grads:
+                    limit, counts = value_histogram(grads)
+                    self._value_histograms.setdefault(spec.index, []).append((self.steps, limit, counts))
 
         for index, values in tape.output_sq.items():
             pending.append(torch.stack(values).sum())
@@ -382,6 +423,7 @@ class Collector:
         pending += [(~ever_active[k]).float().mean() for k in active_keys]
         host = to_host(pending)
         histograms = {k: [round(v) for v in self._histograms[k].tolist()] for k in hist_keys}
+        value_histograms = self._finish_value_histograms()
         zero_rows = dict(zip(mask_keys, host[: len(mask_keys)], strict=True))
         dead = dict(zip(active_keys, host[len(mask_keys) :], strict=True))
         position = {layer: i for i, layer in enumerate(order)}
@@ -391,10 +433,26 @@ class Collector:
             dataclasses.replace(
                 self._layer_record(spec, params, zero_rows, dead, histograms, position),
                 feeds_norm=spec.index in normalised,
+                value_histograms=value_histograms.get(spec.index),
             )
             for spec in self.layers
         ]
         return layers, params
+
+    def _finish_value_histograms(self) -> dict[int, tuple[ValueHistogram, ...]]:
+        """Every layer's per-step value histograms, copied to the host in one transfer."""
+        entries = [
+            (index, step, limit, counts)
+            for index, rows in self._value_histograms.items()
+            for step, limit, counts in rows
+        ]
+        if not entries:
+            return {}
+        rows = torch.stack([torch.cat([limit.float().reshape(1), counts]) for _, _, limit, counts in entries]).tolist()
+        found: dict[int, list[ValueHistogram]] = {}
+        for (index, step, _, _), row in zip(entries, rows, strict=True):
+            found.setdefault(index, []).append(ValueHistogram(step, row[0], tuple(round(c) for c in row[1:])))
+        return {index: tuple(histograms) for index, histograms in found.items()}
 
     def _param_record(self, info: ParamInfo) -> ParameterRecord:
         series = self.param_series[info.index]

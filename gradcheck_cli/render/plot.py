@@ -1,0 +1,433 @@
+"""--plot FILE.png|.svg: the gradient-flow figure, drawn from the report alone (no tensors, no torch).
+
+Left, the two views along the forward order on log axes: ‖dL/dz‖ per position (signal view) and ‖g‖/‖W‖
+(update view), one dot per step and a marker for the median, flagged layers in orange (warning) or red (error)
+with the kind written beside them. Right, per-layer histograms: log10 |g| on one axis shared by every layer
+(the table's sparkline, in full), and, when the report has them, the tutorial's signed-value histograms per
+step. Past SMALL_MULTIPLES layers the log10 |g| histograms become one heat map, which stays readable at any
+depth.
+
+matplotlib is an optional extra; the figure is built with the object API (no pyplot), so no global backend
+is chosen and nothing opens a window.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gradcheck_cli.errors import UserError
+from gradcheck_cli.render.common import display_name, spark_window, status_text, verdict_line
+from gradcheck_cli.report import Finding, Layer, Report
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+SUFFIXES = (".png", ".svg")
+SMALL_MULTIPLES = 16  # layers up to which each gets its own histogram row
+MAX_TICK_LABELS = 40  # x labels beyond this are thinned to every k-th layer
+MIN_DECADES = 2.0  # the least range a log axis of the views shows
+MAX_HEIGHT = 14.0  # inches; deeper models get thinner heat-map rows
+MAX_ROW_LABELS = 100  # heat-map row labels beyond this are thinned to every k-th layer
+
+COLOR = {"ok": "#3b75af", "warning": "#f28e2b", "error": "#d62728", "inactive": "#b0b0b0"}
+STEP_COLOR = "#9ab7d3"
+INSTALL_HINT = 'pip install "gradcheck-cli[plot]"'
+
+
+def check(path: Path) -> None:
+    """Refuse a bad --plot before any pass runs: wrong suffix, missing folder, matplotlib not installed."""
+    if path.suffix.lower() not in SUFFIXES:
+        raise UserError(f"--plot {path}: unknown image type '{path.suffix}'", "use .png or .svg")
+    if path.is_dir():
+        raise UserError(f"--plot {path} is a directory", "give a file name, e.g. gradients.png")
+    if not path.parent.exists():
+        raise UserError(f"--plot {path}: folder {path.parent} does not exist", "create it first")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("--plot needs matplotlib", INSTALL_HINT) from None
+
+
+def save(report: Report, path: Path, fail_on: Sequence[str], fail_level: str) -> None:
+    """Draw the figure and write it; the format follows the suffix."""
+    figure = build(report, fail_on, fail_level)
+    figure.savefig(path, dpi=110, format=path.suffix.lower().lstrip("."))
+
+
+def build(report: Report, fail_on: Sequence[str], fail_level: str) -> Figure:
+    from matplotlib.figure import Figure
+
+    ordered = sorted(report.layers, key=lambda layer: (layer.forward_index is None, layer.forward_index or 0))
+    flow = [layer for layer in ordered if layer.forward_index is not None and _in_views(report, layer)]
+    small = len(ordered) <= SMALL_MULTIPLES
+    has_values = small and any(layer.value_histograms for layer in ordered)
+    rows = max(len(ordered), 1)
+    height = max(7.5, 0.62 * rows + 2.2) if small else min(MAX_HEIGHT, max(7.5, 0.16 * rows + 3.0))
+    width = 19.0 if has_values else 16.0
+    figure = Figure(figsize=(width, height), layout="constrained")
+    failing = report.failing(fail_on, fail_level)
+    figure.suptitle(
+        f"gradcheck: {report.model}"
+        + (f"  ({report.target})" if report.target else "")
+        + f"\n{verdict_line(report, failing, fail_on, fail_level)}",
+        fontsize=12,
+        color=COLOR["error"] if failing else "black",
+    )
+    panels: Any = figure.subfigures(1, 2, width_ratios=[1.0, 1.25 if has_values else 0.9], wspace=0.02)
+    left, right = panels[0], panels[1]
+    signal_axes, update_axes = left.subplots(2, 1, sharex=True)
+    _signal_view(signal_axes, report, flow)
+    _update_view(update_axes, report, flow)
+    _layer_ticks(update_axes, flow)
+    if not ordered:
+        return figure
+    if small:
+        _small_multiples(right, report, ordered, has_values)
+    else:
+        _heat_map(right, report, ordered)
+    return figure
+
+
+# -- left: the two views ----------------------------------------------------------------------------------
+
+
+def _in_views(report: Report, layer: Layer) -> bool:
+    """What the views compare (normalisation layers are left out of both, see diagnose), and anything flagged."""
+    compared = set(report.signal.chain) | set(report.update.layers)
+    return not compared or layer.name in compared or layer.severity is not None
+
+
+def _severity(layer: Layer) -> str:
+    if layer.severity:
+        return layer.severity
+    return "inactive" if layer.status in ("frozen", "unused") else "ok"
+
+
+def _view_findings(report: Report, layer: Layer, views: Sequence[str]) -> list[Finding]:
+    return [f for f in report.findings if f.layer == layer.name and f.view in views]
+
+
+def _draw_view(
+    axes: Axes,
+    report: Report,
+    layers: Sequence[Layer],
+    median: Callable[[Layer], float | None],
+    steps: Callable[[Layer], Sequence[float | None]],
+    views: Sequence[str],
+    compared: Sequence[str],
+    hollow: Callable[[Layer], bool] = lambda layer: False,
+) -> None:
+    """One view: the layers it compares (all when it compares none) and those it flagged. Per-step values as
+    small dots, the median as a marker coloured by the layer's verdict; exact zeros as triangles on the floor."""
+    from matplotlib.transforms import blended_transform_factory
+
+    points: list[tuple[int, float, Layer]] = []
+    zeros: list[tuple[int, Layer]] = []
+    step_points: list[tuple[int, float]] = []
+    for x, layer in enumerate(layers):
+        if compared and layer.name not in compared and not _view_findings(report, layer, views):
+            continue
+        step_points += [(x, v) for v in steps(layer) if v is not None and _positive(v)]
+        value = median(layer)
+        if value is not None and _positive(value):
+            points.append((x, value, layer))
+        elif value == 0:
+            zeros.append((x, layer))
+    if not points and not zeros:
+        axes.text(0.5, 0.5, "nothing to show", transform=axes.transAxes, ha="center", color="#777777")
+        axes.set_yticks([])
+        return
+    if step_points:
+        axes.scatter(
+            [x for x, _ in step_points], [y for _, y in step_points], s=9, color=STEP_COLOR, zorder=2, linewidths=0
+        )
+    axes.set_yscale("log")
+    if points:
+        xs = [x for x, _, _ in points]
+        ys = [y for _, y, _ in points]
+        axes.plot(xs, ys, color="#777777", linewidth=1, zorder=1)
+        for x, y, layer in points:
+            color = COLOR[_severity(layer)]
+            axes.scatter(
+                x, y, s=42, zorder=3, color="white" if hollow(layer) else color, edgecolors=color, linewidths=1.2
+            )
+        # At least MIN_DECADES in view: on a log axis a flat profile must look flat, not like noise blown up;
+        # and headroom for the labels.
+        low, high = axes.get_ylim()
+        centre = math.sqrt(min(ys) * max(ys))
+        half = 10 ** (MIN_DECADES / 2)
+        axes.set_ylim(min(low, centre / half), max(high, centre * half) * 2)
+    else:
+        axes.set_yticks([], minor=False)
+        axes.set_yticks([], minor=True)
+    floor = blended_transform_factory(axes.transData, axes.transAxes)
+    for x, layer in zeros:
+        axes.scatter(x, 0.03, s=46, marker="v", color=COLOR[_severity(layer)], transform=floor, zorder=3, clip_on=False)
+        axes.annotate("0", (x, 0.03), xycoords=floor, xytext=(5, -3), textcoords="offset points", fontsize=7.5)
+    _label_runs(
+        axes, report, views, [(x, y, layer) for x, y, layer in points] + [(x, None, layer) for x, layer in zeros]
+    )
+    axes.grid(True, which="major", axis="y", alpha=0.3)
+    axes.set_xlim(-0.6, max(len(layers) - 0.4, 0.6))
+
+
+def _label_runs(
+    axes: Axes, report: Report, views: Sequence[str], points: list[tuple[int, float | None, Layer]]
+) -> None:
+    """The finding kinds beside flagged points; a run of neighbours with the same kinds is labelled once."""
+    from matplotlib.transforms import blended_transform_factory
+
+    floor = blended_transform_factory(axes.transData, axes.transAxes)
+    previous: tuple[tuple[str, str], int] = (("", ""), -2)
+    for x, y, layer in sorted(points, key=lambda point: point[0]):
+        findings = _view_findings(report, layer, views)
+        text = " ".join(sorted({f.kind for f in findings}))
+        worst = "error" if any(f.severity == "error" for f in findings) else "warning"
+        if text and ((text, worst) != previous[0] or x != previous[1] + 1):
+            axes.annotate(
+                text,
+                (x, y) if y is not None else (x, 0.03),
+                xycoords="data" if y is not None else floor,
+                xytext=(5, 7 if y is not None else 8),
+                textcoords="offset points",
+                fontsize=8,
+                color=COLOR[worst],
+                fontweight="bold",
+            )
+        previous = ((text, worst), x)
+
+
+def _signal_view(axes: Axes, report: Report, layers: Sequence[Layer]) -> None:
+    _draw_view(
+        axes,
+        report,
+        layers,
+        lambda layer: layer.output_grad_per_position,
+        lambda layer: layer.output_grad_per_position_steps,
+        ("signal", "activation", "numeric", "usage"),
+        report.signal.chain,
+    )
+    signal = report.signal
+    if signal.gain_per_layer is not None and signal.total_factor is not None:
+        trend = (
+            f": ×{signal.gain_per_layer:.2f} per layer toward the input over {len(signal.chain)} layers "
+            f"(×{signal.total_factor:.3g} in all)"
+        )
+    else:
+        trend = f": too few layers ({len(signal.chain)}) for a per-layer gain"
+    axes.set_title(f"signal view{trend}", fontsize=10, loc="left")
+    axes.set_ylabel("‖dL/dz‖ per position")
+    _legend(axes)
+
+
+def _update_view(axes: Axes, report: Report, layers: Sequence[Layer]) -> None:
+    _draw_view(
+        axes,
+        report,
+        layers,
+        lambda layer: layer.grad_to_weight,
+        lambda layer: layer.grad_to_weight_steps,
+        ("update",),
+        report.update.layers,
+        hollow=lambda layer: layer.feeds_norm,
+    )
+    if any(layer.feeds_norm for layer in layers if layer.name in report.update.layers):
+        from matplotlib.lines import Line2D
+
+        marker = Line2D([], [], marker="o", linestyle="", markerfacecolor="white", color=COLOR["ok"], markersize=7)
+        axes.legend(
+            [marker],
+            ["feeds a norm layer: scale-invariant, not judged"],
+            fontsize=7.5,
+            loc="upper left",
+            framealpha=0.8,
+        )
+    median = report.update.median_grad_to_weight
+    if _positive(median):
+        assert median is not None
+        axes.axhline(median, color="#555555", linestyle="--", linewidth=0.9)
+        axes.annotate(
+            "median", (1.0, median), xycoords=("axes fraction", "data"), fontsize=7.5, ha="right", va="bottom"
+        )
+        warning = report.thresholds.get("balance_warning")
+        if warning and warning > 0 and axes.get_yscale() == "log":
+            low, high = axes.get_ylim()
+            axes.set_ylim(min(low, median / warning / 2), high)  # show how far the layers are from warning
+        for key, label in (("balance_warning", "warning"), ("balance_error", "error")):
+            factor = report.thresholds.get(key)
+            if factor and factor > 0 and axes.get_yscale() == "log" and median / factor > axes.get_ylim()[0]:
+                axes.axhline(median / factor, color=COLOR[label], linestyle=":", linewidth=0.9)
+                axes.annotate(
+                    f"{label}: median/{factor:g}",
+                    (1.0, median / factor),
+                    xycoords=("axes fraction", "data"),
+                    fontsize=7.5,
+                    ha="right",
+                    va="bottom",
+                    color=COLOR[label],
+                )
+    summary = f": median {median:.3g} over {len(report.update.layers)} weight layers" if median is not None else ""
+    axes.set_title(
+        f"update view{summary}\n"
+        f"(one SGD step at lr {report.lr:g} moves a layer's weights by lr × ‖g‖/‖W‖ of their norm)",
+        fontsize=10,
+        loc="left",
+    )
+    axes.set_ylabel("‖g‖/‖W‖")
+    axes.set_xlabel("layers in forward order (input → output)")
+
+
+def _legend(axes: Axes) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D([], [], marker="o", linestyle="", color=COLOR[key], label=label, markersize=7)
+        for key, label in (("ok", "ok"), ("warning", "warning"), ("error", "error"), ("inactive", "frozen/unused"))
+    ]
+    handles.append(Line2D([], [], marker="o", linestyle="", color=STEP_COLOR, label="single steps", markersize=4))
+    handles.append(Line2D([], [], marker="v", linestyle="", color="#555555", label="exactly 0", markersize=6))
+    axes.legend(handles=handles, fontsize=7.5, loc="best", framealpha=0.8)
+
+
+def _layer_ticks(axes: Axes, layers: Sequence[Layer]) -> None:
+    every = max(1, math.ceil(len(layers) / MAX_TICK_LABELS))
+    positions = list(range(0, len(layers), every))
+    axes.set_xticks(positions)
+    size = 8 if len(positions) <= 20 else 6.5
+    labels = axes.set_xticklabels([display_name(layers[i]) for i in positions], rotation=60, ha="right", fontsize=size)
+    for label, i in zip(labels, positions, strict=True):
+        label.set_color(COLOR[_severity(layers[i])] if layers[i].severity else "black")
+
+
+# -- right: histograms ------------------------------------------------------------------------------------
+
+
+def _edges(report: Report) -> list[float]:
+    if report.histogram_edges:
+        return list(report.histogram_edges)
+    from gradcheck_cli.stats import histogram_edges  # a report from before edges were written into it
+
+    return histogram_edges()
+
+
+def _window(report: Report, layers: Sequence[Layer]) -> tuple[int, int] | None:
+    window = spark_window(layers)
+    if window is None:
+        return None
+    bins = len(_edges(report)) - 1
+    return max(0, window[0] - 1), min(bins - 1, window[1] + 1)
+
+
+def _small_multiples(figure: Any, report: Report, layers: Sequence[Layer], has_values: bool) -> None:
+    columns = 2 if has_values else 1
+    grid = figure.subplots(len(layers), columns, squeeze=False)
+    for row in grid[1:]:
+        row[0].sharex(grid[0][0])  # one log10 |g| axis for all; the value histograms each keep their own
+    edges = _edges(report)
+    window = _window(report, layers)
+    for row, layer in enumerate(layers):
+        color = COLOR[_severity(layer)]
+        axes = grid[row][0]
+        if layer.histogram and sum(layer.histogram) and window is not None:
+            low, high = window
+            counts = layer.histogram[low : high + 1]
+            total = sum(counts)
+            axes.stairs([c / total for c in counts], edges[low : high + 2], fill=True, color=color, alpha=0.75)
+        else:
+            _empty(axes, _why_empty(layer))
+        _row_style(axes, layer, label=True, status=status_text(layer, report.findings))
+        if row < len(layers) - 1:
+            axes.tick_params(axis="x", labelbottom=False)
+        if has_values:
+            _value_row(grid[row][1], layer, color)
+    if window is not None:
+        grid[-1][0].set_xlabel("log10 |g|   (all steps; zeros not shown)")
+    grid[0][0].set_title("gradient magnitudes, one axis for all layers", fontsize=10, loc="left")
+    if has_values:
+        grid[0][1].set_title("gradient values per step (the tutorial's histograms)", fontsize=10, loc="left")
+        grid[-1][1].set_xlabel("g   (own axis per layer; log counts; darker = later step)")
+
+
+def _value_row(axes: Axes, layer: Layer, color: str) -> None:
+    histograms = [h for h in layer.value_histograms or () if math.isfinite(h.limit) and h.limit > 0]
+    if not histograms:
+        _empty(axes, _why_empty(layer))
+    for index, histogram in enumerate(histograms):
+        shade = 0.35 + 0.65 * (index + 1) / len(histograms)
+        axes.stairs([c + 1 for c in histogram.counts], histogram.edges(), color=color, alpha=shade, linewidth=1.0)
+    if histograms:
+        axes.set_yscale("log")  # heavy tails and a spike at 0 both stay visible (counts + 1, so 0 shows)
+        limit = max(h.limit for h in histograms)
+        axes.set_xlim(-limit, limit)
+        axes.tick_params(axis="x", labelbottom=True, labelsize=6.5)
+        axes.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
+        axes.xaxis.get_offset_text().set_fontsize(6.5)
+    _row_style(axes, layer, label=False)
+
+
+def _why_empty(layer: Layer) -> str:
+    if layer.frozen:
+        return "frozen: no gradient"
+    if layer.grad_norm is None:
+        return "no gradient"
+    if layer.nonfinite:
+        return "NaN/Inf gradients"
+    if layer.grad_norm == 0:
+        return "every gradient exactly 0"
+    return "no histogram"
+
+
+def _empty(axes: Axes, text: str) -> None:
+    axes.text(0.5, 0.35, text, transform=axes.transAxes, ha="center", va="center", fontsize=7.5, color="#555555")
+    axes.tick_params(axis="x", labelbottom=False)
+
+
+def _row_style(axes: Axes, layer: Layer, label: bool, status: str = "") -> None:
+    axes.set_yticks([])
+    for side in ("top", "right", "left"):
+        axes.spines[side].set_visible(False)
+    if label:
+        axes.set_ylabel(
+            display_name(layer) + (f"\n{status}" if status and layer.status != "ok" else ""),
+            rotation=0,
+            ha="right",
+            va="center",
+            fontsize=8,
+            color=COLOR[_severity(layer)] if layer.severity else "black",
+        )
+
+
+def _heat_map(figure: Any, report: Report, layers: Sequence[Layer]) -> None:
+    axes = figure.subplots(1, 1)
+    edges = _edges(report)
+    window = _window(report, layers)
+    if window is None:
+        axes.text(0.5, 0.5, "no gradient histograms", transform=axes.transAxes, ha="center")
+        return
+    low, high = window
+    image = []
+    for layer in layers:
+        counts = list(layer.histogram[low : high + 1]) if layer.histogram else [0] * (high - low + 1)
+        total = sum(counts)
+        image.append([c / total if total else math.nan for c in counts])
+    mesh = axes.pcolormesh(edges[low : high + 2], range(len(layers) + 1), image, cmap="magma_r", shading="flat")
+    axes.invert_yaxis()
+    every = max(1, math.ceil(len(layers) / MAX_ROW_LABELS))
+    shown = list(range(0, len(layers), every))
+    axes.set_yticks([i + 0.5 for i in shown])
+    size = min(8.0, max(4.5, 260 / len(shown)))
+    labels = axes.set_yticklabels([display_name(layers[i]) for i in shown], fontsize=size)
+    for label, i in zip(labels, shown, strict=True):
+        if layers[i].severity:
+            label.set_color(COLOR[layers[i].severity or "ok"])
+    axes.set_xlabel("log10 |g|   (all steps; zeros not shown)")
+    axes.set_title("gradient magnitudes per layer (forward order, top = input)", fontsize=10, loc="left")
+    figure.colorbar(mesh, ax=axes, label="fraction of the layer's gradient values", shrink=0.6)
+
+
+def _positive(value: float | None) -> bool:
+    return value is not None and math.isfinite(value) and value > 0
