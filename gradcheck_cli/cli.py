@@ -58,6 +58,16 @@ class DeviceChoice(str, Enum):
     cuda = "cuda"
 
 
+class AmpChoice(str, Enum):
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class ParallelChoice(str, Enum):
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"gradcheck {__version__}")
@@ -140,6 +150,14 @@ def analyze(
         DeviceChoice, typer.Option("--device", help="auto picks cuda when available.")
     ] = DeviceChoice.auto,
     eval_mode: Annotated[bool, typer.Option("--eval", help="Run in eval mode (default: train mode).")] = False,
+    amp: Annotated[
+        AmpChoice | None,
+        typer.Option("--amp", help="Mixed precision: passes under torch.autocast (fp16 with GradScaler's loss scale)."),
+    ] = None,
+    parallel: Annotated[
+        ParallelChoice | None,
+        typer.Option("--parallel", help="Under torchrun: wrap in DistributedDataParallel (ddp) or FSDP2 (fsdp)."),
+    ] = None,
     output_format: FormatOption = Format.table,
     output: OutputOption = None,
     fail_on: FailOnOption = DEFAULT_FAIL_ON_TEXT,
@@ -201,6 +219,8 @@ def analyze(
                 device=device.value,
                 eval_mode=eval_mode,
                 thresholds=thresholds,
+                amp=amp.value if amp else None,
+                parallel=parallel.value if parallel else None,
                 progress=progress,
             )
 
@@ -324,7 +344,12 @@ def _stdout_console() -> Console:
 
 
 def _finish(report: Report, output_format: Format, output: Path | None, fail_on: list[str], fail_level: str) -> None:
+    from gradcheck_cli.distributed import main_process
     from gradcheck_cli.render import markdown, table
+
+    code = EXIT_FINDINGS if report.failing(fail_on, fail_level) else EXIT_OK
+    if not main_process():
+        raise typer.Exit(code)  # under torchrun only rank 0 writes; every rank reaches the same verdict
 
     if output_format == Format.json:
         sys.stdout.write(report.to_json() + "\n")
@@ -341,7 +366,7 @@ def _finish(report: Report, output_format: Format, output: Path | None, fail_on:
         else:
             text = _plain_text(report, fail_on, fail_level)
         write_atomic(output, text)
-    raise typer.Exit(EXIT_FINDINGS if report.failing(fail_on, fail_level) else EXIT_OK)
+    raise typer.Exit(code)
 
 
 def _plain_text(report: Report, fail_on: list[str], fail_level: str) -> str:
@@ -369,7 +394,9 @@ def write_atomic(path: Path, text: str) -> None:
 
 def _with_progress(run: Callable[[Any], Report], quiet: bool) -> Report:
     """Run with a progress bar on stderr when stderr is a terminal (never on stdout)."""
-    if quiet or not sys.stderr.isatty():
+    from gradcheck_cli.distributed import main_process
+
+    if quiet or not sys.stderr.isatty() or not main_process():
         return _quietly(run, None)  # and without importing rich: JSON runs in CI start faster
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn
@@ -439,11 +466,14 @@ def _is_out_of_memory(error: BaseException) -> bool:
 
 
 def _fail(message: str, code: int, debug: bool) -> NoReturn:
-    if debug:
-        import traceback
+    from gradcheck_cli.distributed import main_process
 
-        traceback.print_exc()
-    typer.echo(message, err=True)
+    if main_process():  # under torchrun every rank fails alike: say it once
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        typer.echo(message, err=True)
     raise typer.Exit(code)
 
 

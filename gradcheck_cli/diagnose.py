@@ -54,6 +54,11 @@ class Thresholds:
     dead_error: float = 0.9
     saturation_warning: float = 0.5
     saturation_error: float = 0.9
+    # --amp: fraction of gradient values below the AMP dtype's smallest normal (subnormal, or flushed to zero).
+    # Values only get there when the distribution straddles the underflow edge, and everything further below
+    # is already zero: 1% in that band means a visible tail of the updates is being lost; 10% a large part.
+    underflow_warning: float = 0.01
+    underflow_error: float = 0.1
     # update view, input scale: dL/dW = dL/dz x input, so the layer reading the model's input learns in
     # proportion to the input's scale. When that input is not standardised (RMS outside [1/2, 2] or over half
     # exact zeros; LeCun et al. 1998, "Efficient BackProp") and the layer's ||g||/||W|| lags the median by
@@ -64,7 +69,7 @@ class Thresholds:
     min_chain: int = 5
 
     def validate(self) -> None:
-        for name in ("signal", "balance", "update", "dead", "saturation"):
+        for name in ("signal", "balance", "update", "dead", "saturation", "underflow"):
             low = getattr(self, f"{name}_warning")
             high = getattr(self, f"{name}_error")
             if not (math.isfinite(low) and math.isfinite(high)) or low <= 0:
@@ -79,7 +84,7 @@ class Thresholds:
         for name in ("signal", "balance"):
             if getattr(self, f"{name}_warning") <= 1:
                 raise UserError(f"{name} thresholds are factors and must be above 1", "e.g. 10")
-        for name in ("dead", "saturation"):
+        for name in ("dead", "saturation", "underflow"):
             if getattr(self, f"{name}_error") > 1:
                 raise UserError(f"{name} thresholds are fractions and must be in (0, 1]", "e.g. 0.5")
         if self.min_chain < 3:
@@ -111,6 +116,7 @@ def diagnose(
     *,
     nan_origin: NanOrigin | None = None,
     lr: float = 0.01,
+    amp: str | None = None,
 ) -> Verdict:
     """Statuses and findings for every layer; the two views' summaries."""
     findings: list[Finding] = []
@@ -120,6 +126,7 @@ def diagnose(
     findings += _consistent(signal_findings + update_findings, layers, thresholds, lr)
     findings += _activations(layers, thresholds)
     findings += _usage(layers)
+    findings += _underflow(layers, thresholds, amp)
     notes = []
     gated = gates(layers)
     if gated:
@@ -488,6 +495,39 @@ def _activations(layers: Sequence[Layer], thresholds: Thresholds) -> list[Findin
                     saturated,
                 )
             )
+    return findings
+
+
+# -- mixed precision -------------------------------------------------------------------------------------
+
+
+def _underflow(layers: Sequence[Layer], thresholds: Thresholds, amp: str | None) -> list[Finding]:
+    """Gradient values below the AMP dtype's normal range lose precision or vanish: vanishing by precision."""
+    if amp is None:
+        return []
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(amp, amp)
+    findings = []
+    for layer in layers:
+        fraction = max(
+            (f for f in (layer.underflow_fraction, layer.output_grad_underflow_fraction) if f is not None),
+            default=None,
+        )
+        severity = _level(fraction or 0.0, thresholds.underflow_warning, thresholds.underflow_error)
+        if severity is None or fraction is None or not layer.trainable_params:
+            continue
+        findings.append(
+            Finding(
+                layer.name,
+                "vanishing",
+                severity,
+                "numeric",
+                f"{fraction:.0%} of its gradient values are below {dtype}'s smallest normal number (subnormal or "
+                "flushed to zero): those updates vanish in mixed precision",
+                "keep more of the gradient in range: raise the loss scale (torch.amp.GradScaler(init_scale=...)) "
+                "for fp16, use bf16, or keep this layer in float32 (autocast(enabled=False) around it)",
+                fraction,
+            )
+        )
     return findings
 
 

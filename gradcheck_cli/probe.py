@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gradcheck_cli.stats import sample
+from gradcheck_cli.stats import count_subnormal, sample
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
@@ -128,6 +128,8 @@ class StepTape:
     order: list[int] = field(default_factory=list)
     output_sq: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     output_positions: dict[int, int] = field(default_factory=dict)
+    output_underflow: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    output_sampled: dict[int, int] = field(default_factory=dict)
     input_sq: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     input_zero: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     input_numel: dict[int, int] = field(default_factory=dict)
@@ -142,8 +144,15 @@ class Probe:
     `ever_active[layer]` (bool per unit, on the device) accumulates over all steps.
     """
 
-    def __init__(self, model: nn.Module, layers: list[LayerSpec], measure_activations: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[LayerSpec],
+        measure_activations: bool = True,
+        amp_tiny: float | None = None,
+    ) -> None:
         self.model = model
+        self.amp_tiny = amp_tiny
         self.layers = layers
         self.measure_activations = measure_activations
         self.tape = StepTape()
@@ -248,6 +257,11 @@ class Probe:
             units = grad.shape[unit_dim] if grad.dim() else 1
             positions = grad.numel() // max(1, units)
             self.tape.output_positions[index] = self.tape.output_positions.get(index, 0) + positions
+            if self.amp_tiny is not None:
+                # Mixed precision: how much of dL/dz is zero or subnormal in the AMP dtype (sampled).
+                values = sample(grad.detach())
+                self.tape.output_underflow.setdefault(index, []).append(count_subnormal(values, self.amp_tiny))
+                self.tape.output_sampled[index] = self.tape.output_sampled.get(index, 0) + values.numel()
 
         return hook
 
