@@ -363,19 +363,31 @@ def _update(
     summary = UpdateSummary(tuple(layer.name for layer in members), reference)
     if reference and len(members) >= thresholds.min_chain:
         first = _input_layer(layers)
+        peers = _peer_medians(members, thresholds.min_chain)
         for layer in members:
             if layer.feeds_norm:
                 # Scale-invariant (its output is normalised): SGD tunes its effective learning rate by itself
                 # (Arora et al. 2019), so a slow start is not a lasting imbalance.
                 continue
-            factor = (layer.grad_to_weight or 0.0) / reference
-            severity = _level(1 / factor, thresholds.balance_warning, thresholds.balance_error)
+            ratio = layer.grad_to_weight or 0.0
+            group, peer_reference = peers.get(layer.name, (None, None))
+            # Against its peers (the same role in the other blocks) at both levels; against the whole network
+            # only at the error level, since roles differ by design (see _peer_medians).
+            severity = None
+            if peer_reference:
+                factor, against = ratio / peer_reference, f"the median of its {group} peers {peer_reference:.2g}"
+                severity = _level(1 / factor, thresholds.balance_warning, thresholds.balance_error)
+            if severity is None:
+                factor, against = ratio / reference, f"the network median {reference:.2g}"
+                limit = thresholds.balance_error if peer_reference else thresholds.balance_warning
+                severity = _level(1 / factor, limit, thresholds.balance_error)
             message = (
-                f"||g||/||W|| = {layer.grad_to_weight:.2g} is {_times(factor)} below the network median "
-                f"{reference:.2g}: this layer learns that much slower under SGD"
+                f"||g||/||W|| = {layer.grad_to_weight:.2g} is {_times(factor)} below {against}: "
+                "this layer learns that much slower under SGD"
             )
             fix = _balance_fix(layer, signal)
-            if layer is first and _unstandardised(layer) and 1 / factor >= thresholds.input_lag:
+            if layer is first and _unstandardised(layer) and reference / ratio >= thresholds.input_lag:
+                factor = ratio / reference
                 severity = severity or "warning"
                 message += "; its input is not standardised" + _input_text(layer) + _signal_context(signal)
                 fix = (
@@ -412,6 +424,33 @@ def _update(
             )
         )
     return summary, findings
+
+
+def peer_group(name: str) -> str:
+    """A layer's role: its name with block indices wildcarded (encoder.layers.3.linear1 -> encoder.layers.#.linear1)."""
+    return ".".join("#" if part.isdigit() else part for part in name.split("."))
+
+
+def _peer_medians(members: Sequence[Layer], least: int) -> dict[str, tuple[str, float]]:
+    """{layer: (group, median ||g||/||W|| of its group)} for groups of at least `least` layers.
+
+    Layers in different roles learn at different speeds by design: GPT-2's scaled initialisation makes the
+    residual projections' weights sqrt(2 * blocks) smaller, uniform attention at initialisation gives query and
+    key projections gradients ~30x smaller than value projections. The same role in another block should learn
+    at a similar speed, so a layer is compared with its peers when it has enough of them.
+    """
+    groups: dict[str, list[Layer]] = {}
+    for layer in members:
+        if "#" in peer_group(layer.name):
+            groups.setdefault(f"{peer_group(layer.name)}:{layer.type}", []).append(layer)
+    result = {}
+    for key, group in groups.items():
+        if len(group) >= least:
+            value = median([layer.grad_to_weight or 0.0 for layer in group])
+            if value:
+                for layer in group:
+                    result[layer.name] = (key.split(":")[0], value)
+    return result
 
 
 def _input_layer(layers: Sequence[Layer]) -> Layer | None:

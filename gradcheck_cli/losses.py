@@ -29,10 +29,14 @@ NAMED_LOSSES = ("auto", "cross-entropy", "mse")
 
 
 def model_output_loss(output: Any) -> torch.Tensor | None:
-    """The loss a model returned itself (`output.loss` or `output["loss"]`), if any."""
+    """The loss a model returned itself: `output.loss`, `output["loss"]`, or the one scalar tensor that
+    requires grad in a returned tuple (nanoGPT-style `return logits, loss`)."""
     loss = getattr(output, "loss", None)
     if loss is None and isinstance(output, Mapping):
         loss = output.get("loss")
+    if loss is None and isinstance(output, tuple | list):
+        scalars = [v for v in output if isinstance(v, torch.Tensor) and v.dim() == 0 and v.requires_grad]
+        loss = scalars[0] if len(scalars) == 1 else None
     return loss if isinstance(loss, torch.Tensor) else None
 
 

@@ -54,7 +54,14 @@ SATURATION_LIMITS: dict[type[nn.Module], float] = {
 
 
 def category_of(module: nn.Module) -> str:
-    """What kind of layer a module is, for the rules that treat kinds differently."""
+    """What kind of layer a module is, for the rules that treat kinds differently.
+
+    Models often define their own normalisation (nanoGPT's LayerNorm, Llama's RMSNorm): a module whose class
+    name says Norm and whose own parameters are all 1-D (a scale, a shift) counts as one.
+    """
+    own = list(module.parameters(recurse=False))
+    if "Norm" in type(module).__name__ and own and all(p.dim() == 1 for p in own):
+        return "norm"
     for category, types in (
         ("norm", NORM_TYPES),
         ("embedding", EMBEDDING_TYPES),
