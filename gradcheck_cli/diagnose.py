@@ -398,15 +398,15 @@ def _update(
                 continue
             findings.append(Finding(layer.name, "vanishing", severity, "update", message, fix, factor))
     for layer in layers:
-        ratio = layer.grad_to_weight
-        if not layer.trainable_params or ratio is None or not math.isfinite(ratio):
+        relative = layer.grad_to_weight
+        if not layer.trainable_params or relative is None or not math.isfinite(relative):
             continue
         if layer.feeds_norm:
             # Its output is normalised, so the loss does not depend on its weights' scale: a large step grows
             # ||W|| (the gradient is orthogonal to W), which shrinks the next steps by itself (van Laarhoven
             # 2017; Hoffer et al. 2018). Step size relative to ||W|| is not a hazard here.
             continue
-        size = lr * ratio
+        size = lr * relative
         severity = _level(size, thresholds.update_warning, thresholds.update_error)
         if severity is None:
             continue
@@ -416,7 +416,7 @@ def _update(
                 "exploding",
                 severity,
                 "update",
-                f"one SGD step at lr {lr:g} changes the weights by {size:.3g}x their norm (||g||/||W|| = {ratio:.3g})",
+                f"one SGD step at lr {lr:g} changes the weights by {size:.3g}x their norm (||g||/||W|| = {relative:.3g})",
                 "gradients are huge for these weights: lower the learning rate, clip with "
                 "torch.nn.utils.clip_grad_norm_, and check the weight and input scale (nn.init.kaiming_normal_, "
                 "standardised inputs)",
