@@ -416,7 +416,8 @@ def _update(
                 "exploding",
                 severity,
                 "update",
-                f"one SGD step at lr {lr:g} changes the weights by {size:.3g}x their norm (||g||/||W|| = {relative:.3g})",
+                f"one SGD step at lr {lr:g} changes the weights by {size:.3g}x their norm "
+                f"(||g||/||W|| = {relative:.3g})",
                 "gradients are huge for these weights: lower the learning rate, clip with "
                 "torch.nn.utils.clip_grad_norm_, and check the weight and input scale (nn.init.kaiming_normal_, "
                 "standardised inputs)",
