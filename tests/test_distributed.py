@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -25,9 +26,19 @@ def batches():
 
 
 def _run(args: list[str], cwd: Path, launcher: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run in a session of its own, so that a hang kills torchrun's workers too, not only torchrun."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     command = [*(launcher or [sys.executable]), "-m", "gradcheck_cli", *args]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, timeout=180, check=False)
+    process = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = process.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"{' '.join(command)} hung:\n{err[-2000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
