@@ -566,3 +566,33 @@ def cases() -> list[Case]:
             "sqrt at exactly 0: 0/0 in the backward of a learned scale",
         ),
     ]
+
+
+def verdict_table() -> str:
+    """The zoo's verdicts as a Markdown table: `python tests/zoo.py` (what the closing notes and README cite)."""
+    import gradcheck_cli
+
+    lines = [
+        "| model | theory | verdict | signal gain | findings (error-level kinds) |",
+        "|---|---|---|---:|---|",
+    ]
+    for case in cases():
+        torch.manual_seed(0)
+        report = gradcheck_cli.analyze(case.build(), case.batches())
+        errors = sorted({f"{f.kind}/{f.view}" for f in report.findings if f.severity == "error"})
+        warnings = len([f for f in report.findings if f.severity == "warning"])
+        gain = report.signal.gain_per_layer
+        verdict = "clean" if not report.findings else ("FAIL" if report.failing() else "warnings")
+        lines.append(
+            f"| {case.name} | {'healthy' if case.healthy else 'broken: ' + ', '.join(case.expect)}; {case.why} | "
+            f"{verdict} | {'-' if gain is None else f'{gain:.3f}'} | "
+            f"{', '.join(errors) or '-'}{f' (+{warnings} warnings)' if warnings else ''} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    print(verdict_table())
