@@ -68,8 +68,11 @@ SAMPLE_SIZE = 65536
 
 
 def sample(values: torch.Tensor, size: int = SAMPLE_SIZE) -> torch.Tensor:
-    """At most `size` values of a tensor as a 1-D strided view (all of it when it is small), never copying
-    more than `size` values: a non-contiguous tensor is sampled from its leading rows."""
+    """At most `size` values of a tensor, as a small contiguous 1-D copy (all of it when it is small), never
+    copying more than `size` values: a non-contiguous tensor is sampled from its leading rows.
+
+    The copy matters: torch.count_nonzero on a strided view of 56k values takes 8 ms on a CPU, on the same
+    values contiguous 0.03 ms (copying them: 0.1 ms)."""
     if values.numel() <= size:
         return values.reshape(-1)
     if not values.is_contiguous():
@@ -79,7 +82,7 @@ def sample(values: torch.Tensor, size: int = SAMPLE_SIZE) -> torch.Tensor:
             return values.reshape(-1)
         values = values.contiguous()
     flat = values.view(-1)
-    return flat[:: _prime_at_least(-(-flat.numel() // size))]
+    return flat[:: _prime_at_least(-(-flat.numel() // size))].contiguous()
 
 
 def _prime_at_least(n: int) -> int:
@@ -132,7 +135,7 @@ def _max_abs(flat: torch.Tensor) -> torch.Tensor:
 
 def _histogram(flat: torch.Tensor) -> torch.Tensor:
     """Counts of floor(log2 |g|) in the fixed bins, over a sample (stats.sample)."""
-    values = sample(flat.detach()).to(torch.float32).contiguous()
+    values = sample(flat.detach()).to(torch.float32)
     biased = ((values.view(torch.int32) >> 23) & 0xFF).reshape(-1)  # 0: zero/subnormal, 255: inf/nan
     counts = torch.bincount(biased, minlength=256)
     low, high = _FLOAT32_BIAS + HISTOGRAM_LOW, _FLOAT32_BIAS + HISTOGRAM_HIGH
