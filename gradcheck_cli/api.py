@@ -21,11 +21,12 @@ from torch import nn
 
 from gradcheck_cli.data import DEFAULT_BATCH_SIZE, Batch, collect_batches, synthetic_batches
 from gradcheck_cli.diagnose import Thresholds, diagnose
+from gradcheck_cli.distributed import Parallel, shard, wrap
 from gradcheck_cli.errors import ModelRunError, UserError
 from gradcheck_cli.losses import LossFunction, LossSelector
 from gradcheck_cli.probe import Probe, Restorer, discover_layers
 from gradcheck_cli.report import Report
-from gradcheck_cli.stats import Collector, histogram_edges
+from gradcheck_cli.stats import Collector, Combiner, histogram_edges
 from gradcheck_cli.tracing import locate_failure, trace_nonfinite
 
 if TYPE_CHECKING:
@@ -49,6 +50,8 @@ def analyze(
     batch_size: int = DEFAULT_BATCH_SIZE,
     file_loss: LossFunction | None = None,
     histograms: bool = True,
+    amp: str | None = None,
+    parallel: Parallel | None = None,
     value_histograms: bool = False,
     save_grads: str | Path | None = None,
     progress: Progress | None = None,
@@ -63,6 +66,10 @@ def analyze(
     loss_fn: "auto", "cross-entropy", "mse" or a callable (output, targets) -> scalar tensor.
     train_steps, lr: plain SGD steps before measuring, to see the picture after some training.
     device: where to run; None keeps the model where it is. The model is moved there and left there.
+    amp: "bf16" or "fp16": passes under torch.autocast; fp16 scales the loss as GradScaler does (gradients are
+        reported unscaled, with the loss scale and the fraction that underflows in fp16).
+    parallel: from gradcheck_cli.distributed.setup() under torchrun: wrap in DDP or FSDP2, slice the batches,
+        combine the statistics across processes. (FSDP shards the model's parameters in place.)
     value_histograms: also keep each layer's signed gradient values per step as a histogram (Layer.
         value_histograms), the tutorial's picture; plots and TensorBoard use it. Off by default: it costs time.
     save_grads: a .safetensors file to write every measured gradient to (see gradsave.py); each step's
@@ -79,14 +86,15 @@ def analyze(
         raise UserError(f"learning rate must be a positive number, got {lr}", "use e.g. --lr 0.01")
     thresholds = thresholds or Thresholds()
     thresholds.validate()
+    amp_dtype = _amp_dtype(amp)
     model, unwrap_notes = unwrap(model)
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError(
             f"{type(model).__name__} has no trainable parameters",
             "nothing to check: unfreeze some parameters (requires_grad=True)",
         )
-    run_device = _resolve_device(model, device)
-    if device is not None:
+    run_device = parallel.device if parallel is not None else _resolve_device(model, device)
+    if device is not None or parallel is not None:
         model.to(run_device)
     notes = [*notes, *unwrap_notes]
     total = train_steps + steps
@@ -95,14 +103,39 @@ def analyze(
         notes.append(f"no data given: random inputs {description}")
     else:
         prepared = collect_batches(batches, total)
-    loss = loss_fn if isinstance(loss_fn, LossSelector) else LossSelector(loss_fn, file_loss, seed)
+    global_batch = prepared[0].size
+    if parallel is not None:
+        prepared = [shard(batch, parallel) for batch in prepared]
+    loss = (
+        loss_fn
+        if isinstance(loss_fn, LossSelector)
+        else LossSelector(
+            loss_fn,
+            file_loss,
+            seed,
+            rank=parallel.rank if parallel else 0,
+            world_size=parallel.world_size if parallel else 1,
+        )
+    )
 
     _materialize_lazy(model, prepared[0].to(run_device))
+    runner = wrap(model, parallel) if parallel is not None else model
     layers = discover_layers(model)
-    collector = Collector(layers, want_histograms=histograms, want_value_histograms=value_histograms)
-    probe = Probe(model, layers)
+    tiny = torch.finfo(amp_dtype).tiny if amp_dtype is not None else None
+    combiner = Combiner(parallel.world_size, parallel.sharded) if parallel is not None else Combiner()
+    collector = Collector(
+        layers,
+        want_histograms=histograms,
+        combiner=combiner,
+        amp_tiny=tiny,
+        want_value_histograms=value_histograms,
+    )
+    probe = Probe(model, layers, amp_tiny=tiny)
+    passes = _Passes(runner, loss, run_device, amp_dtype)
     train_loss: list[float] = []
     nan_origin = None
+    if save_grads is not None and parallel is not None:
+        raise UserError("--save-grads does not work with --parallel yet", "run it in one process, without torchrun")
     grad_writer = _gradient_writer(save_grads, model, train_steps)
     with (
         _seeded(seed, run_device),
@@ -111,7 +144,7 @@ def analyze(
     ):
         model.train(not eval_mode)
         for step in range(train_steps):
-            train_loss.append(_sgd_step(model, prepared[step].to(run_device), loss, lr))
+            train_loss.append(passes.sgd_step(model, prepared[step].to(run_device), lr))
             if progress:
                 progress("train", step + 1, train_steps)
         collector.measure_weights()
@@ -120,15 +153,20 @@ def analyze(
             for step in range(steps):
                 batch = prepared[train_steps + step].to(run_device)
                 rng = torch.random.get_rng_state()
-                _clear_grads(model)
-                probe.start_step()
-                try:
-                    loss_value = _forward_backward(model, batch, loss)
-                finally:
-                    probe.stop_step()
-                value = collector.collect(probe.tape, loss_value)
+                while True:
+                    _clear_grads(model)
+                    torch.random.set_rng_state(rng)  # a retried step sees the same dropout masks
+                    probe.start_step()
+                    try:
+                        loss_value = passes.forward_backward(batch)
+                    finally:
+                        probe.stop_step()
+                    value = collector.collect(probe.tape, loss_value, passes.scale, passes.can_back_off())
+                    if value is not None:
+                        break
+                    passes.back_off()  # fp16 overflow: GradScaler would skip this step and halve the scale
                 if grad_writer is not None:
-                    grad_writer.add_step(step, layers)
+                    grad_writer.add_step(step, layers, 1.0 / passes.scale)
                 if first_bad is None and not (math.isfinite(value) and _grads_finite(collector, step)):
                     first_bad = (batch, rng)
                 if progress:
@@ -137,7 +175,8 @@ def analyze(
         if first_bad is not None:
             batch, rng = first_bad
             torch.random.set_rng_state(rng)
-            nan_origin = trace_nonfinite(model, batch, loss, [spec.name for spec in layers])
+            with passes.autocast():
+                nan_origin = trace_nonfinite(model, runner, batch, loss)
         _clear_grads(model)
 
     if grad_writer is not None:
@@ -145,7 +184,7 @@ def analyze(
             f"gradients saved: {grad_writer.path} ({len(grad_writer.header)} tensors, "
             f"{grad_writer.bytes_written / 1e6:.3g} MB)"
         )
-    verdict = diagnose(layer_records, collector.loss.values, thresholds, nan_origin=nan_origin, lr=lr)
+    verdict = diagnose(layer_records, collector.loss.values, thresholds, nan_origin=nan_origin, lr=lr, amp=amp)
     return Report(
         model=type(model).__name__,
         target=target,
@@ -161,13 +200,18 @@ def analyze(
         train_steps=train_steps,
         train_loss=train_loss,
         lr=lr,
-        batch_size=prepared[0].size,
+        batch_size=global_batch,
         device=str(run_device),
         mode="eval" if eval_mode else "train",
         seed=seed,
         nan_origin=nan_origin,
         notes=[*notes, *verdict.notes],
         torch_version=torch.__version__,
+        amp=amp,
+        loss_scale=collector.loss_scale if amp_dtype == torch.float16 else None,
+        skipped_steps=collector.skipped_steps,
+        parallel=parallel.mode if parallel else None,
+        world_size=parallel.world_size if parallel else 1,
         histogram_edges=histogram_edges(),
     )
 
@@ -182,6 +226,72 @@ def _gradient_writer(save_grads: str | Path | None, model: nn.Module, train_step
     return GradientWriter(
         path, {"model": type(model).__name__, "train_steps": str(train_steps), "torch_version": torch.__version__}
     )
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# GradScaler's policy: start at 2^16, halve on overflow. A step is retried at most this many times.
+MAX_BACKOFFS = 24
+
+
+def _amp_dtype(amp: str | None) -> torch.dtype | None:
+    if amp is None:
+        return None
+    if amp not in AMP_DTYPES:
+        raise UserError(f"unknown --amp '{amp}'", "use bf16 or fp16")
+    return AMP_DTYPES[amp]
+
+
+class _Passes:
+    """One forward and backward, as training would run it: under autocast, with fp16's loss scaling."""
+
+    def __init__(self, runner: nn.Module, loss: LossSelector, device: torch.device, dtype: torch.dtype | None):
+        self.runner = runner
+        self.loss = loss
+        self.device = device
+        self.dtype = dtype
+        self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+        self.backoffs = 0
+
+    @property
+    def scale(self) -> float:
+        return float(self.scaler.get_scale()) if self.scaler is not None else 1.0
+
+    def can_back_off(self) -> bool:
+        return self.scaler is not None and self.backoffs < MAX_BACKOFFS
+
+    def back_off(self) -> None:
+        assert self.scaler is not None
+        self.backoffs += 1
+        self.scaler.update(new_scale=self.scale * 0.5)
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def forward_backward(self, batch: Batch) -> torch.Tensor:
+        """The loss (unscaled) after backward; gradients carry `scale`."""
+        with self.autocast():
+            output = _forward(self.runner, batch)
+            value = _loss(self.loss, output, batch)
+        _backward(self.scaler.scale(value) if self.scaler is not None else value)
+        return value
+
+    def sgd_step(self, model: nn.Module, batch: Batch, lr: float) -> float:
+        """One plain SGD step (p -= lr * grad), as the tutorial trains, without hooks; fp16 steps that
+        overflow are skipped and the scale halved, as GradScaler does."""
+        _clear_grads(model)
+        value = self.forward_backward(batch)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if self.scaler is not None and not all(bool(torch.isfinite(g).all()) for g in grads):
+            if self.can_back_off():
+                self.back_off()
+            return float(value.detach())
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.grad is not None:
+                    param.add_(param.grad, alpha=-lr / self.scale)
+        return float(value.detach())
 
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, list[str]]:
@@ -253,10 +363,9 @@ def _forward(model: nn.Module, batch: Batch) -> Any:
         raise locate_failure(model, batch, exc) from exc
 
 
-def _forward_backward(model: nn.Module, batch: Batch, loss: LossSelector) -> torch.Tensor:
-    output = _forward(model, batch)
+def _loss(loss: LossSelector, output: Any, batch: Batch) -> torch.Tensor:
     try:
-        value = loss(output, batch)
+        return loss(output, batch)
     except (UserError, KeyboardInterrupt, torch.OutOfMemoryError):
         raise
     except Exception as exc:
@@ -264,6 +373,9 @@ def _forward_backward(model: nn.Module, batch: Batch, loss: LossSelector) -> tor
             f"the loss raised {type(exc).__name__}: {_first_line(exc)}",
             "check --loss and that targets fit the output (--debug shows the traceback)",
         ) from exc
+
+
+def _backward(value: torch.Tensor) -> None:
     try:
         value.backward()
     except (KeyboardInterrupt, torch.OutOfMemoryError):
@@ -273,18 +385,6 @@ def _forward_backward(model: nn.Module, batch: Batch, loss: LossSelector) -> tor
             f"the backward pass raised: {_first_line(exc)}",
             "the model's forward must be differentiable (--debug shows the traceback)",
         ) from exc
-    return value
-
-
-def _sgd_step(model: nn.Module, batch: Batch, loss: LossSelector, lr: float) -> float:
-    """One plain SGD step (p -= lr * grad), as the tutorial trains, without hooks."""
-    _clear_grads(model)
-    value = _forward_backward(model, batch, loss)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.grad is not None:
-                param.add_(param.grad, alpha=-lr)
-    return float(value.detach())
 
 
 def _grads_finite(collector: Collector, step: int) -> bool:
@@ -317,11 +417,15 @@ def analyze_target(
     device: str = "auto",
     eval_mode: bool = False,
     thresholds: Thresholds | None = None,
+    amp: str | None = None,
+    parallel: str | None = None,
     value_histograms: bool = False,
     save_grads: str | Path | None = None,
     progress: Progress | None = None,
 ) -> Report:
-    """What `gradcheck analyze` does: load TARGET (and --weights, --data, --loss), then analyze()."""
+    """What `gradcheck analyze` does: load TARGET (and --weights, --data, --loss), then analyze().
+
+    parallel ("ddp" | "fsdp"): join the process group torchrun set up, and leave it at the end."""
     from gradcheck_cli.data import load_data, model_file_batches, parse_data_spec
     from gradcheck_cli.loading import file_function, import_target, load_weights, parse_target, resolve_model
     from gradcheck_cli.losses import NAMED_LOSSES
@@ -360,22 +464,35 @@ def analyze_target(
         notes += data_notes
     else:
         batches = model_file_batches(module, total)
-    return analyze(
-        model,
-        batches,
-        loss_spec,
-        steps=steps,
-        train_steps=train_steps,
-        lr=lr,
-        seed=seed,
-        device=device,
-        eval_mode=eval_mode,
-        thresholds=thresholds,
-        batch_size=batch_size,
-        file_loss=file_function(module, "loss_fn"),
-        value_histograms=value_histograms,
-        save_grads=save_grads,
-        progress=progress,
-        target=parsed.label() if not model_name else f"{parsed.source}:{model_name}",
-        notes=notes,
-    )
+    group = None
+    if parallel is not None:
+        from gradcheck_cli.distributed import setup
+
+        group = setup(parallel, device)
+    try:
+        return analyze(
+            model,
+            batches,
+            loss_spec,
+            steps=steps,
+            train_steps=train_steps,
+            lr=lr,
+            seed=seed,
+            device=device,
+            eval_mode=eval_mode,
+            thresholds=thresholds,
+            batch_size=batch_size,
+            file_loss=file_function(module, "loss_fn"),
+            amp=amp,
+            parallel=group,
+            value_histograms=value_histograms,
+            save_grads=save_grads,
+            progress=progress,
+            target=parsed.label() if not model_name else f"{parsed.source}:{model_name}",
+            notes=notes,
+        )
+    finally:
+        if group is not None:
+            from gradcheck_cli.distributed import teardown
+
+            teardown()

@@ -62,6 +62,16 @@ class DeviceChoice(str, Enum):
     cuda = "cuda"
 
 
+class AmpChoice(str, Enum):
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class ParallelChoice(str, Enum):
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"gradcheck {__version__}")
@@ -209,6 +219,14 @@ def analyze(
         DeviceChoice, typer.Option("--device", help="auto picks cuda when available.")
     ] = DeviceChoice.auto,
     eval_mode: Annotated[bool, typer.Option("--eval", help="Run in eval mode (default: train mode).")] = False,
+    amp: Annotated[
+        AmpChoice | None,
+        typer.Option("--amp", help="Mixed precision: passes under torch.autocast (fp16 with GradScaler's loss scale)."),
+    ] = None,
+    parallel: Annotated[
+        ParallelChoice | None,
+        typer.Option("--parallel", help="Under torchrun: wrap in DistributedDataParallel (ddp) or FSDP2 (fsdp)."),
+    ] = None,
     output_format: FormatOption = Format.table,
     output: OutputOption = None,
     fail_on: FailOnOption = DEFAULT_FAIL_ON_TEXT,
@@ -276,6 +294,8 @@ def analyze(
                 device=device.value,
                 eval_mode=eval_mode,
                 thresholds=thresholds,
+                amp=amp.value if amp else None,
+                parallel=parallel.value if parallel else None,
                 value_histograms=outputs.value_histograms,
                 save_grads=save_grads,
                 progress=progress,
@@ -437,7 +457,9 @@ def _outputs(
 
 def _with_progress(run: Callable[[Any], Report], quiet: bool) -> Report:
     """Run with a progress bar on stderr when stderr is a terminal (never on stdout)."""
-    if quiet or not sys.stderr.isatty():
+    from gradcheck_cli.distributed import main_process
+
+    if quiet or not sys.stderr.isatty() or not main_process():
         return _quietly(run, None)  # and without importing rich: JSON runs in CI start faster
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn
@@ -507,11 +529,14 @@ def _is_out_of_memory(error: BaseException) -> bool:
 
 
 def _fail(message: str, code: int, debug: bool) -> NoReturn:
-    if debug:
-        import traceback
+    from gradcheck_cli.distributed import main_process
 
-        traceback.print_exc()
-    typer.echo(message, err=True)
+    if main_process():  # under torchrun every rank fails alike: say it once
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        typer.echo(message, err=True)
     raise typer.Exit(code)
 
 

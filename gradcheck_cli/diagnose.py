@@ -54,6 +54,11 @@ class Thresholds:
     dead_error: float = 0.9
     saturation_warning: float = 0.5
     saturation_error: float = 0.9
+    # --amp: fraction of gradient values below the AMP dtype's smallest normal (subnormal, or flushed to zero).
+    # Values only get there when the distribution straddles the underflow edge, and everything further below
+    # is already zero: 1% in that band means a visible tail of the updates is being lost; 10% a large part.
+    underflow_warning: float = 0.01
+    underflow_error: float = 0.1
     # update view, input scale: dL/dW = dL/dz x input, so the layer reading the model's input learns in
     # proportion to the input's scale. When that input is not standardised (RMS outside [1/2, 2] or over half
     # exact zeros; LeCun et al. 1998, "Efficient BackProp") and the layer's ||g||/||W|| lags the median by
@@ -64,7 +69,7 @@ class Thresholds:
     min_chain: int = 5
 
     def validate(self) -> None:
-        for name in ("signal", "balance", "update", "dead", "saturation"):
+        for name in ("signal", "balance", "update", "dead", "saturation", "underflow"):
             low = getattr(self, f"{name}_warning")
             high = getattr(self, f"{name}_error")
             if not (math.isfinite(low) and math.isfinite(high)) or low <= 0:
@@ -79,7 +84,7 @@ class Thresholds:
         for name in ("signal", "balance"):
             if getattr(self, f"{name}_warning") <= 1:
                 raise UserError(f"{name} thresholds are factors and must be above 1", "e.g. 10")
-        for name in ("dead", "saturation"):
+        for name in ("dead", "saturation", "underflow"):
             if getattr(self, f"{name}_error") > 1:
                 raise UserError(f"{name} thresholds are fractions and must be in (0, 1]", "e.g. 0.5")
         if self.min_chain < 3:
@@ -111,6 +116,7 @@ def diagnose(
     *,
     nan_origin: NanOrigin | None = None,
     lr: float = 0.01,
+    amp: str | None = None,
 ) -> Verdict:
     """Statuses and findings for every layer; the two views' summaries."""
     findings: list[Finding] = []
@@ -120,6 +126,7 @@ def diagnose(
     findings += _consistent(signal_findings + update_findings, layers, thresholds, lr)
     findings += _activations(layers, thresholds)
     findings += _usage(layers)
+    findings += _underflow(layers, thresholds, amp)
     notes = []
     gated = gates(layers)
     if gated:
@@ -356,19 +363,31 @@ def _update(
     summary = UpdateSummary(tuple(layer.name for layer in members), reference)
     if reference and len(members) >= thresholds.min_chain:
         first = _input_layer(layers)
+        peers = _peer_medians(members, thresholds.min_chain)
         for layer in members:
             if layer.feeds_norm:
                 # Scale-invariant (its output is normalised): SGD tunes its effective learning rate by itself
                 # (Arora et al. 2019), so a slow start is not a lasting imbalance.
                 continue
-            factor = (layer.grad_to_weight or 0.0) / reference
-            severity = _level(1 / factor, thresholds.balance_warning, thresholds.balance_error)
+            ratio = layer.grad_to_weight or 0.0
+            group, peer_reference = peers.get(layer.name, (None, None))
+            # Against its peers (the same role in the other blocks) at both levels; against the whole network
+            # only at the error level, since roles differ by design (see _peer_medians).
+            severity = None
+            if peer_reference:
+                factor, against = ratio / peer_reference, f"the median of its {group} peers {peer_reference:.2g}"
+                severity = _level(1 / factor, thresholds.balance_warning, thresholds.balance_error)
+            if severity is None:
+                factor, against = ratio / reference, f"the network median {reference:.2g}"
+                limit = thresholds.balance_error if peer_reference else thresholds.balance_warning
+                severity = _level(1 / factor, limit, thresholds.balance_error)
             message = (
-                f"||g||/||W|| = {layer.grad_to_weight:.2g} is {_times(factor)} below the network median "
-                f"{reference:.2g}: this layer learns that much slower under SGD"
+                f"||g||/||W|| = {layer.grad_to_weight:.2g} is {_times(factor)} below {against}: "
+                "this layer learns that much slower under SGD"
             )
             fix = _balance_fix(layer, signal)
-            if layer is first and _unstandardised(layer) and 1 / factor >= thresholds.input_lag:
+            if layer is first and _unstandardised(layer) and reference / ratio >= thresholds.input_lag:
+                factor = ratio / reference
                 severity = severity or "warning"
                 message += "; its input is not standardised" + _input_text(layer) + _signal_context(signal)
                 fix = (
@@ -379,15 +398,15 @@ def _update(
                 continue
             findings.append(Finding(layer.name, "vanishing", severity, "update", message, fix, factor))
     for layer in layers:
-        ratio = layer.grad_to_weight
-        if not layer.trainable_params or ratio is None or not math.isfinite(ratio):
+        relative = layer.grad_to_weight
+        if not layer.trainable_params or relative is None or not math.isfinite(relative):
             continue
         if layer.feeds_norm:
             # Its output is normalised, so the loss does not depend on its weights' scale: a large step grows
             # ||W|| (the gradient is orthogonal to W), which shrinks the next steps by itself (van Laarhoven
             # 2017; Hoffer et al. 2018). Step size relative to ||W|| is not a hazard here.
             continue
-        size = lr * ratio
+        size = lr * relative
         severity = _level(size, thresholds.update_warning, thresholds.update_error)
         if severity is None:
             continue
@@ -397,7 +416,8 @@ def _update(
                 "exploding",
                 severity,
                 "update",
-                f"one SGD step at lr {lr:g} changes the weights by {size:.3g}x their norm (||g||/||W|| = {ratio:.3g})",
+                f"one SGD step at lr {lr:g} changes the weights by {size:.3g}x their norm "
+                f"(||g||/||W|| = {relative:.3g})",
                 "gradients are huge for these weights: lower the learning rate, clip with "
                 "torch.nn.utils.clip_grad_norm_, and check the weight and input scale (nn.init.kaiming_normal_, "
                 "standardised inputs)",
@@ -405,6 +425,33 @@ def _update(
             )
         )
     return summary, findings
+
+
+def peer_group(name: str) -> str:
+    """A layer's role: its name with block indices wildcarded (encoder.layers.3.linear1 -> encoder.layers.#.linear1)."""
+    return ".".join("#" if part.isdigit() else part for part in name.split("."))
+
+
+def _peer_medians(members: Sequence[Layer], least: int) -> dict[str, tuple[str, float]]:
+    """{layer: (group, median ||g||/||W|| of its group)} for groups of at least `least` layers.
+
+    Layers in different roles learn at different speeds by design: GPT-2's scaled initialisation makes the
+    residual projections' weights sqrt(2 * blocks) smaller, uniform attention at initialisation gives query and
+    key projections gradients ~30x smaller than value projections. The same role in another block should learn
+    at a similar speed, so a layer is compared with its peers when it has enough of them.
+    """
+    groups: dict[str, list[Layer]] = {}
+    for layer in members:
+        if "#" in peer_group(layer.name):
+            groups.setdefault(f"{peer_group(layer.name)}:{layer.type}", []).append(layer)
+    result = {}
+    for key, group in groups.items():
+        if len(group) >= least:
+            value = median([layer.grad_to_weight or 0.0 for layer in group])
+            if value:
+                for layer in group:
+                    result[layer.name] = (key.split(":")[0], value)
+    return result
 
 
 def _input_layer(layers: Sequence[Layer]) -> Layer | None:
@@ -488,6 +535,39 @@ def _activations(layers: Sequence[Layer], thresholds: Thresholds) -> list[Findin
                     saturated,
                 )
             )
+    return findings
+
+
+# -- mixed precision -------------------------------------------------------------------------------------
+
+
+def _underflow(layers: Sequence[Layer], thresholds: Thresholds, amp: str | None) -> list[Finding]:
+    """Gradient values below the AMP dtype's normal range lose precision or vanish: vanishing by precision."""
+    if amp is None:
+        return []
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(amp, amp)
+    findings = []
+    for layer in layers:
+        fraction = max(
+            (f for f in (layer.underflow_fraction, layer.output_grad_underflow_fraction) if f is not None),
+            default=None,
+        )
+        severity = _level(fraction or 0.0, thresholds.underflow_warning, thresholds.underflow_error)
+        if severity is None or fraction is None or not layer.trainable_params:
+            continue
+        findings.append(
+            Finding(
+                layer.name,
+                "vanishing",
+                severity,
+                "numeric",
+                f"{fraction:.0%} of its gradient values are below {dtype}'s smallest normal number (subnormal or "
+                "flushed to zero): those updates vanish in mixed precision",
+                "keep more of the gradient in range: raise the loss scale (torch.amp.GradScaler(init_scale=...)) "
+                "for fp16, use bf16, or keep this layer in float32 (autocast(enabled=False) around it)",
+                fraction,
+            )
+        )
     return findings
 
 

@@ -82,8 +82,10 @@ class GradientWriter:
         self._data = os.fdopen(handle, "wb")
         return self
 
-    def add_step(self, step: int, layers: list[LayerSpec]) -> None:
-        """Append every trainable parameter's current .grad, once per tensor, under its first owning layer."""
+    def add_step(self, step: int, layers: list[LayerSpec], unscale: float = 1.0) -> None:
+        """Append every trainable parameter's current .grad, once per tensor, under its first owning layer.
+
+        unscale: 1 / the fp16 loss scale the gradients carry, so the file holds true gradients."""
         owners: dict[int, list[str]] = {}
         for spec in layers:
             for _, param in spec.params:
@@ -100,7 +102,7 @@ class GradientWriter:
                     else qualified
                 )
                 key = f"step{step}/{layer_label(spec.name)}/{local}"
-                self._add(key, param.grad)
+                self._add(key, param.grad if unscale == 1.0 else param.grad * unscale)
                 self.metadata[key] = json.dumps(
                     {"step": step, "layer": spec.name, "parameter": qualified, "layers": owners[id(param)]}
                 )

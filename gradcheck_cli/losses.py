@@ -29,10 +29,14 @@ NAMED_LOSSES = ("auto", "cross-entropy", "mse")
 
 
 def model_output_loss(output: Any) -> torch.Tensor | None:
-    """The loss a model returned itself (`output.loss` or `output["loss"]`), if any."""
+    """The loss a model returned itself: `output.loss`, `output["loss"]`, or the one scalar tensor that
+    requires grad in a returned tuple (nanoGPT-style `return logits, loss`)."""
     loss = getattr(output, "loss", None)
     if loss is None and isinstance(output, Mapping):
         loss = output.get("loss")
+    if loss is None and isinstance(output, tuple | list):
+        scalars = [v for v in output if isinstance(v, torch.Tensor) and v.dim() == 0 and v.requires_grad]
+        loss = scalars[0] if len(scalars) == 1 else None
     return loss if isinstance(loss, torch.Tensor) else None
 
 
@@ -98,24 +102,51 @@ def mse(output: Any, targets: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class RandomProjection:
-    """L = sum(R * y) / batch with R ~ N(0, 1/n), n = values per example; R fixed per output shape by the seed."""
+    """L = sum(R * y) / batch with R ~ N(0, 1/n), n = values per example; R fixed per output shape by the seed.
+
+    Under torchrun each rank holds a slice of the global batch: R is drawn for the global batch and sliced, so
+    the ranks together project exactly as one process would.
+    """
 
     seed: int
+    rank: int = 0
+    world_size: int = 1
 
     def __post_init__(self) -> None:
-        self._directions: dict[tuple[int, ...], torch.Tensor] = {}
+        self._directions: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
 
     def __call__(self, output: Any, targets: Any) -> torch.Tensor:
         values = prediction(output)
-        shape = tuple(values.shape)
-        direction = self._directions.get(shape)
+        key = (tuple(values.shape), values.device)
+        direction = self._directions.get(key)
         if direction is None:
-            generator = torch.Generator().manual_seed(self.seed)
+            direction = _global_slice(
+                lambda shape, g: torch.randn(shape, generator=g),
+                tuple(values.shape),
+                self.seed,
+                self.rank,
+                self.world_size,
+            )
             per_example = max(1, values[0].numel() if values.dim() else 1)
-            direction = torch.randn(shape, generator=generator) / per_example**0.5
-            self._directions[shape] = direction
+            direction = (direction / per_example**0.5).to(values.device)  # cached on the device: no copy per step
+            self._directions[key] = direction
         batch = values.shape[0] if values.dim() else 1
-        return (values.float() * direction.to(values.device)).sum() / batch
+        return (values.float() * direction).sum() / batch
+
+
+def _global_slice(
+    draw: Callable[[tuple[int, ...], torch.Generator], torch.Tensor],
+    shape: tuple[int, ...],
+    seed: int,
+    rank: int,
+    world_size: int,
+) -> torch.Tensor:
+    """Draw for the global batch (world_size slices of shape[0]) and keep this rank's slice."""
+    generator = torch.Generator().manual_seed(seed)
+    if world_size == 1 or not shape:
+        return draw(shape, generator)
+    whole = draw((shape[0] * world_size, *shape[1:]), generator)
+    return whole[rank * shape[0] : (rank + 1) * shape[0]]
 
 
 @dataclass
@@ -129,10 +160,19 @@ class LossChoice:
 class LossSelector:
     """Resolves --loss once, on the first output, and then applies the same choice every step."""
 
-    def __init__(self, spec: str | LossFunction = "auto", file_loss: LossFunction | None = None, seed: int = 0):
+    def __init__(
+        self,
+        spec: str | LossFunction = "auto",
+        file_loss: LossFunction | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.spec = spec
         self.file_loss = file_loss
         self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
         self.choice: LossChoice | None = None
 
     def __call__(self, output: Any, batch: Batch) -> torch.Tensor:
@@ -162,20 +202,20 @@ class LossSelector:
             return LossChoice("cross-entropy", lambda o, b: cross_entropy(o, b.targets))
         if isinstance(targets, torch.Tensor):
             return LossChoice("mse", lambda o, b: mse(o, b.targets))
-        projection = RandomProjection(self.seed)
+        projection = RandomProjection(self.seed, self.rank, self.world_size)
         return LossChoice("random-projection", lambda o, b: projection(o, None))
 
     def _with_targets(
         self,
         loss: Callable[[Any, torch.Tensor], torch.Tensor],
-        synthesize: Callable[[torch.Tensor, int], torch.Tensor],
+        synthesize: Callable[[torch.Tensor, int, int, int], torch.Tensor],
     ) -> Callable[[Any, Batch], torch.Tensor]:
         """A named loss on batches without targets gets seeded synthetic targets shaped to the output."""
 
         def compute(output: Any, batch: Batch) -> torch.Tensor:
             targets = batch.targets
             if not isinstance(targets, torch.Tensor):
-                targets = synthesize(prediction(output).detach(), self.seed)
+                targets = synthesize(prediction(output).detach(), self.seed, self.rank, self.world_size)
             return loss(output, targets)
 
         return compute
@@ -191,19 +231,19 @@ def _required_output_loss(output: Any) -> torch.Tensor:
     return loss
 
 
-def synthetic_class_ids(logits: torch.Tensor, seed: int) -> torch.Tensor:
+def synthetic_class_ids(logits: torch.Tensor, seed: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
     """Uniform class ids shaped like the output without its class dimension (last for 3-D, else dim 1)."""
-    generator = torch.Generator().manual_seed(seed)
     if logits.dim() == 3:
         shape, classes = tuple(logits.shape[:-1]), logits.shape[-1]
     else:
         shape, classes = (logits.shape[0], *logits.shape[2:]), logits.shape[1]
-    return torch.randint(0, classes, shape, generator=generator).to(logits.device)
+    ids = _global_slice(lambda s, g: torch.randint(0, classes, s, generator=g), shape, seed, rank, world_size)
+    return ids.to(logits.device)
 
 
-def synthetic_regression_targets(values: torch.Tensor, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(tuple(values.shape), generator=generator).to(values.device)
+def synthetic_regression_targets(values: torch.Tensor, seed: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    drawn = _global_slice(lambda s, g: torch.randn(s, generator=g), tuple(values.shape), seed, rank, world_size)
+    return drawn.to(values.device)
 
 
 def check_scalar(loss: Any, name: str) -> torch.Tensor:

@@ -64,7 +64,12 @@ class Outputs:
 
     def emit(self, report: Report) -> int:
         """Print the report, write the files asked for, annotate for GitHub; return the exit code."""
+        from gradcheck_cli.distributed import main_process
+
         fail_on, fail_level = list(self.fail_on), self.fail_level
+        code = EXIT_FINDINGS if report.failing(fail_on, fail_level) else EXIT_OK
+        if not main_process():
+            return code  # under torchrun only rank 0 writes; every rank reaches the same verdict
         if self.format == "table":
             from gradcheck_cli.render import table
 
@@ -86,7 +91,7 @@ class Outputs:
         if github.enabled():
             for line in github.workflow_commands(report, fail_on, fail_level):
                 print(line, file=sys.stderr)
-        return EXIT_FINDINGS if report.failing(fail_on, fail_level) else EXIT_OK
+        return code
 
 
 def render_text(report: Report, format: str, fail_on: list[str], fail_level: str) -> str:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gradcheck_cli.stats import sample
+from gradcheck_cli.stats import count_subnormal, sample
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
@@ -54,7 +54,14 @@ SATURATION_LIMITS: dict[type[nn.Module], float] = {
 
 
 def category_of(module: nn.Module) -> str:
-    """What kind of layer a module is, for the rules that treat kinds differently."""
+    """What kind of layer a module is, for the rules that treat kinds differently.
+
+    Models often define their own normalisation (nanoGPT's LayerNorm, Llama's RMSNorm): a module whose class
+    name says Norm and whose own parameters are all 1-D (a scale, a shift) counts as one.
+    """
+    own = list(module.parameters(recurse=False))
+    if "Norm" in type(module).__name__ and own and all(p.dim() == 1 for p in own):
+        return "norm"
     for category, types in (
         ("norm", NORM_TYPES),
         ("embedding", EMBEDDING_TYPES),
@@ -128,6 +135,8 @@ class StepTape:
     order: list[int] = field(default_factory=list)
     output_sq: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     output_positions: dict[int, int] = field(default_factory=dict)
+    output_underflow: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    output_sampled: dict[int, int] = field(default_factory=dict)
     input_sq: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     input_zero: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     input_numel: dict[int, int] = field(default_factory=dict)
@@ -142,8 +151,15 @@ class Probe:
     `ever_active[layer]` (bool per unit, on the device) accumulates over all steps.
     """
 
-    def __init__(self, model: nn.Module, layers: list[LayerSpec], measure_activations: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[LayerSpec],
+        measure_activations: bool = True,
+        amp_tiny: float | None = None,
+    ) -> None:
         self.model = model
+        self.amp_tiny = amp_tiny
         self.layers = layers
         self.measure_activations = measure_activations
         self.tape = StepTape()
@@ -248,6 +264,11 @@ class Probe:
             units = grad.shape[unit_dim] if grad.dim() else 1
             positions = grad.numel() // max(1, units)
             self.tape.output_positions[index] = self.tape.output_positions.get(index, 0) + positions
+            if self.amp_tiny is not None:
+                # Mixed precision: how much of dL/dz is zero or subnormal in the AMP dtype (sampled).
+                values = sample(grad.detach())
+                self.tape.output_underflow.setdefault(index, []).append(count_subnormal(values, self.amp_tiny))
+                self.tape.output_sampled[index] = self.tape.output_sampled.get(index, 0) + values.numel()
 
         return hook
 

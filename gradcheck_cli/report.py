@@ -115,6 +115,10 @@ class Layer:
     feeds_norm: bool = False  # its output goes straight into a normalisation layer: scale-invariant
     # per-step signed-value histograms; only when asked for (analyze(value_histograms=True), --plot, --tensorboard)
     value_histograms: tuple[ValueHistogram, ...] | None = None
+    # --amp only: fraction of gradient values that underflow the AMP dtype: nonzero but below its smallest
+    # normal number, so subnormal (losing precision) or flushed to zero; sampled; parameter gradients and dL/dz
+    underflow_fraction: float | None = None
+    output_grad_underflow_fraction: float | None = None
     status: str = "ok"
     severity: str | None = None
 
@@ -174,6 +178,11 @@ class Report:
     nan_origin: NanOrigin | None = None
     notes: list[str] = field(default_factory=list)
     torch_version: str = ""
+    amp: str | None = None  # "bf16" | "fp16"
+    loss_scale: float | None = None  # fp16: the GradScaler scale the reported (unscaled) gradients carried
+    skipped_steps: int = 0  # fp16: steps whose gradients overflowed and were retried at half the scale
+    parallel: str | None = None  # "ddp" | "fsdp"
+    world_size: int = 1
     # Edges (log10 |g|) of every layer's `histogram`: written into the report so that a plot needs nothing else.
     histogram_edges: list[float] = field(default_factory=list)
 
@@ -217,6 +226,11 @@ class Report:
             "signal": dataclasses.asdict(self.signal),
             "update": dataclasses.asdict(self.update),
             "nan_origin": dataclasses.asdict(self.nan_origin) if self.nan_origin else None,
+            "amp": self.amp,
+            "loss_scale": self.loss_scale,
+            "skipped_steps": self.skipped_steps,
+            "parallel": self.parallel,
+            "world_size": self.world_size,
             "notes": self.notes,
             "histogram_edges": self.histogram_edges,
             "findings": [f.as_dict() for f in self.findings],

@@ -100,28 +100,26 @@ def locate_failure(model: nn.Module, batch: Batch, error: Exception) -> ModelRun
 
 def trace_nonfinite(
     model: nn.Module,
+    runner: nn.Module,
     batch: Batch,
     loss: Callable[[Any, Batch], torch.Tensor],
-    layer_names: list[str],
 ) -> NanOrigin:
     """Replay one batch and find where non-finite values first appear.
 
     Forward: the first module (in completion order) whose inputs are finite but whose output is not.
     Backward: the first module output whose dL/dz is non-finite, in the order backward reaches it (the op
     consuming it produced the bad gradient), or a module whose own parameter gradient is non-finite while
-    its dL/dz is finite.
+    its dL/dz is finite. The replay always runs the whole forward and backward, whatever it finds on the
+    way, so that processes under torchrun stay in step (DDP and FSDP communicate inside both).
+    `model` carries the hooks; `runner` is what is called (the model, or its DDP wrapper).
     """
-    if not _finite((batch.args, batch.kwargs)):
-        return NanOrigin("input", None, "the input batch already contains NaN or Inf")
+    bad_input = not _finite((batch.args, batch.kwargs))
     forward_origin: list[tuple[str, nn.Module]] = []
     backward_events: list[tuple[str, bool]] = []
-    names = dict((id(m), n) for n, m in _named(model))
 
     def forward_hook(name: str) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if forward_origin:
-                return
-            if not _finite(output) and _finite(args):
+            if not forward_origin and not _finite(output) and _finite(args):
                 forward_origin.append((name, module))
             for tensor in _tensors(output):
                 if tensor.requires_grad:
@@ -135,18 +133,19 @@ def trace_nonfinite(
         for name, module in _named(model):
             if module is not model:
                 hooks.handles.append(module.register_forward_hook(forward_hook(name)))
-        output = model(*batch.args, **batch.kwargs)
-        if forward_origin:
-            name, module = forward_origin[0]
-            return NanOrigin(
-                "forward",
-                name,
-                f"{name} ({type(module).__name__}) produced NaN/Inf from finite inputs in the forward pass",
-            )
+        output = runner(*batch.args, **batch.kwargs)
         value = loss(output, batch)
-        if not math.isfinite(float(value.detach())):
-            return NanOrigin("loss", None, "the model output is finite but the loss is NaN/Inf")
+        loss_finite = math.isfinite(float(value.detach()))
         value.backward()
+    if bad_input:
+        return NanOrigin("input", None, "the input batch already contains NaN or Inf")
+    if forward_origin:
+        name, module = forward_origin[0]
+        return NanOrigin(
+            "forward", name, f"{name} ({type(module).__name__}) produced NaN/Inf from finite inputs in the forward pass"
+        )
+    if not loss_finite:
+        return NanOrigin("loss", None, "the model output is finite but the loss is NaN/Inf")
     bad_output = next((name for name, finite in backward_events if not finite), None)
     clean_outputs = {name for name, finite in backward_events if finite}
     for name, module in _named(model):
@@ -157,14 +156,12 @@ def trace_nonfinite(
                 name,
                 f"{name} ({type(module).__name__}) got finite dL/dz but produced a NaN/Inf parameter gradient",
             )
-    model.zero_grad(set_to_none=True)
     if bad_output is not None:
         return NanOrigin(
             "backward",
             bad_output,
             f"dL/dz first became NaN/Inf at the output of {bad_output}, in the backward of the operation using it",
         )
-    del names, layer_names
     return NanOrigin("backward", None, "a gradient is NaN/Inf but no module output's gradient was")
 
 

@@ -190,3 +190,18 @@ def test_a_finding_must_hold_on_most_batches() -> None:
     assert kinds([*layers[:2], odd, *layers[3:]]) == set()
     steady = dataclasses.replace(layers[2], grad_to_weight=0.0002, grad_to_weight_steps=(0.0002, 0.0002, 0.01))
     assert kinds([*layers[:2], steady, *layers[3:]]) == {("l2", "vanishing", "warning", "update")}
+
+
+def test_balance_compares_a_layer_with_its_peers_in_other_blocks() -> None:
+    """Roles differ by design (a fused QKV projection vs a scaled residual projection); the same role in
+    other blocks should not."""
+    layers = []
+    for block in range(6):
+        layers.append(ratio(layer(f"h.{block}.attn", 2 * block), 0.01))  # a whole role 20x below the median
+        layers.append(ratio(layer(f"h.{block}.proj", 2 * block + 1), 0.2))
+    assert kinds(layers) == set()
+    odd = ratio(layers[4], 0.0005)  # one attention layer 20x below its peers
+    found = kinds([*layers[:4], odd, *layers[5:]])
+    assert found == {("h.2.attn", "vanishing", "warning", "update")}
+    collapsed = [ratio(x, 1e-6) if x.name.endswith("attn") else x for x in layers]  # a role 200000x below
+    assert {k[1:] for k in kinds(collapsed)} == {("vanishing", "error", "update")}

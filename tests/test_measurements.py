@@ -218,3 +218,21 @@ def test_loss_is_recorded_per_step() -> None:
     expected = [F.cross_entropy(model(x), y).item() for x, y in batches]
     assert report.loss == pytest.approx(expected, rel=1e-6)
     assert report.loss_name == "cross-entropy"
+
+
+def test_custom_normalisation_classes_count_as_norm_layers() -> None:
+    """A model's own LayerNorm/RMSNorm (1-D scale and shift, "Norm" in the class name) is a norm layer, and a
+    layer feeding it is known to be scale-invariant."""
+
+    class RMSNorm(nn.Module):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.gain = nn.Parameter(torch.ones(width))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * self.gain
+
+    model = nn.Sequential(nn.Linear(8, 16), RMSNorm(16), nn.ReLU(), nn.Linear(16, 4))
+    report = gradcheck_cli.analyze(model, _batches(1)[0], steps=1)
+    assert report.layer("1").category == "norm"
+    assert report.layer("0").feeds_norm and not report.layer("3").feeds_norm

@@ -273,6 +273,61 @@ class BatchNormMLP(nn.Module):
         return self.head(self.body(x))
 
 
+class GPTLayerNorm(nn.Module):
+    """A model's own LayerNorm class (as nanoGPT and model-hub code define them), not nn.LayerNorm."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, None, 1e-5)
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.ln_1, self.ln_2 = GPTLayerNorm(width), GPTLayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.attn_proj = nn.Linear(width, width, bias=False)
+        self.fc = nn.Linear(width, 4 * width, bias=False)
+        self.mlp_proj = nn.Linear(4 * width, width, bias=False)
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = (
+            z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in self.qkv(self.ln_1(x)).split(c, 2)
+        )
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, c)
+        x = x + self.attn_proj(y)
+        return x + self.mlp_proj(F.gelu(self.fc(self.ln_2(x))))
+
+
+class GPT2Style(nn.Module):
+    """GPT-2's recipe: weights N(0, 0.02), residual projections N(0, 0.02 / sqrt(2 * blocks)), tied input and
+    output embeddings, pre-LN with a custom LayerNorm class."""
+
+    def __init__(self, vocab: int = 256, width: int = 96, blocks: int = 6, heads: int = 4, context: int = 32) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, width)
+        self.wpe = nn.Embedding(context, width)
+        self.h = nn.ModuleList([GPTBlock(width, heads) for _ in range(blocks)])
+        self.ln_f = GPTLayerNorm(width)
+        self.lm_head = nn.Linear(width, vocab, bias=False)
+        self.wte.weight = self.lm_head.weight
+        for name, param in self.named_parameters():
+            if param.dim() == 2:
+                std = 0.02 / math.sqrt(2 * blocks) if name.endswith("proj.weight") else 0.02
+                nn.init.normal_(param, 0.0, std)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1]))
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
 class FrozenBackbone(nn.Module):
     """A ResNet backbone with requires_grad False and a trainable linear head (fine-tuning)."""
 
@@ -402,6 +457,14 @@ def cases() -> list[Case]:
             "pre-LN keeps gradients flat over depth (Xiong et al. 2020)",
         ),
         Case(
+            "gpt2-style",
+            GPT2Style,
+            lambda: token_batches(256),
+            True,
+            (),
+            "GPT-2 init: scaled residual projections and near-uniform attention make roles differ by design",
+        ),
+        Case(
             "lstm-lm-20k",
             LSTMLM,
             lambda: token_batches(20000),
@@ -503,3 +566,33 @@ def cases() -> list[Case]:
             "sqrt at exactly 0: 0/0 in the backward of a learned scale",
         ),
     ]
+
+
+def verdict_table() -> str:
+    """The zoo's verdicts as a Markdown table: `python tests/zoo.py` (what the closing notes and README cite)."""
+    import gradcheck_cli
+
+    lines = [
+        "| model | theory | verdict | signal gain | findings (error-level kinds) |",
+        "|---|---|---|---:|---|",
+    ]
+    for case in cases():
+        torch.manual_seed(0)
+        report = gradcheck_cli.analyze(case.build(), case.batches())
+        errors = sorted({f"{f.kind}/{f.view}" for f in report.findings if f.severity == "error"})
+        warnings = len([f for f in report.findings if f.severity == "warning"])
+        gain = report.signal.gain_per_layer
+        verdict = "clean" if not report.findings else ("FAIL" if report.failing() else "warnings")
+        lines.append(
+            f"| {case.name} | {'healthy' if case.healthy else 'broken: ' + ', '.join(case.expect)}; {case.why} | "
+            f"{verdict} | {'-' if gain is None else f'{gain:.3f}'} | "
+            f"{', '.join(errors) or '-'}{f' (+{warnings} warnings)' if warnings else ''} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    print(verdict_table())
