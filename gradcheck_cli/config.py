@@ -16,17 +16,12 @@ same configuration works from any subdirectory.
 from __future__ import annotations
 
 import os
-import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gradcheck_cli.errors import UserError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 FILENAME = "pyproject.toml"
 # Options whose value is a path; relative ones are taken from the pyproject.toml's folder.
