@@ -100,3 +100,20 @@ def test_one_host_synchronisation_per_step(monkeypatch: pytest.MonkeyPatch) -> N
         reads.append(calls["count"])
     assert reads[1] - reads[0] == 3  # three more steps, three more reads
     assert reads[0] <= 2 + 2  # the steps, the weight norms, the final masks and histograms
+
+
+def test_fp16_saved_gradients_and_value_histograms_are_unscaled(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    model, (x, y) = _net(), _batch()
+    path = tmp_path / "grads.safetensors"
+    report = gradcheck_cli.analyze(model, (x, y), steps=1, amp="fp16", save_grads=path, value_histograms=True)
+    reference = _autocast_grads(model, x, y, torch.float16)
+    saved = load_file(str(path))
+    for (name, _), grad in zip(model.named_parameters(), reference, strict=True):
+        layer, parameter = name.split(".")
+        assert torch.allclose(saved[f"step0/{layer}/{parameter}"], grad, rtol=1e-2, atol=1e-6), name
+    for layer in report.layers:
+        assert layer.value_histograms is not None
+        # tensors this small are sampled whole: the histogram's range is the layer's largest |g|, unscaled
+        assert layer.value_histograms[0].limit == pytest.approx(layer.max_abs, rel=1e-5)
