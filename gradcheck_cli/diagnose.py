@@ -375,7 +375,8 @@ def _update(
             # only at the error level, since roles differ by design (see _peer_medians).
             severity = None
             if peer_reference:
-                factor, against = ratio / peer_reference, f"the median of its {group} peers {peer_reference:.2g}"
+                factor = ratio / peer_reference
+                against = f"the median of its {layer.type} peers ({group}) {peer_reference:.2g}"
                 severity = _level(1 / factor, thresholds.balance_warning, thresholds.balance_error)
             if severity is None:
                 factor, against = ratio / reference, f"the network median {reference:.2g}"

@@ -102,9 +102,13 @@ def build(report: Report, fail_on: Sequence[str], fail_level: str) -> Renderable
     return Group(*parts)
 
 
+NOTABLE_FRACTION = 0.005
+
+
 def _column_notes(report: Report) -> str:
-    dead = [layer for layer in report.layers if layer.dead_fraction]
-    saturated = [layer for layer in report.layers if layer.saturated_fraction]
+    # Only fractions that show as at least 1%: "0%" would be noise.
+    dead = [layer for layer in report.layers if (layer.dead_fraction or 0.0) >= NOTABLE_FRACTION]
+    saturated = [layer for layer in report.layers if (layer.saturated_fraction or 0.0) >= NOTABLE_FRACTION]
     notes = []
     if dead:
         worst = max(dead, key=lambda layer: layer.dead_fraction or 0.0)
