@@ -238,6 +238,11 @@ def instantiate(obj: Any, name: str) -> Any:
         )
     try:
         result = obj()
+    except SystemExit as exc:
+        raise UserError(
+            f"{name}() called sys.exit({exc.code})",
+            "raise an exception instead of exiting (--debug shows the traceback)",
+        ) from exc
     except Exception as exc:
         raise UserError(
             f"{name}() raised {type(exc).__name__}: {_first_line(exc)}",
