@@ -398,7 +398,13 @@ def _finish(report: Report, output_format: Format, output: Path | None, fail_on:
             text = markdown.render(report, fail_on, fail_level)
         else:
             text = _plain_text(report, fail_on, fail_level)
-        write_atomic(output, text)
+        try:
+            write_atomic(output, text)
+        except OSError as error:
+            raise UserError(
+                f"cannot write --output {output}: {error.strerror or error}",
+                "check that the folder is writable and has free space",
+            ) from error
     raise typer.Exit(code)
 
 
