@@ -22,7 +22,7 @@ from torch import nn
 from gradcheck_cli.data import DEFAULT_BATCH_SIZE, Batch, collect_batches, synthetic_batches
 from gradcheck_cli.diagnose import Thresholds, diagnose
 from gradcheck_cli.distributed import Parallel, shard, wrap
-from gradcheck_cli.errors import ModelRunError, UserError
+from gradcheck_cli.errors import ModelRunError, UserError, is_out_of_memory
 from gradcheck_cli.losses import LossFunction, LossSelector
 from gradcheck_cli.probe import Probe, Restorer, discover_layers
 from gradcheck_cli.report import Report
@@ -353,22 +353,31 @@ def _clear_grads(model: nn.Module) -> None:
 
 
 def _forward(model: nn.Module, batch: Batch) -> Any:
+    """The model's output; a failure becomes a ModelRunError naming the module that raised. Out of memory
+    propagates as it is: the batch, not the model, is at fault (the CLI says so)."""
     try:
         return model(*batch.args, **batch.kwargs)
-    except (UserError, KeyboardInterrupt):
+    except UserError:
         raise
-    except torch.OutOfMemoryError:
-        raise
+    except SystemExit as exc:
+        raise ModelRunError(
+            f"the model's forward called sys.exit({exc.code})",
+            "raise an exception instead of exiting (--debug shows the traceback)",
+        ) from exc
     except Exception as exc:
+        if is_out_of_memory(exc):
+            raise
         raise locate_failure(model, batch, exc) from exc
 
 
 def _loss(loss: LossSelector, output: Any, batch: Batch) -> torch.Tensor:
     try:
         return loss(output, batch)
-    except (UserError, KeyboardInterrupt, torch.OutOfMemoryError):
+    except UserError:
         raise
     except Exception as exc:
+        if is_out_of_memory(exc):
+            raise
         raise ModelRunError(
             f"the loss raised {type(exc).__name__}: {_first_line(exc)}",
             "check --loss and that targets fit the output (--debug shows the traceback)",
@@ -378,9 +387,9 @@ def _loss(loss: LossSelector, output: Any, batch: Batch) -> torch.Tensor:
 def _backward(value: torch.Tensor) -> None:
     try:
         value.backward()
-    except (KeyboardInterrupt, torch.OutOfMemoryError):
-        raise
     except RuntimeError as exc:
+        if is_out_of_memory(exc):
+            raise
         raise ModelRunError(
             f"the backward pass raised: {_first_line(exc)}",
             "the model's forward must be differentiable (--debug shows the traceback)",

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+from typer.core import TyperGroup
 
 from gradcheck_cli._version import __version__
-from gradcheck_cli.errors import UserError
+from gradcheck_cli.errors import UserError, is_out_of_memory
 from gradcheck_cli.report import DEFAULT_FAIL_ON, KINDS
 
 if TYPE_CHECKING:
@@ -28,8 +29,40 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
+# Click's usage error (unknown option, bad --format value), from a public name: typer >= 0.2x bundles click.
+_USAGE_ERROR: type[Exception] = typer.BadParameter.__mro__[1]
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    """A usage mistake ends like every other input error: exit 2 and one line, not Click's usage box."""
+    try:
+        yield
+    except _USAGE_ERROR as error:
+        if type(error).__name__ == "NoArgsIsHelpError":  # a bare `gradcheck` prints the help
+            raise
+        context = getattr(error, "ctx", None)
+        command = context.command_path if context is not None else "gradcheck"
+        message = str(getattr(error, "format_message", error.__str__)()).rstrip(".")
+        typer.echo(f"error: {UserError(message, f'see {command} --help').one_line()}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+class _Group(TyperGroup):
+    """Parses with one-line usage errors: the subcommands' options are parsed inside the group's invoke."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
 app = typer.Typer(
     name="gradcheck",
+    cls=_Group,
     help="Find the layers whose gradients vanish or explode in a PyTorch model. Exit 1 on bad gradients.",
     no_args_is_help=True,
     add_completion=True,
@@ -511,21 +544,14 @@ def _errors(debug: bool) -> Iterator[None]:
         _fail(f"error: {error.one_line()}", EXIT_USAGE, debug)
     except KeyboardInterrupt:
         _fail("interrupted", EXIT_INTERRUPTED, debug)
-    except MemoryError:
-        _fail("error: out of memory: use a smaller --batch-size", EXIT_USAGE, debug)
     except Exception as error:
-        if _is_out_of_memory(error):
+        if is_out_of_memory(error):
             _fail(
-                f"error: out of memory ({type(error).__name__}): use a smaller --batch-size",
+                f"error: out of memory ({type(error).__name__}): use a smaller --batch-size (or batch in --data)",
                 EXIT_USAGE,
                 debug,
             )
         raise
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    text = str(error)
-    return type(error).__name__ == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text
 
 
 def _fail(message: str, code: int, debug: bool) -> NoReturn:

@@ -7,6 +7,7 @@ arguments (as model-hub models expect; its "labels", if any, also serve as targe
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 DEFAULT_BATCH_SIZE = 32
 SYNTHETIC_SEQUENCE_LENGTH = 16  # token ids per row for an embedding-first model without --data
 SYNTHETIC_IMAGE_SIZE = 32  # spatial size per dimension for a conv-first model without --data
+MAX_INT64 = 2**63 - 1  # torch sizes and integer bounds are int64: larger ones overflow inside torch
 
 
 @dataclass
@@ -149,6 +151,10 @@ def _parse_shape(text: str, spec: str) -> tuple[int, ...]:
             f"bad shape '{text}' in --data '{spec}'",
             "give positive integers separated by commas, batch first, e.g. randn:32,784",
         )
+    if math.prod(shape) > MAX_INT64:
+        raise UserError(
+            f"shape '{text}' in --data '{spec}' has more elements than torch can hold", "use a smaller shape"
+        )
     return shape
 
 
@@ -163,7 +169,7 @@ def parse_data_spec(spec: str) -> DataSpec:
             high = int(high_text)
         except ValueError:
             high = 0
-        if not sep or high <= 0:
+        if not sep or not 0 < high <= MAX_INT64:
             raise UserError(
                 f"bad --data '{spec}'",
                 "write randint:HIGH:B,T with HIGH the number of ids (e.g. the vocabulary size), e.g. randint:1000:8,32",

@@ -37,3 +37,12 @@ class ModelRunError(UserError):
     def __init__(self, message: str, hint: str = "", module: str | None = None) -> None:
         super().__init__(message, hint)
         self.module = module
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether an exception means the device or host ran out of memory: torch.OutOfMemoryError (CUDA), the
+    CPU allocator's RuntimeError, or Python's MemoryError. Not the model's fault: a smaller batch fixes it."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)

@@ -25,6 +25,7 @@ import shutil
 import struct
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING
@@ -78,9 +79,23 @@ class GradientWriter:
         self._data_path: str | None = None
 
     def __enter__(self) -> GradientWriter:
-        handle, self._data_path = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".data", dir=self.path.parent)
+        with self._disk():
+            handle, self._data_path = tempfile.mkstemp(
+                prefix=f".{self.path.name}.", suffix=".data", dir=self.path.parent
+            )
         self._data = os.fdopen(handle, "wb")
         return self
+
+    @contextlib.contextmanager
+    def _disk(self) -> Iterator[None]:
+        """A full disk or a read-only folder is the user's to fix: one line, exit 2."""
+        try:
+            yield
+        except OSError as error:
+            raise UserError(
+                f"cannot write --save-grads {self.path}: {error.strerror or error}",
+                "check that the folder is writable and has free space",
+            ) from error
 
     def add_step(self, step: int, layers: list[LayerSpec], unscale: float = 1.0) -> None:
         """Append every trainable parameter's current .grad, once per tensor, under its first owning layer.
@@ -121,7 +136,8 @@ class GradientWriter:
         data = bytes(tensor.untyped_storage())
         if sys.byteorder == "big":  # safetensors is little-endian
             data = _byteswap(data, tensor.element_size())
-        self._data.write(data)
+        with self._disk():
+            self._data.write(data)
         self.header[key] = {
             "dtype": DTYPES[tensor.dtype],
             "shape": list(tensor.shape),
@@ -139,7 +155,8 @@ class GradientWriter:
         self._data.close()
         try:
             if exc_type is None:
-                self._finish(self._data_path)
+                with self._disk():
+                    self._finish(self._data_path)
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(self._data_path)

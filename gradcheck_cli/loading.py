@@ -47,12 +47,14 @@ def parse_target(spec: str, what: str = "TARGET") -> Target:
         raise UserError(f"empty {what}", "give a model file such as model.py, or package.module:NAME")
     source, name = text, None
     head, sep, tail = text.rpartition(":")
-    # A colon splits off NAME only when what follows is a (dotted) identifier; "C:\models\m.py" keeps its drive.
-    if sep and _is_identifier_path(tail) and head and not (len(head) == 1 and head.isalpha()):
+    # A colon splits off NAME only when what follows is a (dotted) identifier; "C:\models\m.py" and "C:m.py"
+    # keep their drive, while "m:Net" is module m.
+    drive = len(head) == 1 and head.isalpha() and (tail.startswith(("\\", "/")) or tail.endswith(".py"))
+    if sep and _is_identifier_path(tail) and head and not drive:
         source, name = head, tail
     elif sep and not tail:
         raise UserError(f"{what} '{spec}' ends with ':'", "add a NAME after the colon, or drop the colon")
-    elif sep and head and not (len(head) == 1 and head.isalpha()):
+    elif sep and head and not drive:
         raise UserError(
             f"'{tail}' in {what} '{spec}' is not a Python name",
             "NAME must be an attribute of the file, e.g. model.py:Net",
@@ -238,6 +240,11 @@ def instantiate(obj: Any, name: str) -> Any:
         )
     try:
         result = obj()
+    except SystemExit as exc:
+        raise UserError(
+            f"{name}() called sys.exit({exc.code})",
+            "raise an exception instead of exiting (--debug shows the traceback)",
+        ) from exc
     except Exception as exc:
         raise UserError(
             f"{name}() raised {type(exc).__name__}: {_first_line(exc)}",

@@ -11,7 +11,7 @@ import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -77,21 +77,37 @@ class Outputs:
         else:
             sys.stdout.write(render_text(report, self.format, fail_on, fail_level))
         if self.output is not None:
-            write_atomic(self.output, render_text(report, _format_of(self.output), fail_on, fail_level))
+            text = render_text(report, _format_of(self.output), fail_on, fail_level)
+            with _writing("--output", self.output):
+                write_atomic(self.output, text)
         if self.plot is not None:
             from gradcheck_cli.render import plot
 
-            plot.save(report, self.plot, fail_on, fail_level)
+            with _writing("--plot", self.plot):
+                plot.save(report, self.plot, fail_on, fail_level)
         if self.tensorboard is not None:
             from gradcheck_cli.render import markdown, tensorboard
 
-            tensorboard.write(report, self.tensorboard, markdown.render(report, fail_on, fail_level))
+            with _writing("--tensorboard", self.tensorboard):
+                tensorboard.write(report, self.tensorboard, markdown.render(report, fail_on, fail_level))
         from gradcheck_cli.render import github
 
         if github.enabled():
             for line in github.workflow_commands(report, fail_on, fail_level):
                 print(line, file=sys.stderr)
         return code
+
+
+@contextlib.contextmanager
+def _writing(option: str, path: Path) -> Iterator[None]:
+    """A full disk or a read-only folder is the user's to fix: one line, exit 2."""
+    try:
+        yield
+    except OSError as error:
+        raise UserError(
+            f"cannot write {option} {path}: {error.strerror or error}",
+            "check that the folder is writable and has free space",
+        ) from error
 
 
 def render_text(report: Report, format: str, fail_on: list[str], fail_level: str) -> str:

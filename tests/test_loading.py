@@ -36,6 +36,8 @@ def _file(write, name: str, body: str) -> str:
         ("C:\\models\\m.py", "C:\\models\\m.py", True, None),
         ("C:\\models\\m.py:Net", "C:\\models\\m.py", True, "Net"),
         ("model.py:ns.Net", "model.py", True, "ns.Net"),
+        ("m:Net", "m", False, "Net"),
+        ("C:m.py", "C:m.py", True, None),
     ],
 )
 def test_parse_target(spec: str, source: str, is_file: bool, name: str | None) -> None:

@@ -1,0 +1,452 @@
+"""Bad input: exit 2 and one line naming the cause and the fix, no traceback, and nothing of the user's lost.
+
+Every CLI case runs in a folder holding the same catalogue of user files (models, weights, data); after each
+failing run every file is byte-identical and nothing was added (no __pycache__, no temporary file).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save
+from torch import nn
+
+import gradcheck_cli
+from gradcheck_cli import outputs as outputs_module
+from gradcheck_cli.errors import ModelRunError
+
+HEADER = "import sys\nimport torch\nfrom torch import nn\n"
+MLP = "model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))\n"
+
+
+def _module(forward: str) -> str:
+    """A model file whose forward runs `forward` (one statement) before a Linear(8, 2)."""
+    return HEADER + (
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(8, 2)\n"
+        "    def forward(self, x):\n"
+        f"        {forward}\n"
+        "        return self.fc(x)\n"
+        "model = Net()\n"
+    )
+
+
+def _pickle(state: dict[str, torch.Tensor]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+@functools.cache
+def catalogue() -> dict[str, bytes]:
+    """The user's files: name -> bytes (a name ending in / is a folder)."""
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    weights = save(mlp.state_dict())
+    data = save({"inputs": torch.randn(10, 8), "targets": torch.randint(0, 4, (10,))})
+    texts = {
+        "mlp.py": HEADER + MLP,
+        "syntax.py": "import torch\ndef broken(:\n    pass\n",
+        "import_error.py": HEADER + "raise ValueError('boom at import')\n",
+        "build_error.py": HEADER + "def build_model():\n    raise RuntimeError('cannot build: bad config')\n",
+        "no_model.py": "x = 1\n",
+        "several.py": HEADER
+        + "".join(
+            f"class {name}(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+            f"        self.fc = nn.Linear(8, 2)\n    def forward(self, x):\n        return self.fc(x)\n"
+            for name in ("Alpha", "Beta")
+        ),
+        "forward_error.py": _module("raise ValueError('my forward is broken')"),
+        "forward_exit.py": _module("sys.exit(3)"),
+        "no_tensor.py": _module("return None"),
+        "frozen.py": HEADER + "model = nn.Linear(8, 2).requires_grad_(False)\n",
+        "oom_cuda.py": _module("raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')"),
+        "oom_cpu.py": _module('raise RuntimeError("DefaultCPUAllocator: can\'t allocate memory: you tried 9 GB")'),
+        "memory_error.py": _module("raise MemoryError()"),
+        "interrupted.py": _module("raise KeyboardInterrupt"),
+        "data_fns.py": HEADER + "def broken():\n    raise ValueError('no data today')\ndef number():\n    return 42\n",
+        "loss_fns.py": HEADER
+        + "def broken(output, targets):\n    raise ValueError('loss broke')\n"
+        + "def per_sample(output, targets):\n    return output.sum(1)\n",
+    }
+    files = {name: text.encode() for name, text in texts.items()}
+    files |= {
+        "weights.safetensors": weights,
+        "truncated.safetensors": weights[: len(weights) // 2],
+        "empty.safetensors": b"",
+        "random.bin.safetensors": bytes(range(7, 207)),
+        "pickled.safetensors": _pickle(mlp.state_dict()),
+        "checkpoint.pt": _pickle(mlp.state_dict()),
+        "checkpoint.bin": _pickle(mlp.state_dict()),
+        "checkpoint.ckpt": _pickle(mlp.state_dict()),
+        "garbage.pt": b"\x80" + bytes(range(100)),
+        "shape.safetensors": save({"0.weight": torch.zeros(16, 9), "0.bias": torch.zeros(16)}),
+        "keys.safetensors": save({"0.weight": torch.zeros(16, 8), "extra": torch.zeros(1)}),
+        "data.safetensors": data,
+        "data_truncated.safetensors": data[:-7],
+        "no_inputs.safetensors": save({"x": torch.randn(10, 8)}),
+        "narrow.safetensors": save({"inputs": torch.randn(10, 5)}),
+        "folder.safetensors/": b"",
+    }
+    return files
+
+
+def _write_catalogue(folder: Path) -> None:
+    for name, content in catalogue().items():
+        if name.endswith("/"):
+            (folder / name).mkdir()
+        else:
+            (folder / name).write_bytes(content)
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    """Every path under `folder` with a hash of its bytes (folders as "dir")."""
+    return {
+        str(path.relative_to(folder)): "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+    }
+
+
+@pytest.fixture
+def user_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    _write_catalogue(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# (TARGET and options after `gradcheck analyze`, text the one stderr line must contain)
+CASES = {
+    # model file
+    "missing model file": ("missing.py", "file not found: missing.py"),
+    "syntax error": ("syntax.py", "syntax.py:2"),
+    "exception at import": ("import_error.py", "ValueError: boom at import"),
+    "exception in build function": ("build_error.py", "build_model() raised RuntimeError: cannot build: bad config"),
+    "no model found": ("no_model.py", "no model found in no_model.py"),
+    "several candidates": ("several.py", "several models: Alpha, Beta"),
+    "unknown NAME": ("mlp.py:Nope", "mlp.py has no attribute 'Nope': models defined there: model"),
+    "unknown --model": ("mlp.py --model nope", "has no attribute 'nope'"),
+    "NAME and --model disagree": ("several.py:Alpha --model Beta", "give the name once"),
+    # weights
+    "weights missing": ("mlp.py --weights nothing.safetensors", "weights file not found"),
+    "weights not safetensors": ("mlp.py --weights mlp.py", "mlp.py is not a readable safetensors file"),
+    "weights random bytes": ("mlp.py --weights random.bin.safetensors", "not a readable safetensors file"),
+    "weights truncated": ("mlp.py --weights truncated.safetensors", "not a readable safetensors file"),
+    "weights empty": ("mlp.py --weights empty.safetensors", "not a readable safetensors file"),
+    "weights a directory": ("mlp.py --weights folder.safetensors", "folder.safetensors is a directory"),
+    "pickle .pt refused": ("mlp.py --weights checkpoint.pt", "pickle checkpoint, and loading pickle can run"),
+    "pickle .bin refused": ("mlp.py --weights checkpoint.bin", "--allow-pickle"),
+    "pickle .ckpt refused": ("mlp.py --weights checkpoint.ckpt", "pickle checkpoint"),
+    "pickle under a safetensors name": ("mlp.py --weights pickled.safetensors", "pickle checkpoint"),
+    "allowed pickle that is garbage": (
+        "mlp.py --weights garbage.pt --allow-pickle",
+        "cannot load garbage.pt with torch.load(weights_only=True)",
+    ),
+    "weights of the wrong shape": (
+        "mlp.py --weights shape.safetensors",
+        "shape mismatch for 0.weight (16, 9) vs model (16, 8)",
+    ),
+    "missing and unexpected keys": (
+        "mlp.py --weights keys.safetensors",
+        "missing 3 key(s): 0.bias, 2.weight, 2.bias; unexpected 1 key(s): extra: check the model configuration, "
+        "or pass --no-strict",
+    ),
+    # data
+    "data file missing": ("mlp.py --data nothing.safetensors", "data file not found: nothing.safetensors"),
+    "data without inputs": ("mlp.py --data no_inputs.safetensors", "no tensor named 'inputs' (found: x)"),
+    "data random bytes": ("mlp.py --data random.bin.safetensors", "not a readable safetensors file"),
+    "data truncated": ("mlp.py --data data_truncated.safetensors", "not a readable safetensors file"),
+    "data a directory": ("mlp.py --data folder.safetensors", "folder.safetensors is a directory"),
+    "malformed randn": ("mlp.py --data randn:a,b", "bad shape 'a,b' in --data 'randn:a,b'"),
+    "malformed randint": ("mlp.py --data randint:3", "bad --data 'randint:3'"),
+    "oversized randn": ("mlp.py --data randn:99999999999,99999999999", "more elements than torch can hold"),
+    "unknown data kind": ("mlp.py --data data.csv", "cannot read --data 'data.csv'"),
+    "data function missing": ("mlp.py --data data_fns.py:nope", "data_fns.py has no function 'nope'"),
+    "data function raises": ("mlp.py --data data_fns.py:broken", "ValueError: no data today"),
+    "data function returns no batch": ("mlp.py --data data_fns.py:number", "returned a int"),
+    "inputs that do not fit (file)": (
+        "mlp.py --data narrow.safetensors",
+        "the forward pass failed in 0 (Linear, input (10, 5)): RuntimeError: mat1 and mat2 shapes",
+    ),
+    "inputs that do not fit (randn)": ("mlp.py --data randn:4,5", "failed in 0 (Linear, input (4, 5))"),
+    "forward raises": ("forward_error.py --data randn:4,8", "ValueError: my forward is broken"),
+    "forward calls sys.exit": ("forward_exit.py --data randn:4,8", "forward called sys.exit(3)"),
+    "forward returns no tensor": ("no_tensor.py --data randn:4,8", "returned a NoneType with no tensor in it"),
+    "loss raises": ("mlp.py --data randn:4,8 --loss loss_fns.py:broken", "the loss raised ValueError: loss broke"),
+    "non-scalar loss": ("mlp.py --data randn:4,8 --loss loss_fns.py:per_sample", "returned shape (4,), not a scalar"),
+    "no trainable parameters": ("frozen.py --data randn:4,8", "Linear has no trainable parameters"),
+    # flags
+    "--steps 0": ("mlp.py --steps 0", "--steps must be at least 1, got 0"),
+    "--steps negative": ("mlp.py --steps -2", "--steps must be at least 1, got -2"),
+    "--steps not a number": ("mlp.py --steps two", "Invalid value for '--steps'"),
+    "--train-steps negative": ("mlp.py --train-steps -1", "train steps must be 0 or more"),
+    "--batch-size 0": ("mlp.py --batch-size 0", "--batch-size must be at least 1"),
+    "--lr 0": ("mlp.py --lr 0", "learning rate must be a positive number"),
+    "unknown loss": ("mlp.py --loss hinge", "unknown loss 'hinge'"),
+    "unknown format": ("mlp.py --format yaml", "'yaml' is not one of 'table', 'json', 'markdown'"),
+    "unknown option": ("mlp.py --bogus", "No such option: --bogus"),
+    "unknown --fail-on": ("mlp.py --fail-on vanishing,bogus", "unknown --fail-on kind(s): bogus"),
+    "warning above error": ("mlp.py --signal-warning 500", "signal error threshold (400) is below its warning"),
+    "negative threshold": ("mlp.py --dead-warning -1", "threshold dead must be a positive number"),
+    "fraction above 1": ("mlp.py --saturation-error 2", "saturation thresholds are fractions"),
+    "unknown --output type": ("mlp.py --output report.xyz", "unknown report type '.xyz'"),
+    "--output folder missing": ("mlp.py --output nowhere/report.json", "folder nowhere does not exist"),
+    # running out of memory
+    "CUDA out of memory": (
+        "oom_cuda.py --data randn:4,8",
+        "out of memory (OutOfMemoryError): use a smaller --batch-size",
+    ),
+    "CPU allocator out of memory": ("oom_cpu.py --data randn:4,8", "out of memory (RuntimeError): use a smaller"),
+    "MemoryError": ("memory_error.py --data randn:4,8", "out of memory (MemoryError): use a smaller --batch-size"),
+}
+
+
+def _stderr_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(("argv", "expected"), list(CASES.values()), ids=list(CASES))
+def test_bad_input_exits_2_with_one_line(cli, user_folder: Path, argv: str, expected: str) -> None:
+    before = _snapshot(user_folder)
+    result = cli("analyze", *argv.split())
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    line = _stderr_line(result)
+    assert line.startswith("error: ") and expected in line, line
+    assert _snapshot(user_folder) == before  # the user's files as they were; no __pycache__, no temp file
+
+
+def test_debug_adds_the_traceback_and_keeps_the_line(cli, user_folder: Path) -> None:
+    result = cli("analyze", "forward_error.py", "--data", "randn:4,8", "--debug")
+    assert result.exit_code == 2
+    assert "Traceback" in result.stderr and "my forward is broken" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: the model's forward raised ValueError")
+
+
+def test_ctrl_c_exits_130_with_one_line(cli, user_folder: Path) -> None:
+    before = _snapshot(user_folder)
+    result = cli("analyze", "interrupted.py", "--data", "randn:4,8")
+    assert result.exit_code == 130
+    assert _stderr_line(result) == "interrupted"
+    assert _snapshot(user_folder) == before
+
+
+def test_pickle_loads_only_when_allowed(cli, user_folder: Path) -> None:
+    result = cli("analyze", "mlp.py", "--weights", "checkpoint.pt", "--allow-pickle", "--format", "json")
+    assert result.exit_code == 0, result.output
+
+
+# -- --output is written atomically ----------------------------------------------------------------------
+
+
+def _failing_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report stream writes half of the text, then the disk is full."""
+    real_fdopen = os.fdopen
+
+    class HalfWriter:
+        def __init__(self, stream: io.TextIOWrapper) -> None:
+            self.stream = stream
+
+        def __enter__(self) -> HalfWriter:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.stream.close()
+
+        def write(self, text: str) -> int:
+            self.stream.write(text[: len(text) // 2])
+            self.stream.flush()
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(outputs_module.os, "fdopen", lambda *a, **k: HalfWriter(real_fdopen(*a, **k)))
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_output_failing_midway_leaves_no_partial_file(cli, user_folder: Path, monkeypatch, existing: bool) -> None:
+    report = user_folder / "report.json"
+    if existing:
+        report.write_text('{"previous": "report"}\n')
+    before = _snapshot(user_folder)
+    _failing_stream(monkeypatch)
+    result = cli("analyze", "mlp.py", "--output", "report.json", "--quiet")
+    assert result.exit_code == 2
+    assert "cannot write --output report.json: No space left on device" in _stderr_line(result)
+    assert _snapshot(user_folder) == before  # no half report, no temporary file, the old report intact
+
+
+def test_output_rendering_failure_leaves_no_file(cli, user_folder: Path, monkeypatch) -> None:
+    report = user_folder / "report.md"
+    report.write_text("previous report\n")
+    before = _snapshot(user_folder)
+
+    def render(*args: object) -> str:
+        raise RuntimeError("renderer bug")
+
+    monkeypatch.setattr("gradcheck_cli.render.markdown.render", render)
+    result = cli("analyze", "mlp.py", "--output", "report.md", "--quiet")
+    assert isinstance(result.exception, RuntimeError)  # a bug in gradcheck keeps its traceback
+    assert _snapshot(user_folder) == before
+
+
+# -- the Python API leaves the model as it found it, also when the run fails -------------------------------
+
+
+class Net(nn.Module):
+    """BatchNorm (buffers), Dropout (mode) and a forward that raises on call `fail_on_call`."""
+
+    def __init__(self, fail_on_call: int = 0, error: BaseException | None = None) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 4))
+        self.fail_on_call = fail_on_call
+        self.error = error or RuntimeError("fails on this call")
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise self.error
+        return self.body(x)
+
+
+HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+)
+
+
+def _state(model: nn.Module) -> dict[str, object]:
+    """Hooks on modules and parameters, mode flags and buffers: what a failed run must leave unchanged."""
+    return {
+        "module hooks": [
+            (name, attr, list(getattr(module, attr, {})))
+            for name, module in model.named_modules()
+            for attr in HOOK_DICTS
+        ],
+        "parameter hooks": [
+            (name, list(p._backward_hooks or {}), list(getattr(p, "_post_accumulate_grad_hooks", None) or {}))
+            for name, p in model.named_parameters()
+        ],
+        "modes": [(name, module.training) for name, module in model.named_modules()],
+        "buffers": {name: b.clone() for name, b in model.named_buffers()},
+    }
+
+
+def _assert_same_state(before: dict[str, object], after: dict[str, object]) -> None:
+    assert after["module hooks"] == before["module hooks"]
+    assert after["parameter hooks"] == before["parameter hooks"]
+    assert after["modes"] == before["modes"]
+    buffers_before, buffers_after = before["buffers"], after["buffers"]
+    assert isinstance(buffers_before, dict) and isinstance(buffers_after, dict)
+    assert all(torch.equal(buffers_before[k], buffers_after[k]) for k in buffers_before)
+
+
+def _prepare(model: nn.Module) -> dict[str, torch.Tensor | None]:
+    """The caller's own state: a hook of theirs, eval mode on one module, .grad on some parameters."""
+    model.body[0].register_forward_hook(lambda module, args, output: None)
+    model.body[4].weight.register_hook(lambda grad: grad)
+    model.body[3].eval()
+    model.body[0].weight.grad = torch.full_like(model.body[0].weight, 0.5)
+    model.body[4].bias.grad = torch.ones_like(model.body[4].bias)
+    return {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(10, 8, generator=g), torch.randint(0, 4, (10,), generator=g)
+
+
+@pytest.mark.parametrize(
+    ("make", "raises"),
+    [
+        (lambda: Net(fail_on_call=2), ModelRunError),  # the forward of the 2nd measured step
+        (lambda: Net(fail_on_call=4), ModelRunError),  # after two SGD steps and one measured step
+        (lambda: Net(fail_on_call=2, error=torch.OutOfMemoryError("CUDA out of memory")), torch.OutOfMemoryError),
+        (lambda: Net(fail_on_call=3, error=KeyboardInterrupt()), KeyboardInterrupt),
+    ],
+    ids=["forward raises", "after training steps", "out of memory", "ctrl-c"],
+)
+def test_a_failed_run_leaves_hooks_modes_and_grads_as_found(make, raises) -> None:
+    model = make()
+    grads = _prepare(model)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    before = _state(model)
+    with pytest.raises(raises):
+        gradcheck_cli.analyze(model, _batch(), steps=3, train_steps=2 if model.fail_on_call == 4 else 0)
+    _assert_same_state(before, _state(model))
+    for name, p in model.named_parameters():
+        expected = grads[name]
+        assert (p.grad is None) if expected is None else torch.equal(p.grad, expected), name
+        assert torch.equal(p, weights[name]), name  # SGD steps taken before the failure are undone
+
+
+def test_a_failing_loss_leaves_the_model_as_found() -> None:
+    model = Net()
+    grads = _prepare(model)
+    before = _state(model)
+    calls = []
+
+    def loss(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("loss fails on the second step")
+        return nn.functional.cross_entropy(output, targets)
+
+    with pytest.raises(ModelRunError, match="loss fails on the second step"):
+        gradcheck_cli.analyze(model, _batch(), loss, steps=3)
+    _assert_same_state(before, _state(model))
+    for name, p in model.named_parameters():
+        expected = grads[name]
+        assert (p.grad is None) if expected is None else torch.equal(p.grad, expected), name
+
+
+def test_gradients_that_cannot_be_written_are_one_line(cli, user_folder: Path, monkeypatch) -> None:
+    before = _snapshot(user_folder)
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        """A binary stream on a disk that fills up at the first write."""
+
+        def __init__(self, stream: io.BufferedWriter) -> None:
+            self.stream = stream
+
+        def write(self, data: bytes) -> int:
+            raise OSError(28, "No space left on device")
+
+        def close(self) -> None:
+            self.stream.close()
+
+    monkeypatch.setattr("gradcheck_cli.gradsave.os.fdopen", lambda *a, **k: FullDisk(real_fdopen(*a, **k)))
+    result = cli("analyze", "mlp.py", "--save-grads", "grads.safetensors", "--quiet")
+    assert result.exit_code == 2
+    assert "cannot write --save-grads grads.safetensors: No space left on device" in _stderr_line(result)
+    assert _snapshot(user_folder) == before  # the temporary data file is gone too
+
+
+def test_a_plot_that_cannot_be_written_is_one_line(cli, user_folder: Path, monkeypatch) -> None:
+    pytest.importorskip("matplotlib")
+    before = _snapshot(user_folder)
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("gradcheck_cli.render.plot.save", full_disk)
+    result = cli("analyze", "mlp.py", "--plot", "flow.png", "--quiet")
+    assert result.exit_code == 2
+    assert "cannot write --plot flow.png: No space left on device" in _stderr_line(result)
+    assert _snapshot(user_folder) == before
