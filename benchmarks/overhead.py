@@ -185,7 +185,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.steps = 1, 3
-    gradcheck = shutil.which("gradcheck")
+    beside = Path(sys.executable).parent / "gradcheck"  # the venv this script runs in, activated or not
+    gradcheck = str(beside) if beside.exists() else shutil.which("gradcheck")
     if gradcheck is None:
         sys.exit("gradcheck is not installed in this environment (pip install -e .)")
 
