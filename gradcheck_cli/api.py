@@ -276,8 +276,9 @@ class _Passes:
     def forward_backward(self, batch: Batch) -> torch.Tensor:
         """The loss (unscaled) after backward; gradients carry `scale`."""
         with self.autocast():
-            output = _forward(self.runner, batch)
-            value = _loss(self.loss, output, batch)
+            # No name for the output: it is freed once the loss is computed, as in a training loop, not kept
+            # through the backward (a language model's logits are often the largest tensor of the step).
+            value = _loss(self.loss, _forward(self.runner, batch), batch)
         _backward(self.scaler.scale(value) if self.scaler is not None else value)
         return value
 

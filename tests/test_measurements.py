@@ -236,3 +236,29 @@ def test_custom_normalisation_classes_count_as_norm_layers() -> None:
     report = gradcheck_cli.analyze(model, _batches(1)[0], steps=1)
     assert report.layer("1").category == "norm"
     assert report.layer("0").feeds_norm and not report.layer("3").feeds_norm
+
+
+def test_batched_histograms_match_log2_binning_written_out() -> None:
+    """Independent binning: floor(log2 |g|) in float64, clipped to the range, zeros left out, times the scale."""
+    from gradcheck_cli.stats import HISTOGRAM_BINS, HISTOGRAM_HIGH, HISTOGRAM_LOW, histograms_of
+
+    g = torch.Generator().manual_seed(0)
+    first = torch.randn(1000, generator=g) * 10.0 ** torch.randint(-15, 6, (1000,), generator=g).float()
+    first[::7] = 0.0
+    first[:3] = torch.tensor([1e-45, -3e-39, 1e30])  # a subnormal, a subnormal, far above the range
+    second = torch.randn(50, generator=g)
+    rows = histograms_of([first, second], [1.0, 3.0])
+    for row, values, scale in ((rows[0], first, 1.0), (rows[1], second, 3.0)):
+        nonzero = values[values != 0].double().abs()
+        bins = torch.floor(torch.log2(nonzero)).long().clamp(HISTOGRAM_LOW, HISTOGRAM_HIGH - 1) - HISTOGRAM_LOW
+        expected = torch.bincount(bins, minlength=HISTOGRAM_BINS).double() * scale
+        assert torch.equal(row.double(), expected)
+
+
+def test_histograms_of_large_tensors_are_scaled_to_all_elements() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 512), nn.Tanh(), nn.Linear(512, 10))  # 524k weights: sampled
+    report = gradcheck_cli.analyze(model, (torch.randn(64, 1024), torch.randint(0, 10, (64,))), steps=1)
+    first = report.layers[0]
+    nonzero = first.params * (1 - first.zero_fraction)
+    assert sum(first.histogram or ()) == pytest.approx(nonzero, rel=0.01)
