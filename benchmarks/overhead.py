@@ -143,11 +143,14 @@ class Row:
     params: int = 0
     wall: dict[str, list[float]] = field(default_factory=dict)
     rss: dict[str, list[float]] = field(default_factory=dict)
+    cpu: dict[str, list[float]] = field(default_factory=dict)
     step: dict[str, list[float]] = field(default_factory=dict)
 
 
-def run_child(command: list[str], env: dict[str, str]) -> tuple[float, float, str]:
-    """Run one measured child in a fresh interpreter that reports its own peak RSS (exact per process)."""
+def run_child(command: list[str], env: dict[str, str]) -> tuple[float, float, str, float]:
+    """Run one measured child in a fresh interpreter that reports its own peak RSS (exact per process):
+    (wall s, peak RSS MiB, stdout, CPU s). CPU time (user + system) does not count the time a shared
+    machine's hypervisor gives the CPU to someone else, which wall time does."""
     wrapper = [
         sys.executable,
         "-c",
@@ -155,9 +158,10 @@ def run_child(command: list[str], env: dict[str, str]) -> tuple[float, float, st
         "start = time.perf_counter()\n"
         "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
         "wall = time.perf_counter() - start\n"
-        "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
+        "usage = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+        "rss, cpu = usage.ru_maxrss, usage.ru_utime + usage.ru_stime\n"
         "sys.stderr.write(p.stderr)\n"
-        "print(json.dumps({'wall': wall, 'rss_kb': rss, 'code': p.returncode, 'out': p.stdout}))\n",
+        "print(json.dumps({'wall': wall, 'rss_kb': rss, 'cpu': cpu, 'code': p.returncode, 'out': p.stdout}))\n",
         *command,
     ]
     result = subprocess.run(wrapper, capture_output=True, text=True, env=env, check=False)
@@ -167,7 +171,7 @@ def run_child(command: list[str], env: dict[str, str]) -> tuple[float, float, st
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}") from exc
     if data["code"] not in (0, 1):
         raise RuntimeError(f"{' '.join(command)} exited {data['code']}:\n{result.stderr[-2000:]}")
-    return data["wall"], data["rss_kb"] / 1024, data["out"]
+    return data["wall"], data["rss_kb"] / 1024, data["out"], data["cpu"]
 
 
 def available(module: str) -> bool:
@@ -249,9 +253,10 @@ def main() -> None:
                     ],
                 ),
             ):
-                wall, rss, _ = run_child(command, env)
+                wall, rss, _, cpu = run_child(command, env)
                 row.wall.setdefault(label, []).append(wall)
                 row.rss.setdefault(label, []).append(rss)
+                row.cpu.setdefault(label, []).append(cpu)
             # per step, in process
             for mode in modes:
                 out_dir = folder / f"out-{workload.name}-{mode}-{repeat}"
@@ -267,7 +272,7 @@ def main() -> None:
                     "--out",
                     str(out_dir),
                 ]
-                wall, rss, out = run_child(command, env)
+                wall, rss, out, _ = run_child(command, env)
                 data = json.loads(out.strip().splitlines()[-1])
                 row.params = data["params"]
                 row.step.setdefault(mode, []).append(data["median_step_ms"])
@@ -285,6 +290,12 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"rows": [row.__dict__ for row in rows], "startup": startup}, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def _paired(values: list[float], bare: list[float]) -> float:
+    """Median over repeats of value / bare within the repeat: slow spells of a shared machine hit both
+    runs of a pair alike, so pairs cancel drift that a ratio of medians keeps."""
+    return statistics.median(v / b for v, b in zip(values, bare, strict=True))
 
 
 def measure_startup(gradcheck: str, env: dict[str, str], repeats: int) -> dict[str, float]:
@@ -310,10 +321,11 @@ def print_report(rows: list[Row], startup: dict[str, float], skipped: list[str],
         f"{args.steps} steps, median of {args.repeats} repeat(s)"
     )
     print()
-    print("End to end (process start included): gradcheck analyze vs a plain script with the same passes")
+    print("End to end (process start included): gradcheck analyze vs a plain script with the same passes;")
+    print("ratios are medians of the ratios within each repeat (the two runs back to back)")
     header = (
-        f"{'workload':14} {'params':>8} {'bare s':>8} {'gradcheck s':>12} {'wall x':>7} {'bare MiB':>9} "
-        f"{'gradcheck MiB':>14} {'memory x':>9}"
+        f"{'workload':14} {'params':>8} {'bare s':>8} {'gradcheck s':>12} {'wall x':>7} {'cpu x':>7} "
+        f"{'bare MiB':>9} {'gradcheck MiB':>14} {'memory x':>9}"
     )
     print(header)
     print("-" * len(header))
@@ -321,8 +333,10 @@ def print_report(rows: list[Row], startup: dict[str, float], skipped: list[str],
         wall_b, wall_g = median(row.wall["bare"]), median(row.wall["gradcheck"])
         rss_b, rss_g = median(row.rss["bare"]), median(row.rss["gradcheck"])
         print(
-            f"{row.workload:14} {_count(row.params):>8} {wall_b:8.2f} {wall_g:12.2f} {wall_g / wall_b:7.3f} "
-            f"{rss_b:9.0f} {rss_g:14.0f} {rss_g / rss_b:9.3f}"
+            f"{row.workload:14} {_count(row.params):>8} {wall_b:8.2f} {wall_g:12.2f} "
+            f"{_paired(row.wall['gradcheck'], row.wall['bare']):7.3f} "
+            f"{_paired(row.cpu['gradcheck'], row.cpu['bare']):7.3f} "
+            f"{rss_b:9.0f} {rss_g:14.0f} {_paired(row.rss['gradcheck'], row.rss['bare']):9.3f}"
         )
     print()
     print("Per step (in process, median step time) and peak memory of the process, relative to bare passes")
@@ -330,13 +344,11 @@ def print_report(rows: list[Row], startup: dict[str, float], skipped: list[str],
     print(header)
     print("-" * len(header))
     for row in rows:
-        bare_step = median(row.step["bare"])
-        bare_rss = median(row.rss["bare (script)"])
         for mode, values in row.step.items():
-            rss = median(row.rss[f"{mode} (script)"])
+            rss = row.rss[f"{mode} (script)"]
             print(
-                f"{row.workload:14} {mode:12} {median(values):9.1f} {median(values) / bare_step:7.3f} "
-                f"{rss:9.0f} {rss / bare_rss:9.3f}"
+                f"{row.workload:14} {mode:12} {median(values):9.1f} {_paired(values, row.step['bare']):7.3f} "
+                f"{median(rss):9.0f} {_paired(rss, row.rss['bare (script)']):9.3f}"
             )
     if skipped:
         print(f"\nnot installed, skipped: {', '.join(skipped)}")
