@@ -11,7 +11,7 @@ import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -172,6 +172,21 @@ def write_atomic(path: Path, text: str) -> None:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
         os.chmod(temporary, default_mode())  # mkstemp makes it private; a report is an ordinary file
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def replace_atomic(path: Path, write: Callable[[str], None]) -> None:
+    """Let `write` fill a temporary file (named by its path) beside `path`, then rename it to `path`: for
+    writers that want a file name, such as matplotlib's savefig. Nothing is left behind on failure."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent or Path("."))
+    os.close(handle)
+    try:
+        write(temporary)
+        os.chmod(temporary, default_mode())
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -128,6 +128,7 @@ def test_plot_writes_a_png_and_an_svg(run: dict[str, Any]) -> None:
     svg = (run["folder"] / "again.svg").read_text()
     assert svg.lstrip().startswith("<?xml") and "<svg" in svg
     assert "signal view" in svg and "update view" in svg
+    assert not [p.name for p in run["folder"].iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
 def test_plot_is_drawn_from_the_json_report_alone(run: dict[str, Any], tmp_path: Path) -> None:

@@ -53,9 +53,11 @@ def check(path: Path) -> None:
 
 
 def save(report: Report, path: Path, fail_on: Sequence[str], fail_level: str) -> None:
-    """Draw the figure and write it; the format follows the suffix."""
+    """Draw the figure and write it atomically; the format follows the suffix."""
+    from gradcheck_cli.outputs import replace_atomic
+
     figure = build(report, fail_on, fail_level)
-    figure.savefig(path, dpi=110, format=path.suffix.lower().lstrip("."))
+    replace_atomic(path, lambda name: figure.savefig(name, dpi=110, format=path.suffix.lower().lstrip(".")))
 
 
 def build(report: Report, fail_on: Sequence[str], fail_level: str) -> Figure:
