@@ -25,7 +25,6 @@ import shutil
 import struct
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING
@@ -33,7 +32,7 @@ from typing import IO, TYPE_CHECKING
 import torch
 
 from gradcheck_cli.errors import UserError
-from gradcheck_cli.outputs import default_mode
+from gradcheck_cli.outputs import replace_atomic, writing
 
 if TYPE_CHECKING:
     from gradcheck_cli.probe import LayerSpec
@@ -86,16 +85,9 @@ class GradientWriter:
         self._data = os.fdopen(handle, "wb")
         return self
 
-    @contextlib.contextmanager
-    def _disk(self) -> Iterator[None]:
+    def _disk(self) -> contextlib.AbstractContextManager[None]:
         """A full disk or a read-only folder is the user's to fix: one line, exit 2."""
-        try:
-            yield
-        except OSError as error:
-            raise UserError(
-                f"cannot write --save-grads {self.path}: {error.strerror or error}",
-                "check that the folder is writable and has free space",
-            ) from error
+        return writing("--save-grads", self.path)
 
     def add_step(self, step: int, layers: list[LayerSpec], unscale: float = 1.0) -> None:
         """Append every trainable parameter's current .grad, once per tensor, under its first owning layer.
@@ -165,18 +157,14 @@ class GradientWriter:
         self.metadata.setdefault("format", FORMAT)
         header = json.dumps({"__metadata__": self.metadata, **self.header}, separators=(",", ":")).encode()
         header += b" " * (-len(header) % 8)  # pad with spaces to 8 bytes, as safetensors itself does
-        handle, temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(handle, "wb") as out, open(data_path, "rb") as data:
+
+        def write(name: str) -> None:
+            with open(name, "wb") as out, open(data_path, "rb") as data:
                 out.write(struct.pack("<Q", len(header)))
                 out.write(header)
                 shutil.copyfileobj(data, out, 1 << 20)
-            os.chmod(temporary, default_mode())  # mkstemp makes it private; this is an ordinary output file
-            os.replace(temporary, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
+
+        replace_atomic(self.path, write)
         self.bytes_written = 8 + len(header) + self.offset
 
 

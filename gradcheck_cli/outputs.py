@@ -78,17 +78,17 @@ class Outputs:
             sys.stdout.write(render_text(report, self.format, fail_on, fail_level))
         if self.output is not None:
             text = render_text(report, _format_of(self.output), fail_on, fail_level)
-            with _writing("--output", self.output):
+            with writing("--output", self.output):
                 write_atomic(self.output, text)
         if self.plot is not None:
             from gradcheck_cli.render import plot
 
-            with _writing("--plot", self.plot):
+            with writing("--plot", self.plot):
                 plot.save(report, self.plot, fail_on, fail_level)
         if self.tensorboard is not None:
             from gradcheck_cli.render import markdown, tensorboard
 
-            with _writing("--tensorboard", self.tensorboard):
+            with writing("--tensorboard", self.tensorboard):
                 tensorboard.write(report, self.tensorboard, markdown.render(report, fail_on, fail_level))
         from gradcheck_cli.render import github
 
@@ -99,7 +99,7 @@ class Outputs:
 
 
 @contextlib.contextmanager
-def _writing(option: str, path: Path) -> Iterator[None]:
+def writing(option: str, path: Path) -> Iterator[None]:
     """A full disk or a read-only folder is the user's to fix: one line, exit 2."""
     try:
         yield
@@ -166,17 +166,13 @@ def plain_text(report: Report, fail_on: list[str], fail_level: str) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a report."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or Path("."))
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+    """Write text to a temporary file beside `path`, then rename: readers never see half a report."""
+
+    def write(name: str) -> None:
+        with open(name, "w", encoding="utf-8") as stream:
             stream.write(text)
-        os.chmod(temporary, default_mode())  # mkstemp makes it private; a report is an ordinary file
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+
+    replace_atomic(path, write)
 
 
 def replace_atomic(path: Path, write: Callable[[str], None]) -> None:

@@ -250,7 +250,7 @@ def test_pickle_loads_only_when_allowed(cli, user_folder: Path) -> None:
 
 def _failing_stream(monkeypatch: pytest.MonkeyPatch) -> None:
     """The report stream writes half of the text, then the disk is full."""
-    real_fdopen = os.fdopen
+    real_open = open
 
     class HalfWriter:
         def __init__(self, stream: io.TextIOWrapper) -> None:
@@ -267,7 +267,7 @@ def _failing_stream(monkeypatch: pytest.MonkeyPatch) -> None:
             self.stream.flush()
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(outputs_module.os, "fdopen", lambda *a, **k: HalfWriter(real_fdopen(*a, **k)))
+    monkeypatch.setattr(outputs_module, "open", lambda *a, **k: HalfWriter(real_open(*a, **k)), raising=False)
 
 
 @pytest.mark.parametrize("existing", [False, True])
