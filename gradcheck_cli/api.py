@@ -361,8 +361,9 @@ def release_free_memory(device: torch.device) -> None:
     On a 7M-parameter transformer that grew peak RSS 23% over the bare passes; trimming the holes between
     steps brings it to 8%. It releases only free memory, so it is harmless in the caller's process too.
     """
-    if device.type == "cpu" and _libc() is not None:
-        _libc().malloc_trim(0)
+    libc = _libc() if device.type == "cpu" else None
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 @functools.cache
