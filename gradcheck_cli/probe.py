@@ -17,6 +17,7 @@ step (stats.to_host).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -143,6 +144,12 @@ class StepTape:
     saturated: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     saturated_numel: dict[int, int] = field(default_factory=dict)
 
+    def release(self) -> None:
+        """Drop the device tensors once they are read (the host counts and the call order stay): nothing
+        allocated during a step may outlive it (Collector.prepare says why)."""
+        for tensors in (self.output_sq, self.output_underflow, self.input_sq, self.input_zero, self.saturated):
+            tensors.clear()
+
 
 class Probe:
     """Hooks for one analysis; use as `with Probe(model, layers) as probe:`.
@@ -166,7 +173,9 @@ class Probe:
         self.ever_active: dict[int, torch.Tensor] = {}
         # Layers whose output went straight into a normalisation layer: scale-invariant, see diagnose.
         self.feeds_norm: set[int] = set()
-        self._last_output: torch.Tensor | None = None
+        # The last hooked module's output, weakly: a strong reference would keep the model's final output
+        # (a language model's logits: often the step's largest tensor) alive through the whole backward.
+        self._last_output: weakref.ref[torch.Tensor] | None = None
         self._handles: list[RemovableHandle] = []
         self._last_layer: int | None = None
         self._layer_category = {spec.index: spec.category for spec in layers}
@@ -214,7 +223,7 @@ class Probe:
 
     def stop_step(self) -> None:
         self._recording = False
-        self._last_output = None  # do not keep the step's activations alive
+        self._last_output = None
 
     # -- hooks ------------------------------------------------------------------------------------------
 
@@ -234,7 +243,8 @@ class Probe:
             if (
                 category == "norm"
                 and inputs is not None
-                and inputs is self._last_output
+                and self._last_output is not None
+                and inputs is self._last_output()
                 and self._last_layer is not None
             ):
                 self.feeds_norm.add(self._last_layer)
@@ -248,7 +258,7 @@ class Probe:
                 tape.input_zero.setdefault(index, []).append(values.numel() - torch.count_nonzero(values))
                 tape.input_numel[index] = tape.input_numel.get(index, 0) + values.numel()
             out = first_tensor(output)
-            self._last_output = out
+            self._last_output = weakref.ref(out) if out is not None else None
             if out is not None and out.requires_grad and out.dtype.is_floating_point:
                 out.register_hook(self._output_grad_hook(index, unit_dim))
 

@@ -127,3 +127,32 @@ def test_torch_compile_wrapper_is_unwrapped() -> None:
     report = gradcheck_cli.analyze(Wrapper(), _batch())
     assert [layer.name for layer in report.layers] == ["0", "1", "4"]
     assert any("torch.compile" in note for note in report.notes)
+
+
+def test_the_model_output_is_not_kept_alive_through_the_backward() -> None:
+    """A training loop frees the logits once the loss has its own copy (log_softmax saves its result, not its
+    input); a probe that held the last module's output would keep the step's largest tensor alive through the
+    whole backward (on a language model, +8% peak memory)."""
+    import weakref
+
+    seen: dict[str, bool] = {}
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(8, 16)
+            self.head = nn.Linear(16, 4)
+            self.logits: weakref.ref[torch.Tensor] | None = None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            hidden = torch.tanh(self.body(x))
+            if hidden.requires_grad:
+                # Runs when the backward reaches the hidden layer: the head's output should be gone by then.
+                hidden.register_hook(lambda g: seen.__setitem__("logits alive", self.logits() is not None))
+            logits = self.head(hidden)
+            self.logits = weakref.ref(logits)
+            return logits
+
+    model = Net()
+    gradcheck_cli.analyze(model, (torch.randn(32, 8), torch.randint(0, 4, (32,))), loss_fn="cross-entropy", steps=2)
+    assert seen == {"logits alive": False}
