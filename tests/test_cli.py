@@ -197,6 +197,48 @@ def test_help_and_version_do_not_import_torch() -> None:
     assert result.stdout.strip().splitlines()[-1] == "False"
 
 
+GC_PROBE = """
+import gc
+import torch
+from torch import nn
+
+SEEN = []
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        SEEN.append(gc.isenabled())
+        return self.fc(x)
+
+model = Net()
+
+def get_batch():
+    return torch.randn(16, 8), torch.randint(0, 4, (16,))
+"""
+
+
+def test_the_cli_runs_the_users_code_with_the_garbage_collector_on(write) -> None:
+    """main() switches the collector off only while gradcheck's own imports load (cli._freeze_imported_objects):
+    the model file, its forward passes and whatever runs after main() see it on."""
+    path = write("gc_probe.py", GC_PROBE)
+    code = (
+        "import gc, sys\n"
+        "from gradcheck_cli.cli import main\n"
+        f"sys.argv = ['gradcheck', 'analyze', {str(path)!r}, '--format', 'json', '--steps', '2']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exit:\n"
+        "    code = exit.code\n"
+        "probe = next(m for name, m in sys.modules.items() if name.startswith('gradcheck_user_gc_probe'))\n"
+        "print(code, probe.SEEN, gc.isenabled(), file=sys.stderr)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.stderr.strip().splitlines()[-1] == "0 [True, True] True", result.stderr
+
+
 @pytest.mark.parametrize("seed", ["1", "2"])
 def test_demo_verdicts_hold_for_other_seeds(cli, seed: str) -> None:
     _, report = cli.json("demo", "sigmoid-mlp", "--seed", seed)
