@@ -155,17 +155,33 @@ def histograms_of(samples: Sequence[torch.Tensor], scales: Sequence[float]) -> t
     (zero_fraction has them); values below the range count in the first bin, above it in the last."""
     device = samples[0].device
     values = torch.cat([s.reshape(-1).to(torch.float32) for s in samples])
-    width = 257  # 256 float32 exponents, and one more bin for exact zeros
+    width = _EXPONENT_BINS
     exponent = (values.view(torch.int32) >> 23) & 0xFF  # 0: zero or subnormal, 255: inf or nan
     exponent = torch.where(values == 0, width - 1, exponent)
-    sizes = torch.tensor([s.numel() for s in samples], device=device)
-    owner = torch.arange(len(samples), device=device).repeat_interleave(sizes, output_size=values.numel())
-    counts = torch.bincount(owner * width + exponent, minlength=width * len(samples)).reshape(len(samples), width)
+    offsets = _bin_offsets(tuple(s.numel() for s in samples), device)
+    counts = torch.bincount(offsets + exponent, minlength=width * len(samples)).reshape(len(samples), width)
     low, high = _FLOAT32_BIAS + HISTOGRAM_LOW, _FLOAT32_BIAS + HISTOGRAM_HIGH
     result = counts[:, low:high].float()
     result[:, 0] += counts[:, :low].sum(dim=1)  # tiny values and subnormals
     result[:, -1] += counts[:, high:255].sum(dim=1)
     return result * torch.tensor(scales, device=device).unsqueeze(1)
+
+
+_EXPONENT_BINS = 257  # 256 float32 exponents, and one more bin for exact zeros
+
+
+@functools.lru_cache(maxsize=8)  # the same tensors are sampled every step: one entry per model, in practice
+def _bin_offsets(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """For concatenated samples of these sizes, where each value's row of bins starts (sample i: i * width)."""
+    owner = torch.arange(len(sizes), device=device).repeat_interleave(
+        torch.tensor(sizes, device=device), output_size=sum(sizes)
+    )
+    return owner * _EXPONENT_BINS
+
+
+def histogram_sizes(numels: Sequence[int]) -> tuple[int, ...]:
+    """How many values `sample` takes from contiguous tensors of these sizes."""
+    return tuple(n if n <= SAMPLE_SIZE else SAMPLE_SIZE // SAMPLE_RUN * SAMPLE_RUN for n in numels)
 
 
 def _reduce_sparse(grad: torch.Tensor, want_rows: bool, want_histogram: bool) -> GradientSample:
@@ -459,6 +475,9 @@ class Collector:
                 _sample_index(weight.numel(), SAMPLE_SIZE, weight.device)
         if self.want_histograms:
             self._histograms = torch.zeros(len(self.params), HISTOGRAM_BINS, device=self.device)
+            binned = [p.tensor.numel() for p in self.params if p.tensor.requires_grad and p.tensor.numel()]
+            if binned and not self.combiner.sharded:  # FSDP: the local shards are sampled, not these sizes
+                _bin_offsets(histogram_sizes(binned), self.device)
 
     def measure_weights(self) -> None:
         """Weight norms (and per-row norms of embeddings), once: weights do not change while measuring."""
