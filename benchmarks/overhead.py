@@ -232,32 +232,17 @@ def main() -> None:
         path = folder / f"{workload.name.replace('-', '_')}.py"
         path.write_text(textwrap.dedent(workload.source))
         if index == 0:  # unmeasured: writes the bytecode caches the measured runs then read
-            bare = [sys.executable, str(RUNNER), "bare", str(path), "--steps", "1", "--device", args.device]
-            run_child(bare, env)
-            run_child([gradcheck, "analyze", str(path), "--steps", "1", "--format", "json", "--quiet"], env)
+            run_child(runner_command("bare", path, 1, args.device), env)
+            run_child(gradcheck_command(gradcheck, path, 1, args.device), env)
         row = Row(workload.name)
         modes = ["bare", "gradcheck", *(tools if workload.tools else [])]
         for repeat in range(args.repeats):
             # end to end: a plain script vs the CLI, process start included
-            bare = [sys.executable, str(RUNNER), "bare", str(path), "--steps", str(args.steps), "--device", args.device]
+            bare = runner_command("bare", path, args.steps, args.device)
             for label, command in (
                 ("bare", bare),
                 ("bare, tuned start", [*bare, "--tuned-start"]),
-                (
-                    "gradcheck",
-                    [
-                        gradcheck,
-                        "analyze",
-                        str(path),
-                        "--steps",
-                        str(args.steps),
-                        "--device",
-                        args.device,
-                        "--format",
-                        "json",
-                        "--quiet",
-                    ],
-                ),
+                ("gradcheck", gradcheck_command(gradcheck, path, args.steps, args.device)),
             ):
                 wall, rss, _, cpu = run_child(command, env)
                 row.wall.setdefault(label, []).append(wall)
@@ -266,28 +251,13 @@ def main() -> None:
             # per step, in process
             for mode in modes:
                 out_dir = folder / f"out-{workload.name}-{mode}-{repeat}"
-                command = [
-                    sys.executable,
-                    str(RUNNER),
-                    mode,
-                    str(path),
-                    "--steps",
-                    str(args.steps),
-                    "--device",
-                    args.device,
-                    "--out",
-                    str(out_dir),
-                ]
+                command = [*runner_command(mode, path, args.steps, args.device), "--out", str(out_dir)]
                 wall, rss, out, _ = run_child(command, env)
                 data = json.loads(out.strip().splitlines()[-1])
                 row.params = data["params"]
                 row.step.setdefault(mode, []).append(data["median_step_ms"])
-                if mode != "bare":
-                    row.wall.setdefault(f"{mode} (script)", []).append(wall)
-                    row.rss.setdefault(f"{mode} (script)", []).append(rss)
-                else:
-                    row.wall.setdefault("bare (script)", []).append(wall)
-                    row.rss.setdefault("bare (script)", []).append(rss)
+                row.wall.setdefault(f"{mode} (script)", []).append(wall)
+                row.rss.setdefault(f"{mode} (script)", []).append(rss)
             print(f"  {workload.name}: repeat {repeat + 1}/{args.repeats} done", file=sys.stderr)
         rows.append(row)
 
@@ -296,6 +266,14 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"rows": [row.__dict__ for row in rows], "startup": startup}, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def runner_command(mode: str, path: Path, steps: int, device: str) -> list[str]:
+    return [sys.executable, str(RUNNER), mode, str(path), "--steps", str(steps), "--device", device]
+
+
+def gradcheck_command(gradcheck: str, path: Path, steps: int, device: str) -> list[str]:
+    return [gradcheck, "analyze", str(path), "--steps", str(steps), "--device", device, "--format", "json", "--quiet"]
 
 
 def _paired(values: list[float], bare: list[float]) -> float:
