@@ -179,11 +179,6 @@ def _bin_offsets(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return owner * _EXPONENT_BINS
 
 
-def histogram_sizes(numels: Sequence[int]) -> tuple[int, ...]:
-    """How many values `sample` takes from contiguous tensors of these sizes."""
-    return tuple(n if n <= SAMPLE_SIZE else SAMPLE_SIZE // SAMPLE_RUN * SAMPLE_RUN for n in numels)
-
-
 def _reduce_sparse(grad: torch.Tensor, want_rows: bool, want_histogram: bool) -> GradientSample:
     """Sparse gradients (nn.Embedding(sparse=True)): only the stored values exist; the rest are zeros."""
     coalesced = grad.coalesce()
@@ -467,17 +462,22 @@ class Collector:
         from gradcheck_cli.distributed import local
 
         self.measure_weights()
+        sampled: list[int] = []  # how many values each gradient's sample holds, in collect()'s order
         for info in self.params:
+            if not info.tensor.requires_grad:
+                continue
             weight = local(info.tensor.detach())
-            if info.rows and info.tensor.requires_grad:
+            if info.rows:
                 self._rows_ever[info.index] = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
-            if weight.numel() > SAMPLE_SIZE:
-                _sample_index(weight.numel(), SAMPLE_SIZE, weight.device)
+            numel = weight.numel()
+            if numel > SAMPLE_SIZE:
+                sampled.append(_sample_index(numel, SAMPLE_SIZE, weight.device).numel())
+            elif numel:
+                sampled.append(numel)
         if self.want_histograms:
             self._histograms = torch.zeros(len(self.params), HISTOGRAM_BINS, device=self.device)
-            binned = [p.tensor.numel() for p in self.params if p.tensor.requires_grad and p.tensor.numel()]
-            if binned and not self.combiner.sharded:  # FSDP: the local shards are sampled, not these sizes
-                _bin_offsets(histogram_sizes(binned), self.device)
+            if sampled:
+                _bin_offsets(tuple(sampled), self.device)
 
     def measure_weights(self) -> None:
         """Weight norms (and per-row norms of embeddings), once: weights do not change while measuring."""
@@ -586,11 +586,7 @@ class Collector:
     def _merge(self, rows: dict[int, torch.Tensor], histograms: dict[int, torch.Tensor], scale: float) -> None:
         shift = round(math.log2(scale)) if scale > 1 else 0
         for index, touched in rows.items():
-            ever = self._rows_ever.get(index)
-            if ever is not None and ever.shape == touched.shape:
-                ever |= touched
-            else:  # not prepared (a sparse gradient's rows): the first step's mask is the accumulator
-                self._rows_ever[index] = touched if ever is None else ever | touched
+            self._rows_ever[index] |= touched  # prepared for every trainable tensor with rows
             self._rows_seen.add(index)
         if self._histograms is not None:
             for index, histogram in histograms.items():
