@@ -16,13 +16,15 @@ from gradcheck_cli._version import __version__
 
 if TYPE_CHECKING:
     from gradcheck_cli.api import analyze
-    from gradcheck_cli.diagnose import Thresholds
+    from gradcheck_cli.diagnose.thresholds import Thresholds
     from gradcheck_cli.errors import UserError
+    from gradcheck_cli.options import Options
     from gradcheck_cli.report import Finding, Layer, ParameterRecord, Report
 
 __all__ = [
     "Finding",
     "Layer",
+    "Options",
     "ParameterRecord",
     "Report",
     "Thresholds",
@@ -33,8 +35,9 @@ __all__ = [
 
 _LAZY = {
     "analyze": "gradcheck_cli.api",
-    "Thresholds": "gradcheck_cli.diagnose",
+    "Thresholds": "gradcheck_cli.diagnose.thresholds",
     "UserError": "gradcheck_cli.errors",
+    "Options": "gradcheck_cli.options",
     "Finding": "gradcheck_cli.report",
     "Layer": "gradcheck_cli.report",
     "ParameterRecord": "gradcheck_cli.report",

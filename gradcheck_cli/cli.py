@@ -8,10 +8,12 @@ torch is imported only inside commands, so `gradcheck --help` and `--version` st
 from __future__ import annotations
 
 import contextlib
+import enum
+import inspect
 import sys
+import typing
 import warnings
 from collections.abc import Callable, Iterator
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -20,14 +22,11 @@ from typer.core import TyperGroup
 
 from gradcheck_cli._version import __version__
 from gradcheck_cli.errors import UserError, is_out_of_memory
-from gradcheck_cli.report import DEFAULT_FAIL_ON, KINDS
+from gradcheck_cli.gate import EXIT_FINDINGS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from gradcheck_cli.options import Flag, Options, flags
 
 if TYPE_CHECKING:
-    from gradcheck_cli.diagnose import Thresholds
-    from gradcheck_cli.outputs import Outputs
     from gradcheck_cli.report import Report
-
-EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # Click's usage error (unknown option, bad --format value), from a public name: typer >= 0.2x bundles click.
 _USAGE_ERROR: type[Exception] = typer.BadParameter.__mro__[1]
@@ -71,38 +70,10 @@ app = typer.Typer(
 )
 
 
-class Format(str, Enum):
+class CompareFormat(str, enum.Enum):
     table = "table"
     json = "json"
     markdown = "markdown"
-    junit = "junit"
-
-
-class CompareFormat(str, Enum):
-    table = "table"
-    json = "json"
-    markdown = "markdown"
-
-
-class FailLevel(str, Enum):
-    error = "error"
-    warning = "warning"
-
-
-class DeviceChoice(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class AmpChoice(str, Enum):
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class ParallelChoice(str, Enum):
-    ddp = "ddp"
-    fsdp = "fsdp"
 
 
 def _version(value: bool) -> None:
@@ -127,7 +98,7 @@ def _root(
 def _load_config(ctx: typer.Context, name: str) -> None:
     """[tool.gradcheck] from pyproject.toml becomes the command's defaults (click's default_map), so flags
     given on the command line win and values go through the same parsing as flags."""
-    from gradcheck_cli import config
+    from gradcheck_cli.resolve import config
 
     found = config.find()
     if found is None:
@@ -151,219 +122,108 @@ def _load_config(ctx: typer.Context, name: str) -> None:
     ctx.meta["gradcheck.config"] = found.path
 
 
-# -- options shared by analyze and demo -------------------------------------------------------------------
+# -- options: made from the fields of options.Options, so the CLI, [tool.gradcheck] and the API agree --------
 
-FormatOption = Annotated[
-    Format, typer.Option("--format", "-f", help="table (for people), json, markdown (job summaries) or junit (XML).")
-]
-OutputOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--output",
-        "-o",
-        help="Also write the report here: JSON for .json, Markdown for .md, JUnit XML for .xml, text else.",
-    ),
-]
-PlotOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--plot",
-        help="Draw the gradient-flow figure and per-layer histograms to FILE.png or FILE.svg (needs matplotlib).",
-        show_default=False,
-    ),
-]
-TensorBoardOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--tensorboard",
-        help="Write per-layer gradient histograms and norms as TensorBoard events into DIR (needs tensorboard).",
-        show_default=False,
-    ),
-]
-SaveGradsOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--save-grads",
-        help="Save every measured gradient, per step and layer, to FILE.safetensors.",
-        show_default=False,
-    ),
-]
-FailOnOption = Annotated[
-    str,
-    typer.Option(
-        "--fail-on",
-        help=f"Finding kinds that fail the run (comma list of {', '.join(KINDS)}).",
-        show_default=True,
-    ),
-]
-FailLevelOption = Annotated[FailLevel, typer.Option("--fail-level", help="Lowest severity that fails the run.")]
-StepsOption = Annotated[int, typer.Option("--steps", help="Batches to measure: one forward and backward each.")]
-TrainStepsOption = Annotated[
-    int, typer.Option("--train-steps", help="Plain SGD steps to take before measuring (0: measure at init).")
-]
-LrOption = Annotated[
-    float,
-    typer.Option("--lr", help="SGD learning rate for --train-steps; also scales the update-size check."),
-]
-SeedOption = Annotated[int, typer.Option("--seed", help="Seed for random data, dropout and projections.")]
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
-QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")]
-
-DEFAULT_FAIL_ON_TEXT = ",".join(DEFAULT_FAIL_ON)
 
 
-@app.command()
-def analyze(
-    ctx: typer.Context,
-    target: Annotated[
-        str,
-        typer.Argument(
-            help="path/model.py, path/model.py:NAME or package.module:NAME (or `target` in [tool.gradcheck]).",
-            show_default=False,
-        ),
-    ],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="NAME of the model in TARGET.")] = None,
-    weights: Annotated[
-        str | None, typer.Option("--weights", "-w", help="Load parameters from a .safetensors file.")
-    ] = None,
-    strict: Annotated[
-        bool,
-        typer.Option("--strict/--no-strict", help="Require weights to match every key (--no-strict: partial)."),
-    ] = True,
-    allow_pickle: Annotated[
-        bool,
-        typer.Option("--allow-pickle", help="Allow .pt/.bin/.ckpt weights (torch.load weights_only=True)."),
-    ] = False,
-    data: Annotated[
-        str | None,
-        typer.Option(
-            "--data",
-            "-d",
-            help="FILE.safetensors (inputs[, targets]), FILE.py:FN, randn:B,D1,... or randint:HIGH:B,T.",
-        ),
-    ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Batch size for .safetensors data.")] = 32,
-    loss: Annotated[str, typer.Option("--loss", help="auto, cross-entropy, mse or FILE.py:FN.")] = "auto",
-    steps: StepsOption = 3,
-    train_steps: TrainStepsOption = 0,
-    lr: LrOption = 0.01,
-    seed: SeedOption = 0,
-    device: Annotated[
-        DeviceChoice, typer.Option("--device", help="auto picks cuda when available.")
-    ] = DeviceChoice.auto,
-    eval_mode: Annotated[bool, typer.Option("--eval", help="Run in eval mode (default: train mode).")] = False,
-    amp: Annotated[
-        AmpChoice | None,
-        typer.Option("--amp", help="Mixed precision: passes under torch.autocast (fp16 with GradScaler's loss scale)."),
-    ] = None,
-    parallel: Annotated[
-        ParallelChoice | None,
-        typer.Option("--parallel", help="Under torchrun: wrap in DistributedDataParallel (ddp) or FSDP2 (fsdp)."),
-    ] = None,
-    output_format: FormatOption = Format.table,
-    output: OutputOption = None,
-    fail_on: FailOnOption = DEFAULT_FAIL_ON_TEXT,
-    fail_level: FailLevelOption = FailLevel.error,
-    signal_warning: Annotated[
-        float, typer.Option(help="Signal view: dL/dz change (factor) toward the input that warns.")
-    ] = 20.0,
-    signal_error: Annotated[float, typer.Option(help="Signal view: factor that is an error.")] = 400.0,
-    balance_warning: Annotated[
-        float, typer.Option(help="Update view: ||g||/||W|| this many times below the median warns.")
-    ] = 10.0,
-    balance_error: Annotated[
-        float, typer.Option(help="Update view: factor below the median that is an error.")
-    ] = 1000.0,
-    update_warning: Annotated[
-        float, typer.Option(help="Update view: lr*||g||/||W|| (step size relative to weights) that warns.")
-    ] = 1.0,
-    update_error: Annotated[float, typer.Option(help="Update view: step size that is an error.")] = 10.0,
-    dead_warning: Annotated[float, typer.Option(help="Fraction of dead ReLU units that warns.")] = 0.5,
-    dead_error: Annotated[float, typer.Option(help="Fraction of dead ReLU units that is an error.")] = 0.9,
-    saturation_warning: Annotated[
-        float, typer.Option(help="Fraction of saturated sigmoid/tanh inputs that warns.")
-    ] = 0.5,
-    saturation_error: Annotated[float, typer.Option(help="Fraction of saturated inputs that is an error.")] = 0.9,
-    input_lag: Annotated[
-        float,
-        typer.Option(help="Update view: lag of the input layer (factor) flagged when its input is unstandardised."),
-    ] = 2.0,
-    min_chain: Annotated[int, typer.Option(help="Fewest layers for a signal-view fit or a balance median.")] = 5,
-    plot: PlotOption = None,
-    tensorboard: TensorBoardOption = None,
-    save_grads: SaveGradsOption = None,
-    quiet: QuietOption = False,
-    debug: DebugOption = False,
-) -> None:
+def _parameter(name: str, default: Any, flag: Flag, annotation: Any) -> inspect.Parameter:
+    """One command-line option as Typer reads it from a signature."""
+    decls = [f"{flag.names[0]}/{flag.negative}"] if flag.negative else list(flag.names)
+    if flag.choices:  # Typer shows and checks choices of an Enum
+        choices: Any = enum.Enum(name, {choice: choice for choice in flag.choices}, type=str)  # type: ignore[misc]
+        default = None if default is None else choices(default)
+        annotation = choices | None if default is None else choices
+    elif isinstance(default, tuple):  # a comma list (--fail-on)
+        annotation, default = str, ",".join(default)
+    option = typer.Option(default, *decls, help=flag.help, show_default=default is not None)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+
+def _option_parameters(names: set[str] | None = None) -> list[inspect.Parameter]:
+    from gradcheck_cli.diagnose.thresholds import Thresholds
+
+    hints = {**typing.get_type_hints(Options), **typing.get_type_hints(Thresholds)}
+    return [
+        _parameter(name, default, flag, hints[name])
+        for name, default, flag in flags()
+        if names is None or name in names
+    ]
+
+
+def _command(
+    function: Callable[..., Any], before: list[inspect.Parameter], after: list[inspect.Parameter]
+) -> Callable[..., Any]:
+    """`function(**values)` with the signature Typer builds the command from: `before`, the options, `after`."""
+    parameters = [*before, *_option_parameters(getattr(function, "option_names", None)), *after]
+    function.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    function.__annotations__ = {p.name: p.annotation for p in parameters}
+    return function
+
+
+def _values(values: dict[str, Any]) -> dict[str, Any]:
+    """Choices back from their Enum to the plain string Options holds."""
+    return {k: v.value if isinstance(v, enum.Enum) else v for k, v in values.items()}
+
+
+def _analyze(ctx: typer.Context, target: str, debug: bool, **values: Any) -> None:
     """Measure every layer's gradients over a few forward/backward passes and flag the bad ones.
 
-    Defaults come from [tool.gradcheck] in the nearest pyproject.toml, if any; flags given here win.
+    Defaults come from \\[tool.gradcheck] in the nearest pyproject.toml, if any; flags given here win.
     """
     with _errors(debug):
-        kinds = _parse_fail_on(fail_on)
-        thresholds = _thresholds(
-            input_lag=input_lag,
-            min_chain=min_chain,
-            **{k: v for k, v in locals().items() if k.endswith(("_warning", "_error"))},
-        )
-        outputs = _outputs(output_format, output, plot, tensorboard, save_grads, kinds, fail_level)
+        options = Options.from_flags(_values(values))
+        outputs = _outputs(options)
 
         def run(progress: Callable[[str, int, int], None] | None) -> Report:
             from gradcheck_cli.api import analyze_target
 
             _freeze_imported_objects()
-            return analyze_target(
-                target,
-                model_name=model,
-                weights=weights,
-                strict=strict,
-                allow_pickle=allow_pickle,
-                data=data,
-                loss=loss,
-                steps=steps,
-                batch_size=batch_size,
-                train_steps=train_steps,
-                lr=lr,
-                seed=seed,
-                device=device.value,
-                eval_mode=eval_mode,
-                thresholds=thresholds,
-                amp=amp.value if amp else None,
-                parallel=parallel.value if parallel else None,
-                value_histograms=outputs.value_histograms,
-                save_grads=save_grads,
-                progress=progress,
-            )
+            return analyze_target(target, options, progress)
 
-        report = _with_progress(run, quiet or output_format != Format.table)
+        report = _with_progress(run, options.quiet or options.format != "table")
         config_path = ctx.meta.get("gradcheck.config")
         if config_path is not None:
             report.notes.insert(0, f"config: {config_path}")
         raise typer.Exit(outputs.emit(report))
 
 
-@app.command()
-def demo(
-    name: Annotated[str | None, typer.Argument(help="Which demo (see --list).", show_default=False)] = None,
-    list_demos: Annotated[bool, typer.Option("--list", help="List the demos, one per line.")] = False,
-    data: Annotated[
-        Path | None,
-        typer.Option("--data", "-d", help="Real MNIST: torchvision's MNIST/raw folder or a .safetensors file."),
-    ] = None,
-    steps: StepsOption = 3,
-    train_steps: TrainStepsOption = 0,
-    lr: LrOption = 0.01,
-    seed: SeedOption = 0,
-    output_format: FormatOption = Format.table,
-    output: OutputOption = None,
-    fail_on: FailOnOption = DEFAULT_FAIL_ON_TEXT,
-    fail_level: FailLevelOption = FailLevel.error,
-    plot: PlotOption = None,
-    tensorboard: TensorBoardOption = None,
-    save_grads: SaveGradsOption = None,
-    quiet: QuietOption = False,
-    debug: DebugOption = False,
-) -> None:
+_CONTEXT = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+_DEBUG = inspect.Parameter(
+    "debug",
+    inspect.Parameter.KEYWORD_ONLY,
+    default=typer.Option(False, "--debug", help="Show tracebacks for errors."),
+    annotation=bool,
+)
+_TARGET = inspect.Parameter(
+    "target",
+    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    default=typer.Argument(
+        ...,
+        help="path/model.py, path/model.py:NAME or package.module:NAME (or `target` in \\[tool.gradcheck]).",
+        show_default=False,
+    ),
+    annotation=str,
+)
+app.command(name="analyze")(_command(_analyze, [_CONTEXT, _TARGET], [_DEBUG]))
+
+DEMO_OPTIONS = {
+    "steps",
+    "train_steps",
+    "lr",
+    "seed",
+    "format",
+    "output",
+    "fail_on",
+    "fail_level",
+    "plot",
+    "tensorboard",
+    "save_grads",
+    "quiet",
+}
+
+
+def _demo(name: str | None, list_demos: bool, mnist: Path | None, debug: bool, **values: Any) -> None:
     """Replay the 2017 tutorial's sigmoid MLP (sigmoid-mlp) or its fixed twin (relu-he-mlp)."""
     from gradcheck_cli.demo_names import DEMO_SUMMARIES
 
@@ -376,42 +236,43 @@ def demo(
             raise UserError("no demo named", f"choose one of: {', '.join(DEMO_SUMMARIES)} (gradcheck demo --list)")
         if name not in DEMO_SUMMARIES:
             raise UserError(f"unknown demo '{name}'", f"choose one of: {', '.join(DEMO_SUMMARIES)}")
-        kinds = _parse_fail_on(fail_on)
-        outputs = _outputs(output_format, output, plot, tensorboard, save_grads, kinds, fail_level)
+        options = Options.from_flags({**_values(values), "device": "cpu"})
+        outputs = _outputs(options)
 
         def run(progress: Callable[[str, int, int], None] | None) -> Report:
-            import torch
-
-            from gradcheck_cli.api import analyze
-            from gradcheck_cli.demos import TUTORIAL_BATCH, get_demo, mnist_batches, synthetic_digits
+            from gradcheck_cli.demos import run_demo
 
             _freeze_imported_objects()
-            chosen = get_demo(name)
-            torch.manual_seed(seed)  # the demo's N(0, 1) weights are part of what is reproduced
-            count = steps + train_steps
-            if data is not None:
-                batches, source = mnist_batches(data, count), f"MNIST from {data}"
-            else:
-                batches, source = synthetic_digits(count, seed), "synthetic MNIST-like digits (no download)"
-            return analyze(
-                chosen.build(),
-                batches,
-                "cross-entropy",
-                steps=steps,
-                train_steps=train_steps,
-                lr=lr,
-                seed=seed,
-                device="cpu",
-                batch_size=TUTORIAL_BATCH,
-                value_histograms=outputs.value_histograms,
-                save_grads=save_grads,
-                progress=progress,
-                target=f"demo {name}",
-                notes=[f"data: {source}"],
-            )
+            return run_demo(name, options, mnist, progress)
 
-        report = _with_progress(run, quiet or output_format != Format.table)
+        report = _with_progress(run, options.quiet or options.format != "table")
         raise typer.Exit(outputs.emit(report))
+
+
+_demo.option_names = DEMO_OPTIONS  # type: ignore[attr-defined]
+_DEMO_BEFORE = [
+    inspect.Parameter(
+        "name",
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        default=typer.Argument(None, help="Which demo (see --list).", show_default=False),
+        annotation=str | None,
+    ),
+    inspect.Parameter(
+        "list_demos",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=typer.Option(False, "--list", help="List the demos, one per line."),
+        annotation=bool,
+    ),
+    inspect.Parameter(
+        "mnist",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=typer.Option(
+            None, "--data", "-d", help="Real MNIST: torchvision's MNIST/raw folder or a .safetensors file."
+        ),
+        annotation=Path | None,
+    ),
+]
+app.command(name="demo")(_command(_demo, _DEMO_BEFORE, [_DEBUG]))
 
 
 @app.command()
@@ -457,35 +318,11 @@ def compare(
 # -- helpers ----------------------------------------------------------------------------------------------
 
 
-def _parse_fail_on(text: str) -> list[str]:
-    kinds = [k.strip() for k in text.split(",") if k.strip()]
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown:
-        raise UserError(f"unknown --fail-on kind(s): {', '.join(unknown)}", f"choose from {', '.join(KINDS)}")
-    return kinds
-
-
-def _thresholds(**values: float | int) -> Thresholds:
-    from gradcheck_cli.diagnose import Thresholds
-
-    thresholds = Thresholds(**values)  # type: ignore[arg-type]  # every option here is a float field
-    thresholds.validate()
-    return thresholds
-
-
-def _outputs(
-    output_format: Format,
-    output: Path | None,
-    plot: Path | None,
-    tensorboard: Path | None,
-    save_grads: Path | None,
-    fail_on: list[str],
-    fail_level: FailLevel,
-) -> Outputs:
+def _outputs(options: Options) -> Any:
     """Where the report goes, checked before any pass runs (suffixes, folders, optional extras)."""
     from gradcheck_cli.outputs import Outputs
 
-    outputs = Outputs(output_format.value, output, plot, tensorboard, save_grads, tuple(fail_on), fail_level.value)
+    outputs = Outputs(options)
     outputs.check()
     return outputs
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gradcheck_cli.errors import UserError
-from gradcheck_cli.report import SCHEMA, Layer, Report
+from gradcheck_cli.report import SCHEMA, Layer, Report, json_safe
 
 # An order of magnitude. The same model and seed measured after a harmless change (another batch order, a
 # refactor, a library update) moves these norms by well under 2x; what makes training fail moves them by
@@ -117,9 +117,7 @@ class Comparison:
         }
 
     def to_json(self) -> str:
-        from gradcheck_cli.report import _finite
-
-        return json.dumps(_finite(self.to_dict()), indent=2, allow_nan=False)
+        return json.dumps(json_safe(self.to_dict()), indent=2, allow_nan=False)
 
 
 def load(path: Path) -> Report:

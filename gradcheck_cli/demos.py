@@ -18,17 +18,22 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from gradcheck_cli.data import Batch
+from gradcheck_cli.batch import Batch
 from gradcheck_cli.demo_names import DEMO_SUMMARIES
 from gradcheck_cli.errors import UserError
 
+if TYPE_CHECKING:
+    from gradcheck_cli.options import Options
+    from gradcheck_cli.passes import Progress
+    from gradcheck_cli.report import Report
+
 TUTORIAL_WIDTHS = (784, 128, 128, 128, 128, 10)
 TUTORIAL_BATCH = 128
-TUTORIAL_LR = 0.01
 
 
 class TutorialMLP(nn.Module):
@@ -71,6 +76,23 @@ class Demo:
 
 _BUILDERS: dict[str, Callable[[], nn.Module]] = {"sigmoid-mlp": sigmoid_mlp, "relu-he-mlp": relu_he_mlp}
 DEMOS = {name: Demo(name, DEMO_SUMMARIES[name], build) for name, build in _BUILDERS.items()}
+
+
+def run_demo(name: str, options: Options, mnist: Path | None, progress: Progress | None = None) -> Report:
+    """`gradcheck demo NAME`: the demo's network on MNIST-like digits (or real MNIST from `mnist`)."""
+    from gradcheck_cli.api import run
+
+    chosen = get_demo(name)
+    torch.manual_seed(options.seed)  # the demo's N(0, 1) weights are part of what is reproduced
+    count = options.steps + options.train_steps
+    if mnist is not None:
+        batches, source = mnist_batches(mnist, count), f"MNIST from {mnist}"
+    else:
+        batches, source = synthetic_digits(count, options.seed), "synthetic MNIST-like digits (no download)"
+    model = chosen.build()
+    return run(
+        model, batches, "cross-entropy", options, target=f"demo {name}", notes=[f"data: {source}"], progress=progress
+    )
 
 
 def get_demo(name: str) -> Demo:

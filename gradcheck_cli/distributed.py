@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
-from gradcheck_cli.data import Batch
+from gradcheck_cli.batch import Batch
+from gradcheck_cli.devices import wants_cuda
 from gradcheck_cli.errors import UserError
 
-MODES = ("ddp", "fsdp")
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -42,10 +41,6 @@ class Parallel:
     def sharded(self) -> bool:
         return self.mode == "fsdp"
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def main_process() -> bool:
     """Whether this process should print: always outside torchrun, rank 0 under it."""
@@ -56,18 +51,13 @@ def setup(mode: str, device: str | torch.device | None) -> Parallel:
     """Join the process group that torchrun describes in the environment (gloo on CPU, nccl on CUDA)."""
     import torch.distributed as dist
 
-    if mode not in MODES:
-        raise UserError(f"unknown --parallel mode '{mode}'", "use ddp or fsdp")
     missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
     if missing and not dist.is_initialized():
         raise UserError(
             f"--parallel {mode} needs one process per device, started by torchrun (no {missing[0]} set)",
             f"run: torchrun --nproc-per-node=2 -m gradcheck_cli analyze ... --parallel {mode}",
         )
-    wanted = str(device) if device is not None else "auto"
-    use_cuda = torch.cuda.is_available() if wanted == "auto" else wanted.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is available", "use --device cpu or auto")
+    use_cuda = wants_cuda(device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -114,16 +104,9 @@ def shard(batch: Batch, parallel: Parallel) -> Batch:
     part = size // parallel.world_size
     start = parallel.rank * part
 
-    def cut(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == size:
-            return value[start : start + part]
-        if isinstance(value, dict):
-            return {k: cut(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return type(value)(cut(v) for v in value)
-        return value
-
-    return Batch(cut(batch.args), cut(batch.kwargs), cut(batch.targets))
+    return batch.map(
+        lambda tensor: tensor[start : start + part] if tensor.dim() and tensor.shape[0] == size else tensor
+    )
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
@@ -140,10 +123,44 @@ def all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
     return tensor
 
 
-def broadcast_flag(value: bool, device: torch.device) -> bool:
-    """Rank 0's decision, everywhere (so every rank exits the same way)."""
-    import torch.distributed as dist
+# -- combining per-step numbers across processes -----------------------------------------------------------
+# Each per-step number declares how it combines (steps.py: a field's `combine`):
+GRADIENT_SUM = "gradient_sum"  # sums over a gradient (squared norms, zero counts): summed over shards (FSDP)
+GRADIENT_MAX = "gradient_max"  # maxima over a gradient: max over shards (FSDP)
+LOCAL_SUM = "local_sum"  # per-rank sums (loss, dL/dz, layer inputs, activation counts): summed over ranks
+HOST_COUNT = "host_count"  # element counts kept on the host by the hooks: summed over ranks like LOCAL_SUM
 
-    flag = torch.tensor([1 if value else 0], device=device)
-    dist.broadcast(flag, src=0)
-    return bool(flag.item())
+
+class Combiner:
+    """How one process's per-step numbers combine with the other processes' (nothing to do in one process).
+
+    grad_sum: gradient sums (squared norms, zero counts, histograms): summed across ranks only when parameters
+    are sharded (FSDP), since under DDP every rank already holds the whole averaged gradient.
+    grad_max: maxima of gradients: max across ranks when sharded.
+    local_sum: per-rank sums (loss, dL/dz, inputs, activation counts): always summed across ranks.
+    """
+
+    def __init__(self, world_size: int = 1, sharded: bool = False) -> None:
+        self.world_size = world_size
+        self.sharded = sharded
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def __call__(self, grad_sum: torch.Tensor, grad_max: torch.Tensor, local_sum: torch.Tensor) -> None:
+        if not self.active:
+            return
+        if self.sharded:
+            all_reduce(grad_sum, "sum")
+            all_reduce(grad_max, "max")
+        all_reduce(local_sum, "sum")
+
+    def grads(self, values: torch.Tensor, op: str = "sum") -> None:
+        """Combine gradient-derived numbers outside a step (finish, weight norms)."""
+        if self.active and self.sharded:
+            all_reduce(values, op)
+
+    def locals(self, values: torch.Tensor, op: str = "sum") -> None:
+        if self.active:
+            all_reduce(values, op)

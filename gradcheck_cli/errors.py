@@ -46,3 +46,10 @@ def is_out_of_memory(error: BaseException) -> bool:
         return True
     text = str(error)
     return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def first_line(exc: BaseException, empty: str | None = None) -> str:
+    """The first line of an exception's message, for one-line errors; `empty` (default: the exception's type
+    name) when it has none."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else (empty if empty is not None else type(exc).__name__)

@@ -31,11 +31,10 @@ from typing import IO, TYPE_CHECKING
 
 import torch
 
-from gradcheck_cli.errors import UserError
-from gradcheck_cli.outputs import replace_atomic, writing
+from gradcheck_cli.files import check_file_option, replace_atomic, writing
 
 if TYPE_CHECKING:
-    from gradcheck_cli.probe import LayerSpec
+    from gradcheck_cli.layers import LayerSpec
 
 FORMAT = "gradcheck.grads/1"
 
@@ -49,12 +48,13 @@ DTYPES = {
 
 def check_path(path: Path) -> None:
     """Refuse a bad --save-grads path before any pass runs."""
-    if path.suffix.lower() != ".safetensors":
-        raise UserError(f"--save-grads {path}: not a .safetensors file", "name it e.g. grads.safetensors")
-    if path.is_dir():
-        raise UserError(f"--save-grads {path} is a directory", "give a file name, e.g. grads.safetensors")
-    if not path.parent.exists():
-        raise UserError(f"--save-grads {path}: folder {path.parent} does not exist", "create it first")
+    check_file_option(
+        "--save-grads",
+        path,
+        (".safetensors",),
+        ("not a .safetensors file", "name it e.g. grads.safetensors"),
+        "grads.safetensors",
+    )
 
 
 def layer_label(name: str) -> str:

@@ -12,13 +12,13 @@ when no input requires grad (pytorch #100528). A hook registered on the output t
 the module produced, even when it is later modified in place.
 
 Hooks only do constant work: a few reductions that stay on the device. The host reads everything once per
-step (stats.to_host).
+step (collect.Collector.collect).
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -27,105 +27,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gradcheck_cli.stats import count_subnormal, sample
-
-NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.LocalResponseNorm,
-    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
-)
-CONV_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd,)
-RECURRENT_TYPES: tuple[type[nn.Module], ...] = (nn.RNNBase, nn.RNNCellBase)
-EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
-LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Bilinear)
-ATTENTION_TYPES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
-
-# ReLU-family: a unit whose input is never > 0 passes no gradient at all ("dead").
-DEAD_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
-# Saturating activations and the |input| beyond which the derivative is under 5% of its peak:
-# sigmoid'(x) < 0.05 * 0.25 for |x| > 4.34; tanh'(x) < 0.05 for |x| > 2.18; Hardtanh and Hardsigmoid have
-# derivative exactly 0 beyond their corners.
-SATURATION_LIMITS: dict[type[nn.Module], float] = {
-    nn.Sigmoid: 4.34,
-    nn.Tanh: 2.18,
-    nn.Hardsigmoid: 3.0,
-}
-
-
-def category_of(module: nn.Module) -> str:
-    """What kind of layer a module is, for the rules that treat kinds differently.
-
-    Models often define their own normalisation (nanoGPT's LayerNorm, Llama's RMSNorm): a module whose class
-    name says Norm and whose own parameters are all 1-D (a scale, a shift) counts as one.
-    """
-    own = list(module.parameters(recurse=False))
-    if "Norm" in type(module).__name__ and own and all(p.dim() == 1 for p in own):
-        return "norm"
-    for category, types in (
-        ("norm", NORM_TYPES),
-        ("embedding", EMBEDDING_TYPES),
-        ("recurrent", RECURRENT_TYPES),
-        ("attention", ATTENTION_TYPES),
-        ("conv", CONV_TYPES),
-        ("linear", LINEAR_TYPES),
-    ):
-        if isinstance(module, types):
-            return category
-    return "other"
-
-
-def first_tensor(value: Any) -> torch.Tensor | None:
-    """The primary tensor of a module's output or input: the tensor itself, else the first tensor found in a
-    tuple, list, dict (e.g. a model-hub ModelOutput) or PackedSequence, depth first."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, Mapping):
-        value = list(value.values())
-    if isinstance(value, list | tuple):
-        for item in value:
-            found = first_tensor(item)
-            if found is not None:
-                return found
-    return None
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """A module that directly owns parameters."""
-
-    index: int
-    name: str
-    module: nn.Module
-    category: str
-    # (qualified name as named_parameters() gives it, the tensor)
-    params: tuple[tuple[str, nn.Parameter], ...]
-
-
-def discover_layers(model: nn.Module) -> list[LayerSpec]:
-    """Every module that directly owns parameters, in named_modules() order.
-
-    A tensor shared by several modules (tied weights) is listed under each; its qualified name is the one
-    named_parameters() reports (the first place it is registered).
-    """
-    canonical: dict[int, str] = {}
-    for name, param in model.named_parameters():
-        canonical.setdefault(id(param), name)
-    layers: list[LayerSpec] = []
-    for name, module in model.named_modules():
-        own = [(canonical[id(p)], p) for p in module.parameters(recurse=False) if id(p) in canonical]
-        if own:
-            layers.append(LayerSpec(len(layers), name, module, category_of(module), tuple(own)))
-    return layers
-
-
-@dataclass
-class ActivationKey:
-    """One activation module, attributed to the parameter layer whose output it received."""
-
-    activation: str
-    layer: int
+from gradcheck_cli.batch import first_tensor
+from gradcheck_cli.layers import DEAD_TYPES, SATURATION_LIMITS, LayerSpec
+from gradcheck_cli.reduce import count_subnormal, sample
 
 
 @dataclass
@@ -162,13 +66,11 @@ class Probe:
         self,
         model: nn.Module,
         layers: list[LayerSpec],
-        measure_activations: bool = True,
         amp_tiny: float | None = None,
     ) -> None:
         self.model = model
         self.amp_tiny = amp_tiny
         self.layers = layers
-        self.measure_activations = measure_activations
         self.tape = StepTape()
         self.ever_active: dict[int, torch.Tensor] = {}
         # Layers whose output went straight into a normalisation layer: scale-invariant, see diagnose.
@@ -188,11 +90,10 @@ class Probe:
                     # The root's "output gradient" would be dL/d(model output): not a layer's. Skip it.
                     continue
                 self._handles.append(spec.module.register_forward_hook(self._forward_hook(spec.index)))
-            if self.measure_activations:
-                for module in self.model.modules():
-                    hook = self._activation_hook(module)
-                    if hook is not None:
-                        self._handles.append(module.register_forward_pre_hook(hook))
+            for module in self.model.modules():
+                hook = self._activation_hook(module)
+                if hook is not None:
+                    self._handles.append(module.register_forward_pre_hook(hook))
         except BaseException:
             self.remove()
             raise
@@ -210,10 +111,6 @@ class Probe:
         """Remove every hook this probe registered (also those registered before a failure)."""
         while self._handles:
             self._handles.pop().remove()
-
-    @property
-    def active_hooks(self) -> int:
-        return len(self._handles)
 
     def start_step(self) -> None:
         self.tape = StepTape()
@@ -301,7 +198,7 @@ class Probe:
             if dead:
                 self._record_active_units(layer, x)
             if limit is not None:
-                # A fraction: estimated from a strided sample (stats.sample), constant work per call.
+                # A fraction: estimated from a sample (reduce.sample), constant work per call.
                 values = sample(x)
                 self.tape.saturated.setdefault(layer, []).append(torch.count_nonzero(values.abs() > limit))
                 self.tape.saturated_numel[layer] = self.tape.saturated_numel.get(layer, 0) + values.numel()
@@ -333,51 +230,6 @@ class Probe:
         if x.dim() >= 4 or self._layer_category.get(layer) in ("conv", "norm"):
             return 1
         return x.dim() - 1
-
-
-@dataclass
-class Restorer:
-    """Snapshot of what running passes changes in a model, to put it back afterwards.
-
-    Mode flags per module, parameter .grad references (no copies), buffer values (BatchNorm running stats
-    move in train mode) and, when training steps will change them, parameter values.
-    """
-
-    model: nn.Module
-    save_parameters: bool = False
-    _modes: list[tuple[nn.Module, bool]] = field(default_factory=list)
-    _grads: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
-    _buffers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    _values: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-
-    def __enter__(self) -> Restorer:
-        self._modes = [(m, m.training) for m in self.model.modules()]
-        params = list(_unique(self.model.parameters()))
-        self._grads = [(p, p.grad) for p in params]
-        self._buffers = [(b, b.detach().clone()) for b in _unique(self.model.buffers())]
-        if self.save_parameters:
-            self._values = [(p, p.detach().clone()) for p in params]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        with torch.no_grad():
-            for param, value in self._values:
-                param.copy_(value)
-            for buffer, value in self._buffers:
-                if buffer.shape == value.shape:
-                    buffer.copy_(value)
-        for param, grad in self._grads:
-            param.grad = grad
-        for module, training in self._modes:
-            module.training = training
-
-
-def _unique(tensors: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
-    seen: set[int] = set()
-    for t in tensors:
-        if id(t) not in seen:
-            seen.add(id(t))
-            yield t
 
 
 def hook_count(model: nn.Module) -> int:

@@ -9,19 +9,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterable, Sequence
+import types
+import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-SCHEMA = "gradcheck.report/1"
+from gradcheck_cli.kinds import DEFAULT_FAIL_ON
 
-SEVERITIES = ("warning", "error")
-# Every kind of finding; the CLI's --fail-on accepts these names.
-KINDS = ("vanishing", "exploding", "nan", "dead", "saturated", "unused")
-DEFAULT_FAIL_ON = ("vanishing", "exploding", "nan", "dead")
-STATUSES = ("ok", "vanishing", "exploding", "nan", "dead", "saturated", "frozen", "unused")
-# Which view of the gradients raised a finding.
-VIEWS = ("signal", "update", "numeric", "activation", "usage")
+SCHEMA = "gradcheck.report/1"
 
 
 @dataclass(frozen=True)
@@ -35,9 +31,6 @@ class Finding:
     message: str
     fix: str
     factor: float | None = None  # how far past the threshold's reference, e.g. 1e-3 for "1000x smaller"
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -111,7 +104,7 @@ class Layer:
     dead_fraction: float | None  # ReLU-family units fed by this layer that never activated
     saturated_fraction: float | None  # sigmoid/tanh inputs fed by this layer that sit in saturation
     zero_grad_unit_fraction: float | None  # output units whose weight gradient was 0 in every step
-    histogram: tuple[int, ...] | None = None  # counts of log10|g| in fixed bins (see HISTOGRAM_EDGES)
+    histogram: tuple[int, ...] | None = None  # counts of |g| in fixed power-of-two bins (Report.histogram_edges)
     feeds_norm: bool = False  # its output goes straight into a normalisation layer: scale-invariant
     # per-step signed-value histograms; only when asked for (analyze(value_histograms=True), --plot, --tensorboard)
     value_histograms: tuple[ValueHistogram, ...] | None = None
@@ -153,48 +146,52 @@ class NanOrigin:
     detail: str
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Report:
-    """Everything one analysis found. `healthy` is False when any finding is an error."""
+    """Everything one analysis found. `healthy` is False when any finding is an error.
 
+    Its JSON form (`to_dict`, `to_json`) is derived from these fields, and `from_dict` reads every one of them
+    back, so a report written by `gradcheck analyze` and read by `gradcheck compare` or `--plot` is the same.
+    """
+
+    torch_version: str = ""
     model: str
-    steps: int
-    loss: list[float]
-    layers: list[Layer]
-    parameters: list[ParameterRecord]
-    findings: list[Finding]
-    signal: SignalSummary
-    update: UpdateSummary
-    thresholds: dict[str, float]
-    loss_name: str = ""
     target: str | None = None
+    steps: int
     train_steps: int = 0
-    train_loss: list[float] = field(default_factory=list)
-    lr: float = 0.01
     batch_size: int | None = None
+    lr: float = 0.01
     device: str = "cpu"
     mode: str = "train"
     seed: int = 0
+    loss_name: str = ""
+    loss: list[float]
+    train_loss: list[float] = field(default_factory=list)
+    thresholds: dict[str, float]
+    signal: SignalSummary
+    update: UpdateSummary
     nan_origin: NanOrigin | None = None
-    notes: list[str] = field(default_factory=list)
-    torch_version: str = ""
     amp: str | None = None  # "bf16" | "fp16"
     loss_scale: float | None = None  # fp16: the GradScaler scale the reported (unscaled) gradients carried
     skipped_steps: int = 0  # fp16: steps whose gradients overflowed and were retried at half the scale
     parallel: str | None = None  # "ddp" | "fsdp"
     world_size: int = 1
+    notes: list[str] = field(default_factory=list)
     # Edges (log10 |g|) of every layer's `histogram`: written into the report so that a plot needs nothing else.
     histogram_edges: list[float] = field(default_factory=list)
+    findings: list[Finding]
+    layers: list[Layer]
+    parameters: list[ParameterRecord]
 
     @property
     def healthy(self) -> bool:
         return not any(f.severity == "error" for f in self.findings)
 
     def failing(self, fail_on: Iterable[str] = DEFAULT_FAIL_ON, fail_level: str = "error") -> list[Finding]:
-        """The findings that should fail a CI step under these options."""
-        kinds = set(fail_on)
-        levels = {"error"} if fail_level == "error" else {"warning", "error"}
-        return [f for f in self.findings if f.kind in kinds and f.severity in levels]
+        """The findings that should fail a CI step under these options (gate.Gate decides it)."""
+        from gradcheck_cli.gate import Gate
+
+        return list(Gate.of(self, fail_on, fail_level).failing)
 
     def layer(self, name: str) -> Layer:
         for layer in self.layers:
@@ -205,41 +202,10 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         from gradcheck_cli._version import __version__
 
-        return {
-            "schema": SCHEMA,
-            "gradcheck_version": __version__,
-            "torch_version": self.torch_version,
-            "model": self.model,
-            "target": self.target,
-            "healthy": self.healthy,
-            "steps": self.steps,
-            "train_steps": self.train_steps,
-            "batch_size": self.batch_size,
-            "lr": self.lr,
-            "device": self.device,
-            "mode": self.mode,
-            "seed": self.seed,
-            "loss_name": self.loss_name,
-            "loss": self.loss,
-            "train_loss": self.train_loss,
-            "thresholds": self.thresholds,
-            "signal": dataclasses.asdict(self.signal),
-            "update": dataclasses.asdict(self.update),
-            "nan_origin": dataclasses.asdict(self.nan_origin) if self.nan_origin else None,
-            "amp": self.amp,
-            "loss_scale": self.loss_scale,
-            "skipped_steps": self.skipped_steps,
-            "parallel": self.parallel,
-            "world_size": self.world_size,
-            "notes": self.notes,
-            "histogram_edges": self.histogram_edges,
-            "findings": [f.as_dict() for f in self.findings],
-            "layers": [_layer_dict(layer) for layer in self.layers],
-            "parameters": [dataclasses.asdict(p) for p in self.parameters],
-        }
+        return {"schema": SCHEMA, "gradcheck_version": __version__, **_encode(self)}
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(_finite(self.to_dict()), indent=indent, allow_nan=False)
+        return json.dumps(json_safe(self.to_dict()), indent=indent, allow_nan=False)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
@@ -251,89 +217,71 @@ class Report:
             found = data.get("schema") if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"not a {SCHEMA} document (schema: {found!r})")
         try:
-            return cls(
-                model=data["model"],
-                target=data.get("target"),
-                steps=data["steps"],
-                loss=[_float(v) for v in data["loss"]],
-                layers=[_record(Layer, item, _LAYER_TEXT) for item in data["layers"]],
-                parameters=[_record(ParameterRecord, item, _PARAMETER_TEXT) for item in data["parameters"]],
-                findings=[_record(Finding, item, _FINDING_TEXT) for item in data["findings"]],
-                signal=_record(SignalSummary, data["signal"], {"chain"}),
-                update=_record(UpdateSummary, data["update"], {"layers"}),
-                thresholds={k: _float(v) for k, v in data["thresholds"].items()},
-                loss_name=data.get("loss_name", ""),
-                train_steps=data.get("train_steps", 0),
-                train_loss=[_float(v) for v in data.get("train_loss", [])],
-                lr=_float(data.get("lr", 0.01)),
-                batch_size=data.get("batch_size"),
-                device=data.get("device", "cpu"),
-                mode=data.get("mode", "train"),
-                seed=data.get("seed", 0),
-                nan_origin=_record(NanOrigin, data["nan_origin"], {"phase", "module", "detail"})
-                if data.get("nan_origin")
-                else None,
-                notes=list(data.get("notes", [])),
-                torch_version=data.get("torch_version", ""),
-                histogram_edges=[_float(v) for v in data.get("histogram_edges", [])],
-            )
+            report: Report = _decode(cls, data)
         except (KeyError, TypeError, AttributeError) as error:
             raise ValueError(f"malformed {SCHEMA} document ({type(error).__name__}: {error})") from None
+        return report
 
 
-# Fields that hold text, and so are never read as the strings "nan"/"inf" that stand for numbers in JSON.
-_LAYER_TEXT = {"name", "type", "category", "parameters", "status", "severity"}
-_PARAMETER_TEXT = {"name", "layers"}
-_FINDING_TEXT = {"layer", "kind", "severity", "view", "message", "fix"}
+# Properties written beside a record's fields (read back as they follow from the fields).
+_COMPUTED = {"Report": ("healthy",), "Layer": ("frozen",)}
 
 
-def _float(value: Any) -> Any:
-    """A JSON number back to a float: "nan", "inf", "-inf" as written by _finite; lists become tuples."""
-    if isinstance(value, str):
-        return float(value) if value in ("nan", "inf", "-inf") else value
-    if isinstance(value, list):
-        return tuple(_float(v) for v in value)
+def _encode(value: Any) -> Any:
+    """A record as JSON-ready data: every dataclass field, nested records and sequences included."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        data = {item.name: _encode(getattr(value, item.name)) for item in dataclasses.fields(value)}
+        for name in _COMPUTED.get(type(value).__name__, ()):
+            data[name] = getattr(value, name)
+        return data
+    if isinstance(value, list | tuple):
+        return [_encode(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _encode(item) for key, item in value.items()}
     return value
 
 
-def _record(cls: type[Any], data: dict[str, Any], text: set[str]) -> Any:
-    """One dataclass from its dict: known fields only (a newer report may have more), numbers restored."""
-    values: dict[str, Any] = {}
-    for item in dataclasses.fields(cls):
-        if item.name not in data:
-            continue  # a field added after this report was written: its default applies
-        value = data[item.name]
-        if item.name == "value_histograms" and value is not None:
-            value = tuple(ValueHistogram(h["step"], _float(h["limit"]), tuple(h["counts"])) for h in value)
-        elif item.name in text:
-            value = tuple(value) if isinstance(value, list) else value
-        else:
-            value = _float(value)
-        values[item.name] = value
-    return cls(**values)
+def _decode(hint: Any, value: Any) -> Any:
+    """Data from JSON back to the type a field declares: records, tuples, lists, and the strings "nan", "inf",
+    "-inf" that stand for numbers (json_safe) only where the field holds a number."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        (inner,) = [arg for arg in args if arg is not type(None)]
+        return _decode(inner, value)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise TypeError(f"{hint.__name__} is a {type(value).__name__}, not an object")
+        hints = typing.get_type_hints(hint)
+        values = {
+            item.name: _decode(hints[item.name], value[item.name])
+            for item in dataclasses.fields(hint)
+            if item.name in value or _required(item)  # a field added after this report was written: its default
+        }
+        return hint(**values)
+    if origin in (tuple, list):
+        if not isinstance(value, list):
+            raise TypeError(f"expected a list, got {type(value).__name__}")
+        items = [_decode(args[0], item) for item in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        return {key: _decode(args[1], item) for key, item in value.items()}
+    if hint is float and isinstance(value, str) and value in ("nan", "inf", "-inf"):
+        return float(value)
+    return value
 
 
-def _layer_dict(layer: Layer) -> dict[str, Any]:
-    data = dataclasses.asdict(layer)
-    data["frozen"] = layer.frozen
-    return data
+def _required(item: dataclasses.Field[Any]) -> bool:
+    return item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
 
 
-def _finite(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON has no NaN or Infinity: write them as the strings "nan", "inf", "-inf" (documented)."""
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
-
-
-def median(values: Sequence[float]) -> float | None:
-    """Median of the finite values; None for none."""
-    finite = sorted(v for v in values if v is not None and math.isfinite(v))
-    if not finite:
-        return None
-    mid = len(finite) // 2
-    return finite[mid] if len(finite) % 2 else 0.5 * (finite[mid - 1] + finite[mid])

@@ -7,37 +7,26 @@ notice that a forward raised or that a loss or gradient was non-finite, then one
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gradcheck_cli.data import Batch
-from gradcheck_cli.errors import ModelRunError
+from gradcheck_cli.batch import Batch, tensors_in
+from gradcheck_cli.errors import ModelRunError, first_line
 from gradcheck_cli.report import NanOrigin
-
-
-def _tensors(value: Any) -> Iterable[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from _tensors(item)
 
 
 def _finite(value: Any) -> bool:
     return all(
-        bool(torch.isfinite(t).all()) for t in _tensors(value) if t.dtype.is_floating_point or t.dtype.is_complex
+        bool(torch.isfinite(t).all()) for t in tensors_in(value) if t.dtype.is_floating_point or t.dtype.is_complex
     )
 
 
 def _shapes(value: Any) -> str:
-    shapes = [tuple(t.shape) for t in _tensors(value)]
+    shapes = [tuple(t.shape) for t in tensors_in(value)]
     return ", ".join(str(s) for s in shapes[:3]) or "no tensors"
 
 
@@ -83,7 +72,7 @@ def locate_failure(model: nn.Module, batch: Batch, error: Exception) -> ModelRun
             model(*batch.args, **batch.kwargs)
         except Exception:
             failed = list(stack)
-    message = _first_line(error)
+    message = first_line(error)
     if failed and len(failed) > 1:
         name, module, shapes = failed[-1]
         return ModelRunError(
@@ -121,7 +110,7 @@ def trace_nonfinite(
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if not forward_origin and not _finite(output) and _finite(args):
                 forward_origin.append((name, module))
-            for tensor in _tensors(output):
+            for tensor in tensors_in(output):
                 if tensor.requires_grad:
                     tensor.register_hook(lambda g, n=name: backward_events.append((n, _finite(g))))
                     break
@@ -163,8 +152,3 @@ def trace_nonfinite(
             f"dL/dz first became NaN/Inf at the output of {bad_output}, in the backward of the operation using it",
         )
     return NanOrigin("backward", None, "a gradient is NaN/Inf but no module output's gradient was")
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gradcheck_cli import config
 from gradcheck_cli.errors import UserError
+from gradcheck_cli.resolve import config
 
 
 @pytest.fixture

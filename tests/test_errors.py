@@ -18,7 +18,7 @@ from safetensors.torch import save
 from torch import nn
 
 import gradcheck_cli
-from gradcheck_cli import outputs as outputs_module
+from gradcheck_cli import files as files_module
 from gradcheck_cli.errors import ModelRunError
 
 HEADER = "import sys\nimport torch\nfrom torch import nn\n"
@@ -267,7 +267,7 @@ def _failing_stream(monkeypatch: pytest.MonkeyPatch) -> None:
             self.stream.flush()
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(outputs_module, "open", lambda *a, **k: HalfWriter(real_open(*a, **k)), raising=False)
+    monkeypatch.setattr(files_module, "open", lambda *a, **k: HalfWriter(real_open(*a, **k)), raising=False)
 
 
 @pytest.mark.parametrize("existing", [False, True])

@@ -17,9 +17,10 @@ from hypothesis import strategies as st
 from safetensors.torch import save
 from torch import nn
 
-from gradcheck_cli.data import load_data, parse_data_spec
 from gradcheck_cli.errors import UserError
-from gradcheck_cli.loading import Target, load_weights, parse_target
+from gradcheck_cli.resolve.data import load_data
+from gradcheck_cli.resolve.specs import Target, parse_data_spec, parse_target
+from gradcheck_cli.resolve.weights import load_weights
 
 FAST = settings(max_examples=200, deadline=None)
 FILES = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file, save_model
 
 from gradcheck_cli.api import analyze_target
-from gradcheck_cli.data import parse_data_spec
 from gradcheck_cli.errors import UserError
-from gradcheck_cli.loading import parse_target
+from gradcheck_cli.resolve.specs import parse_data_spec, parse_target
 
 NET = "nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))"
 HEADER = "import torch\nfrom torch import nn\n"
@@ -186,7 +185,7 @@ def test_data_safetensors_is_cut_into_consecutive_batches(write, tmp_path: Path)
 
     def loss_of(start: int, stop: int) -> float:
         nonlocal model
-        from gradcheck_cli.loading import import_file
+        from gradcheck_cli.resolve.modules import import_file
 
         model = import_file(Path(path)).model
         return F.cross_entropy(model(inputs[start:stop]), targets[start:stop]).item()
@@ -320,7 +319,7 @@ def test_random_projection_gradient_is_the_seeded_direction(write) -> None:
     """With no targets, dL/d(output) = R / batch for a fixed Gaussian R (independent check of the claim)."""
     path = _file(write, "proj.py", "model = nn.Sequential(nn.Linear(8, 6))\n")
     report = analyze_target(path, data="randn:5,8", steps=1, seed=11)
-    from gradcheck_cli.loading import import_file
+    from gradcheck_cli.resolve.modules import import_file
 
     model = import_file(Path(path)).model
     x = torch.randn((5, 8), generator=torch.Generator().manual_seed(11))

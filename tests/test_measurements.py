@@ -240,7 +240,8 @@ def test_custom_normalisation_classes_count_as_norm_layers() -> None:
 
 def test_batched_histograms_match_log2_binning_written_out() -> None:
     """Independent binning: floor(log2 |g|) in float64, clipped to the range, zeros left out, times the scale."""
-    from gradcheck_cli.stats import HISTOGRAM_BINS, HISTOGRAM_HIGH, HISTOGRAM_LOW, histograms_of
+    from gradcheck_cli.reduce import histograms_of
+    from gradcheck_cli.series import HISTOGRAM_BINS, HISTOGRAM_HIGH, HISTOGRAM_LOW
 
     g = torch.Generator().manual_seed(0)
     first = torch.randn(1000, generator=g) * 10.0 ** torch.randint(-15, 6, (1000,), generator=g).float()

@@ -18,9 +18,10 @@ from conftest import MLP_FILE, Cli
 from torch import nn
 
 import gradcheck_cli
+from gradcheck_cli.gate import Gate
+from gradcheck_cli.reduce import VALUE_BINS, value_histogram
 from gradcheck_cli.render import github
 from gradcheck_cli.report import Report
-from gradcheck_cli.stats import VALUE_BINS, value_histogram
 
 SCHEMA = json.loads((Path(__file__).parents[1] / "gradcheck_cli" / "report.schema.json").read_text())
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -136,7 +137,7 @@ def test_plot_is_drawn_from_the_json_report_alone(run: dict[str, Any], tmp_path:
     from gradcheck_cli.render import plot
 
     report = Report.from_dict(json.loads(run["json"].read_text()))
-    plot.save(report, tmp_path / "from_json.png", ["vanishing"], "error")
+    plot.save(report, tmp_path / "from_json.png", Gate.of(report, ["vanishing"], "error"))
     assert (tmp_path / "from_json.png").read_bytes().startswith(PNG_MAGIC)
 
 
@@ -148,7 +149,7 @@ def test_plot_marks_flagged_layers_and_switches_to_a_heat_map_for_deep_models(cl
     code, data = cli.json("analyze", path, "--fail-on", "vanishing")
     assert code == 1
     report = Report.from_dict(data)
-    figure = plot.build(report, ["vanishing"], "error")
+    figure = plot.build(report, Gate.of(report, ["vanishing"], "error"))
     texts = [t.get_text() for ax in figure.get_axes() for t in ax.texts]
     assert "vanishing" in texts  # the kind written beside the flagged run
     assert any(
@@ -342,5 +343,5 @@ def test_nan_gradients_still_plot(tmp_path: Path) -> None:
 
     report = gradcheck_cli.analyze(Bad(), (torch.randn(8, 4), torch.randint(0, 2, (8,))), value_histograms=True)
     assert not report.healthy
-    plot.save(report, tmp_path / "nan.png", ["nan"], "error")
+    plot.save(report, tmp_path / "nan.png", Gate.of(report, ["nan"], "error"))
     assert (tmp_path / "nan.png").stat().st_size > 10_000

@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from gradcheck_cli.gate import Gate
+from gradcheck_cli.kinds import KIND_BY_NAME
 from gradcheck_cli.report import Finding, Layer, Report
+from gradcheck_cli.series import histogram_edges
 
 SPARK = " ▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 16
@@ -73,8 +76,6 @@ def sparkline(histogram: Sequence[int] | None, window: tuple[int, int] | None, w
 
 def spark_axis(window: tuple[int, int] | None) -> str:
     """The sparkline's range in words, e.g. '|g| 1e-09 .. 1e-01'."""
-    from gradcheck_cli.stats import histogram_edges
-
     if window is None:
         return ""
     edges = histogram_edges()
@@ -83,7 +84,8 @@ def spark_axis(window: tuple[int, int] | None) -> str:
 
 def status_text(layer: Layer, findings: Sequence[Finding]) -> str:
     """'vanishing 830x [signal]' style: the status, how bad (a factor or a fraction), and which view said so."""
-    if layer.status in ("ok", "frozen", "unused"):
+    kind = KIND_BY_NAME.get(layer.status)
+    if kind is None or kind.name == "unused":  # ok, frozen; unused says it all
         return layer.status
     mine = [f for f in findings if f.layer == layer.name and f.kind == layer.status]
     worst = min(mine, key=lambda f: f.severity != "error") if mine else None
@@ -92,7 +94,7 @@ def status_text(layer: Layer, findings: Sequence[Finding]) -> str:
     factor = worst.factor
     if factor is None:
         return f"{layer.status} [{worst.view}]"
-    if layer.status in ("dead", "saturated"):
+    if kind.amount == "fraction":
         return f"{layer.status} {factor:.0%} [{worst.view}]"
     shown = factor if factor >= 1 else 1 / factor
     amount = f"{shown:.0f}x" if shown < 1e4 else f"{shown:.0e}x"
@@ -130,11 +132,8 @@ def update_line(report: Report) -> str:
     )
 
 
-def verdict_line(report: Report, failing: Sequence[Finding], fail_on: Sequence[str], fail_level: str) -> str:
+def verdict_line(report: Report, gate: Gate) -> str:
     errors = sum(f.severity == "error" for f in report.findings)
     warnings = sum(f.severity == "warning" for f in report.findings)
-    head = "FAIL" if failing else "PASS"
-    return (
-        f"{head}: {errors} error(s), {warnings} warning(s); {len(failing)} failing "
-        f"(--fail-on {','.join(fail_on)} at --fail-level {fail_level})"
-    )
+    head = "FAIL" if gate.failing else "PASS"
+    return f"{head}: {errors} error(s), {warnings} warning(s); {len(gate.failing)} failing ({gate.options()})"

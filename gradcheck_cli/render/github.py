@@ -10,9 +10,10 @@ GITHUB_ACTIONS=true. Escaping as GitHub's toolkit does it (actions/toolkit, core
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
+from gradcheck_cli.gate import Gate
 from gradcheck_cli.render.common import display_name
 from gradcheck_cli.report import Report
 
@@ -48,13 +49,12 @@ def target_file(report: Report) -> str | None:
     return Path(path).as_posix()
 
 
-def workflow_commands(report: Report, fail_on: Sequence[str], fail_level: str) -> list[str]:
+def workflow_commands(report: Report, gate: Gate) -> list[str]:
     """An ::error per finding that fails the run, a ::warning per other finding."""
-    failing = {id(f) for f in report.failing(fail_on, fail_level)}
     file = target_file(report)
     lines = []
     for finding in report.findings:
-        level = "error" if id(finding) in failing else "warning"
+        level = "error" if gate.fails(finding) else "warning"
         lines.append(
             command(
                 level,

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
 
+from gradcheck_cli.gate import Gate
+from gradcheck_cli.render.columns import in_forward_order
 from gradcheck_cli.render.common import display_name, status_text
 from gradcheck_cli.report import Finding, Report
 
@@ -24,10 +25,8 @@ def _text(value: object) -> str:
     return _NOT_XML.sub("?", str(value))
 
 
-def render(report: Report, fail_on: Sequence[str], fail_level: str) -> str:
-    failing = report.failing(fail_on, fail_level)
-    failing_ids = {id(f) for f in failing}
-    ordered = sorted(report.layers, key=lambda layer: (layer.forward_index is None, layer.forward_index or 0))
+def render(report: Report, gate: Gate) -> str:
+    ordered = in_forward_order(report.layers)
     cases: list[tuple[str, list[Finding], bool]] = [
         (layer.name, [f for f in report.findings if f.layer == layer.name], layer.frozen) for layer in ordered
     ]
@@ -35,7 +34,7 @@ def render(report: Report, fail_on: Sequence[str], fail_level: str) -> str:
     for other in dict.fromkeys(f.layer for f in report.findings if f.layer not in known):
         cases.append((other, [f for f in report.findings if f.layer == other], False))
 
-    failures = sum(any(id(f) in failing_ids for f in findings) for _, findings, _ in cases)
+    failures = sum(any(gate.fails(f) for f in findings) for _, findings, _ in cases)
     skipped = sum(frozen for _, _, frozen in cases)
     counts = {"tests": str(len(cases)), "failures": str(failures), "errors": "0", "skipped": str(skipped)}
     root = ET.Element("testsuites", {"name": "gradcheck", **counts, "time": "0"})
@@ -51,8 +50,8 @@ def render(report: Report, fail_on: Sequence[str], fail_level: str) -> str:
         ("seed", report.seed),
         ("device", report.device),
         ("torch_version", report.torch_version),
-        ("fail_on", ",".join(fail_on)),
-        ("fail_level", fail_level),
+        ("fail_on", ",".join(gate.fail_on)),
+        ("fail_level", gate.fail_level),
     ):
         ET.SubElement(properties, "property", {"name": name, "value": _text(value)})
 
@@ -61,7 +60,7 @@ def render(report: Report, fail_on: Sequence[str], fail_level: str) -> str:
         case = ET.SubElement(
             suite, "testcase", {"classname": _text(classname), "name": _text(display_name(name)), "time": "0"}
         )
-        failed = sorted((f for f in findings if id(f) in failing_ids), key=lambda f: f.severity != "error")
+        failed = sorted((f for f in findings if gate.fails(f)), key=lambda f: f.severity != "error")
         for finding in failed:
             failure = ET.SubElement(
                 case,
@@ -71,7 +70,7 @@ def render(report: Report, fail_on: Sequence[str], fail_level: str) -> str:
             failure.text = _text(_describe(finding, report))
         if frozen and not findings:
             ET.SubElement(case, "skipped", {"message": "frozen: no trainable parameters"})
-        others = [f for f in findings if id(f) not in failing_ids]
+        others = [f for f in findings if not gate.fails(f)]
         if others:
             out = ET.SubElement(case, "system-out")
             out.text = _text("\n\n".join(_describe(f, report) for f in others))

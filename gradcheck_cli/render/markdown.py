@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from gradcheck_cli.render.common import (
-    count,
-    display_name,
-    grouped,
-    number,
-    signal_line,
-    spark_axis,
-    spark_window,
-    sparkline,
-    spread,
-    status_text,
-    update_line,
-    verdict_line,
-)
+from gradcheck_cli.gate import Gate
+from gradcheck_cli.render.columns import COLUMNS, TableContext, in_forward_order
+from gradcheck_cli.render.common import display_name, grouped, signal_line, update_line, verdict_line
 from gradcheck_cli.report import Report
 
 ICON = {"error": "❌", "warning": "⚠️"}
@@ -27,12 +14,11 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render(report: Report, fail_on: Sequence[str], fail_level: str) -> str:
-    failing = report.failing(fail_on, fail_level)
+def render(report: Report, gate: Gate) -> str:
     lines = [
         f"## gradcheck: {report.model}",
         "",
-        f"**{verdict_line(report, failing, fail_on, fail_level)}**",
+        f"**{verdict_line(report, gate)}**",
         "",
         f"loss `{report.loss_name}` per step: {', '.join(f'{v:.4g}' for v in report.loss)}; "
         f"{report.steps} step(s), batch {report.batch_size}, {report.device}, {report.mode} mode, seed {report.seed}",
@@ -43,36 +29,15 @@ def render(report: Report, fail_on: Sequence[str], fail_level: str) -> str:
     if report.nan_origin is not None:
         lines.append(f"- NaN origin: {report.nan_origin.detail}")
     lines += [f"- note: {note}" for note in report.notes]
-    window = spark_window(report.layers)
+    context = TableContext.of(report)
     lines += [
         "",
-        f"| layer | type | params | ‖g‖ | spread | ‖g‖/‖W‖ | ‖dL/dz‖ | {spark_axis(window) or 'histogram'} | status |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|",
+        "| " + " | ".join(_cell(column.header(context)) for column in COLUMNS) + " |",
+        "|" + "|".join("---:" if column.justify == "right" else "---" for column in COLUMNS) + "|",
     ]
-    ordered = sorted(report.layers, key=lambda layer: (layer.forward_index is None, layer.forward_index or 0))
-    for layer in ordered:
-        status = status_text(layer, report.findings)
-        if layer.severity:
-            status = f"{ICON[layer.severity]} {status}"
-        spark = sparkline(layer.histogram, window)
-        lines.append(
-            "| "
-            + " | ".join(
-                _cell(cell)
-                for cell in (
-                    f"`{display_name(layer)}`",
-                    layer.type,
-                    count(layer.params),
-                    number(layer.grad_norm_median),
-                    spread(layer.grad_norm_spread),
-                    number(layer.grad_to_weight),
-                    number(layer.output_grad_norm_median),
-                    f"`{spark}`" if spark.strip() else "",
-                    status,
-                )
-            )
-            + " |"
-        )
+    for layer in in_forward_order(report.layers):
+        cells = [_decorated(column.cell(layer, context), column.role, layer.severity) for column in COLUMNS]
+        lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
     if report.findings:
         lines += ["", "### Findings", ""]
         for group, fix in grouped(report.findings):
@@ -83,3 +48,14 @@ def render(report: Report, fail_on: Sequence[str], fail_level: str) -> str:
                 )
             lines.append(f"  - fix{'' if len(group) == 1 else f' (the {len(group)} above)'}: {fix}")
     return "\n".join(lines) + "\n"
+
+
+def _decorated(text: str, role: str, severity: str | None) -> str:
+    """Markdown's touches on a cell: code spans for names and sparklines, an icon on a flagged status."""
+    if role == "name":
+        return f"`{text}`"
+    if role == "spark":
+        return f"`{text}`" if text.strip() else ""
+    if role == "status" and severity:
+        return f"{ICON[severity]} {text}"
+    return text

@@ -19,8 +19,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gradcheck_cli.errors import UserError
+from gradcheck_cli.files import check_file_option, replace_atomic
+from gradcheck_cli.gate import Gate
+from gradcheck_cli.render.columns import in_forward_order
 from gradcheck_cli.render.common import display_name, spark_window, status_text, verdict_line
 from gradcheck_cli.report import Finding, Layer, Report
+from gradcheck_cli.series import histogram_edges
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -40,30 +44,25 @@ INSTALL_HINT = 'pip install "gradcheck-cli[plot]"'
 
 def check(path: Path) -> None:
     """Refuse a bad --plot before any pass runs: wrong suffix, missing folder, matplotlib not installed."""
-    if path.suffix.lower() not in SUFFIXES:
-        raise UserError(f"--plot {path}: unknown image type '{path.suffix}'", "use .png or .svg")
-    if path.is_dir():
-        raise UserError(f"--plot {path} is a directory", "give a file name, e.g. gradients.png")
-    if not path.parent.exists():
-        raise UserError(f"--plot {path}: folder {path.parent} does not exist", "create it first")
+    check_file_option(
+        "--plot", path, SUFFIXES, (f"unknown image type '{path.suffix}'", "use .png or .svg"), "gradients.png"
+    )
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise UserError("--plot needs matplotlib", INSTALL_HINT) from None
 
 
-def save(report: Report, path: Path, fail_on: Sequence[str], fail_level: str) -> None:
+def save(report: Report, path: Path, gate: Gate) -> None:
     """Draw the figure and write it atomically; the format follows the suffix."""
-    from gradcheck_cli.outputs import replace_atomic
-
-    figure = build(report, fail_on, fail_level)
+    figure = build(report, gate)
     replace_atomic(path, lambda name: figure.savefig(name, dpi=110, format=path.suffix.lower().lstrip(".")))
 
 
-def build(report: Report, fail_on: Sequence[str], fail_level: str) -> Figure:
+def build(report: Report, gate: Gate) -> Figure:
     from matplotlib.figure import Figure
 
-    ordered = sorted(report.layers, key=lambda layer: (layer.forward_index is None, layer.forward_index or 0))
+    ordered = in_forward_order(report.layers)
     flow = [layer for layer in ordered if layer.forward_index is not None and _in_views(report, layer)]
     small = len(ordered) <= SMALL_MULTIPLES
     has_values = small and any(layer.value_histograms for layer in ordered)
@@ -71,13 +70,12 @@ def build(report: Report, fail_on: Sequence[str], fail_level: str) -> Figure:
     height = max(7.5, 0.62 * rows + 2.2) if small else min(MAX_HEIGHT, max(7.5, 0.16 * rows + 3.0))
     width = 19.0 if has_values else 16.0
     figure = Figure(figsize=(width, height), layout="constrained")
-    failing = report.failing(fail_on, fail_level)
     figure.suptitle(
         f"gradcheck: {report.model}"
         + (f"  ({report.target})" if report.target else "")
-        + f"\n{verdict_line(report, failing, fail_on, fail_level)}",
+        + f"\n{verdict_line(report, gate)}",
         fontsize=12,
-        color=COLOR["error"] if failing else "black",
+        color=COLOR["error"] if gate.failing else "black",
     )
     panels: Any = figure.subfigures(1, 2, width_ratios=[1.0, 1.25 if has_values else 0.9], wspace=0.02)
     left, right = panels[0], panels[1]
@@ -311,9 +309,7 @@ def _layer_ticks(axes: Axes, layers: Sequence[Layer]) -> None:
 def _edges(report: Report) -> list[float]:
     if report.histogram_edges:
         return list(report.histogram_edges)
-    from gradcheck_cli.stats import histogram_edges  # a report from before edges were written into it
-
-    return histogram_edges()
+    return histogram_edges()  # a report from before edges were written into it
 
 
 def _window(report: Report, layers: Sequence[Layer]) -> tuple[int, int] | None:

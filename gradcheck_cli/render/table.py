@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
 
 from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from gradcheck_cli.render.common import (
-    count,
-    display_name,
-    grouped,
-    number,
-    percent,
-    signal_line,
-    spark_axis,
-    spark_window,
-    sparkline,
-    spread,
-    status_text,
-    update_line,
-    verdict_line,
-)
+from gradcheck_cli.gate import Gate
+from gradcheck_cli.render.columns import COLUMNS, TableContext, in_forward_order
+from gradcheck_cli.render.common import display_name, grouped, percent, signal_line, update_line, verdict_line
 from gradcheck_cli.report import Report
 
+PIPED_WIDTH = 160  # CI logs and files have no terminal width; the table needs ~130 columns
 STATUS_STYLE = {
     "ok": "green",
     "frozen": "dim",
@@ -33,7 +22,7 @@ STATUS_STYLE = {
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow"}
 
 
-def build(report: Report, fail_on: Sequence[str], fail_level: str) -> RenderableType:
+def build(report: Report, gate: Gate) -> RenderableType:
     """The whole terminal report: header, per-layer table, findings with fixes, verdict line."""
     header = Text()
     header.append(f"gradcheck: {report.model}", style="bold")
@@ -45,31 +34,19 @@ def build(report: Report, fail_on: Sequence[str], fail_level: str) -> Renderable
     losses = ", ".join(f"{v:.4g}" for v in report.loss)
     header.append(f"\nloss per step: {losses}", style="dim")
 
-    window = spark_window(report.layers)
+    context = TableContext.of(report)
     table = Table(show_edge=False, header_style="bold", pad_edge=False, expand=False)
-    table.add_column("layer", overflow="fold")
-    table.add_column("type")
-    table.add_column("params", justify="right")
-    table.add_column("‖g‖", justify="right")
-    table.add_column("spread", justify="right")
-    table.add_column("‖g‖/‖W‖", justify="right")
-    table.add_column("‖dL/dz‖", justify="right")
-    table.add_column(spark_axis(window) or "|g| histogram", no_wrap=True)
-    table.add_column("status", no_wrap=True)
-    ordered = sorted(report.layers, key=lambda layer: (layer.forward_index is None, layer.forward_index or 0))
-    for layer in ordered:
-        style = SEVERITY_STYLE.get(layer.severity or "", STATUS_STYLE.get(layer.status, ""))
-        table.add_row(
-            display_name(layer),
-            layer.type,
-            count(layer.params),
-            number(layer.grad_norm_median),
-            spread(layer.grad_norm_spread),
-            number(layer.grad_to_weight),
-            number(layer.output_grad_norm_median),
-            Text(sparkline(layer.histogram, window), style="cyan"),
-            Text(status_text(layer, report.findings), style=style),
+    for column in COLUMNS:
+        table.add_column(
+            column.header(context),
+            justify=column.justify,
+            overflow="fold" if column.role == "name" else "ellipsis",
+            no_wrap=column.role in ("spark", "status"),
         )
+    for layer in in_forward_order(report.layers):
+        style = SEVERITY_STYLE.get(layer.severity or "", STATUS_STYLE.get(layer.status, ""))
+        cells = [column.cell(layer, context) for column in COLUMNS]
+        table.add_row(*[_styled(text, column.role, style) for text, column in zip(cells, COLUMNS, strict=True)])
 
     parts: list[RenderableType] = [header, Text(""), table, Text("")]
     parts.append(Text(signal_line(report), style="dim"))
@@ -91,11 +68,8 @@ def build(report: Report, fail_on: Sequence[str], fail_level: str) -> Renderable
             parts.append(line)
         label = "fix" if len(group) == 1 else f"fix (the {len(group)} above)"
         parts.append(Text(f"        {label}: {fix}", style="cyan"))
-    failing = report.failing(fail_on, fail_level)
     parts.append(Text(""))
-    parts.append(
-        Text(verdict_line(report, failing, fail_on, fail_level), style="bold red" if failing else "bold green")
-    )
+    parts.append(Text(verdict_line(report, gate), style="bold red" if gate.failing else "bold green"))
     extras = _column_notes(report)
     if extras:
         parts.append(Text(extras, style="dim"))
@@ -119,5 +93,21 @@ def _column_notes(report: Report) -> str:
     return "; ".join(notes)
 
 
-def render(report: Report, console: Console, fail_on: Sequence[str], fail_level: str) -> None:
-    console.print(build(report, fail_on, fail_level))
+def _styled(text: str, role: str, status_style: str) -> Text | str:
+    if role == "spark":
+        return Text(text, style="cyan")
+    if role == "status":
+        return Text(text, style=status_style)
+    return text
+
+
+def render(report: Report, gate: Gate, console: Console) -> None:
+    console.print(build(report, gate))
+
+
+def render_text(report: Report, gate: Gate) -> str:
+    """The table as plain text, without colour, at the width of a CI log: for --output FILE.txt."""
+    with open(os.devnull, "w") as devnull:
+        console = Console(record=True, width=PIPED_WIDTH, file=devnull, color_system=None)
+        render(report, gate, console)
+    return console.export_text()

@@ -7,55 +7,21 @@ arguments (as model-hub models expect; its "labels", if any, also serve as targe
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gradcheck_cli.batch import Batch
 from gradcheck_cli.errors import UserError
-from gradcheck_cli.loading import Target, file_function, import_target, parse_target
+from gradcheck_cli.resolve.modules import file_function, function_in
+from gradcheck_cli.resolve.specs import DataSpec
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-DEFAULT_BATCH_SIZE = 32
 SYNTHETIC_SEQUENCE_LENGTH = 16  # token ids per row for an embedding-first model without --data
 SYNTHETIC_IMAGE_SIZE = 32  # spatial size per dimension for a conv-first model without --data
-MAX_INT64 = 2**63 - 1  # torch sizes and integer bounds are int64: larger ones overflow inside torch
-
-
-@dataclass
-class Batch:
-    """One batch, ready to call the model with: model(*args, **kwargs); targets for the loss (or None)."""
-
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    targets: Any = None
-
-    def to(self, device: torch.device) -> Batch:
-        return Batch(_move(self.args, device), _move(self.kwargs, device), _move(self.targets, device))
-
-    @property
-    def size(self) -> int | None:
-        """Examples in the batch: the first dimension of the first tensor input."""
-        from gradcheck_cli.probe import first_tensor
-
-        first = first_tensor((self.args, self.kwargs))
-        return int(first.shape[0]) if first is not None and first.dim() else None
-
-
-def _move(value: Any, device: torch.device) -> Any:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, Mapping):
-        return {k: _move(v, device) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return type(value)(_move(v, device) for v in value)
-    return value
 
 
 def to_batch(obj: Any) -> Batch:
@@ -125,72 +91,7 @@ def collect_batches(obj: Any, count: int, origin: str = "the data", single: bool
     return [batches[i % len(batches)] for i in range(count)]
 
 
-# -- --data specs ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """A parsed --data value."""
-
-    kind: str  # "safetensors" | "python" | "randn" | "randint"
-    text: str
-    path: str | None = None
-    target: Target | None = None
-    shape: tuple[int, ...] = ()
-    high: int = 0
-
-
-def _parse_shape(text: str, spec: str) -> tuple[int, ...]:
-    parts = [p.strip() for p in text.split(",")]
-    try:
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
-        shape = ()
-    if not shape or any(d <= 0 for d in shape):
-        raise UserError(
-            f"bad shape '{text}' in --data '{spec}'",
-            "give positive integers separated by commas, batch first, e.g. randn:32,784",
-        )
-    if math.prod(shape) > MAX_INT64:
-        raise UserError(
-            f"shape '{text}' in --data '{spec}' has more elements than torch can hold", "use a smaller shape"
-        )
-    return shape
-
-
-def parse_data_spec(spec: str) -> DataSpec:
-    """Parse --data: FILE.safetensors, FILE.py:FN (or module:FN), randn:B,D1,..., randint:HIGH:B,T."""
-    text = spec.strip()
-    if text.startswith("randn:"):
-        return DataSpec("randn", text, shape=_parse_shape(text[len("randn:") :], spec))
-    if text.startswith("randint:"):
-        high_text, sep, shape_text = text[len("randint:") :].partition(":")
-        try:
-            high = int(high_text)
-        except ValueError:
-            high = 0
-        if not sep or not 0 < high <= MAX_INT64:
-            raise UserError(
-                f"bad --data '{spec}'",
-                "write randint:HIGH:B,T with HIGH the number of ids (e.g. the vocabulary size), e.g. randint:1000:8,32",
-            )
-        return DataSpec("randint", text, shape=_parse_shape(shape_text, spec), high=high)
-    if text.endswith(".safetensors"):
-        return DataSpec("safetensors", text, path=text)
-    if ":" in text:
-        target = parse_target(text, what="--data")
-        if target.name is None:
-            raise UserError(f"--data '{spec}' names no function", "write FILE.py:FN")
-        return DataSpec("python", text, target=target)
-    raise UserError(
-        f"cannot read --data '{spec}'",
-        "use FILE.safetensors, FILE.py:FN, randn:B,D1,... or randint:HIGH:B,T",
-    )
-
-
-def load_data(
-    spec: DataSpec, count: int, batch_size: int, seed: int, default_module: Any = None
-) -> tuple[list[Batch], list[str]]:
+def load_data(spec: DataSpec, count: int, batch_size: int, seed: int) -> tuple[list[Batch], list[str]]:
     """Batches for `count` steps from a --data spec; also notes for the report."""
     import torch
 
@@ -206,10 +107,7 @@ def load_data(
     if spec.kind == "safetensors":
         return _safetensors_batches(Path(spec.path or ""), count, batch_size)
     assert spec.target is not None
-    module = import_target(spec.target)
-    function = getattr(module, spec.target.name or "", None)
-    if function is None or not callable(function):
-        raise UserError(f"{spec.target.source} has no function '{spec.target.name}'", "check the name after ':'")
+    function = function_in(spec.target)
     return collect_batches(_call(function, spec.text), count, spec.text), []
 
 
@@ -267,9 +165,6 @@ def _safetensors_batches(path: Path, count: int, batch_size: int) -> tuple[list[
     if total < count * batch_size:
         notes.append(f"{path.name} holds {total} samples; batches were reused to run {count} steps")
     return batches, notes
-
-
-# -- without --data ----------------------------------------------------------------------------------------
 
 
 def model_file_batches(module: Any, count: int) -> list[Batch] | None:

@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from gradcheck_cli.errors import UserError
+from gradcheck_cli.resolve.specs import Target, parse_data_spec, parse_loss_spec, parse_target
 
 FILENAME = "pyproject.toml"
 # Options whose value is a path; relative ones are taken from the pyproject.toml's folder.
 PATH_KEYS = ("weights", "output", "plot", "tensorboard", "save-grads")
 # Options whose value may start with a file path, maybe followed by :NAME (or be a keyword or module name).
 SPEC_KEYS = ("target", "data", "loss")
-FILE_SUFFIXES = (".py", ".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 NOT_CONFIGURABLE = ("help", "debug")
 
 
@@ -90,7 +90,7 @@ def defaults(config: Config, names: dict[str, str], cwd: Path | None = None) -> 
         elif isinstance(value, str) and key in PATH_KEYS:
             value = _relative(base / value, cwd)
         elif isinstance(value, str) and key in SPEC_KEYS:
-            value = _spec(value, base, cwd)
+            value = _spec(key, value, base, cwd)
         elif isinstance(value, list | dict):
             raise UserError(
                 f"{config.path}: [tool.gradcheck] {key} must be a single value, not a {type(value).__name__}",
@@ -100,11 +100,25 @@ def defaults(config: Config, names: dict[str, str], cwd: Path | None = None) -> 
     return found
 
 
-def _spec(value: str, base: Path, cwd: Path) -> str:
-    """A TARGET, --data or --loss spec with its file part (if it has one) rebased on the config's folder."""
-    head, colon, tail = value.partition(":")
-    if head.endswith(FILE_SUFFIXES) or "/" in head or (colon == "" and (base / head).exists()):
-        return _relative(base / head, cwd) + colon + tail
+def _spec(key: str, value: str, base: Path, cwd: Path) -> str:
+    """A TARGET, --data or --loss spec with its file part (if it has one) rebased on the config's folder,
+    parsed as the option itself parses it (specs.py). A malformed spec is left as written: the option's own
+    parsing reports it, with the same message as on the command line."""
+    try:
+        if key == "target":
+            target: Target | str = parse_target(value)
+        elif key == "loss":
+            target = parse_loss_spec(value)
+        else:
+            data = parse_data_spec(value)
+            if data.path is not None:
+                return _relative(base / data.path, cwd)
+            target = data.target or value
+    except UserError:
+        return value
+    if isinstance(target, Target) and target.is_file:
+        rebased = _relative(base / target.source, cwd)
+        return f"{rebased}:{target.name}" if target.name else rebased
     return value
 
 

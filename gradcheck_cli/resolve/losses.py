@@ -20,12 +20,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gradcheck_cli.data import Batch
+from gradcheck_cli.batch import Batch, first_tensor
 from gradcheck_cli.errors import UserError
-from gradcheck_cli.probe import first_tensor
 
 LossFunction = Callable[[Any, Any], torch.Tensor]
-NAMED_LOSSES = ("auto", "cross-entropy", "mse")
 
 
 def model_output_loss(output: Any) -> torch.Tensor | None:

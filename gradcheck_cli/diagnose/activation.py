@@ -1,0 +1,68 @@
+"""Activation rules: ReLU units that never activate, sigmoid/tanh inputs that sit in saturation; and usage:
+trainable parameters that got no gradient."""
+
+from __future__ import annotations
+
+from gradcheck_cli.diagnose.common import Context, all_zero, level
+from gradcheck_cli.report import Finding
+
+
+def activations(context: Context) -> list[Finding]:
+    layers, thresholds = context.layers, context.thresholds
+    findings = []
+    for layer in layers:
+        dead = layer.dead_fraction
+        source = "ReLU units never activate over all batches"
+        if dead is None and layer.zero_grad_unit_fraction is not None and not all_zero(layer):
+            dead, source = (
+                layer.zero_grad_unit_fraction,
+                "output units got an all-zero gradient in every step",
+            )
+        severity = level(dead or 0.0, thresholds.dead_warning, thresholds.dead_error)
+        if severity is not None and dead is not None:
+            findings.append(
+                Finding(
+                    layer.name,
+                    "dead",
+                    severity,
+                    "activation",
+                    f"{dead:.0%} of {source}",
+                    "dead ReLUs: initialise with nn.init.kaiming_normal_ and zero biases, lower the learning "
+                    "rate, or use nn.LeakyReLU / nn.GELU",
+                    dead,
+                )
+            )
+        saturated = layer.saturated_fraction
+        severity = level(saturated or 0.0, thresholds.saturation_warning, thresholds.saturation_error)
+        if severity is not None and saturated is not None:
+            findings.append(
+                Finding(
+                    layer.name,
+                    "saturated",
+                    severity,
+                    "activation",
+                    f"{saturated:.0%} of the sigmoid/tanh inputs it feeds are saturated (derivative < 5% of peak)",
+                    "pre-activations too large: scale the weights down (nn.init.xavier_normal_), standardise "
+                    "inputs, or add nn.LayerNorm/nn.BatchNorm before the activation",
+                    saturated,
+                )
+            )
+    return findings
+
+
+def usage(context: Context) -> list[Finding]:
+    layers = context.layers
+    findings = []
+    for layer in layers:
+        if layer.trainable_params and all(v is None for v in layer.grad_norm_steps):
+            findings.append(
+                Finding(
+                    layer.name,
+                    "unused",
+                    "warning",
+                    "usage",
+                    "trainable, but got no gradient in any step (not used in the forward, or detached)",
+                    "remove it, freeze it (requires_grad_(False)), or check the forward uses it",
+                )
+            )
+    return findings

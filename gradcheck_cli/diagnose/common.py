@@ -1,0 +1,67 @@
+"""What every rule shares: the input they read (Context), severities against thresholds, factors in words."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+from gradcheck_cli.diagnose.thresholds import Thresholds
+from gradcheck_cli.report import Finding, Layer, NanOrigin, SignalSummary, UpdateSummary
+
+LOSS_LAYER = "<loss>"
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the rules judge: the measured layers and the run's settings. The two views' summaries are
+    computed once, on first use, since several rules read them."""
+
+    layers: Sequence[Layer]
+    loss: Sequence[float | None]
+    thresholds: Thresholds
+    nan_origin: NanOrigin | None = None
+    lr: float = 0.01
+    amp: str | None = None
+
+    @cached_property
+    def signal(self) -> tuple[SignalSummary, list[Finding]]:
+        from gradcheck_cli.diagnose.signal import signal_view
+
+        return signal_view(self.layers, self.thresholds)
+
+    @cached_property
+    def update(self) -> tuple[UpdateSummary, list[Finding]]:
+        from gradcheck_cli.diagnose.update import update_view
+
+        return update_view(self.layers, self.thresholds, self.lr, self.signal[0])
+
+
+def level(value: float, warning: float, error: float) -> str | None:
+    """Severity of a value measured against (warning, error) thresholds, larger is worse."""
+    if not math.isfinite(value):
+        return "error"
+    if value >= error:
+        return "error"
+    if value >= warning:
+        return "warning"
+    return None
+
+
+def times(factor: float) -> str:
+    """A factor the way people say it: 1.2e-03 -> '830x', 25 -> '25x'."""
+    if factor <= 0 or not math.isfinite(factor):
+        return str(factor)
+    value = factor if factor >= 1 else 1 / factor
+    text = f"{value:.0f}x" if value < 1e4 else f"{value:.1e}x"
+    return text
+
+
+def all_zero(layer: Layer) -> bool:
+    got = [v for v in layer.grad_norm_steps if v is not None]
+    return bool(got) and all(v == 0 for v in got)
+
+
+def got_gradient(layer: Layer) -> bool:
+    return any(v is not None and v > 0 for v in layer.grad_norm_steps)

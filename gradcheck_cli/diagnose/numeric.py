@@ -1,0 +1,127 @@
+"""Numeric rules: NaN/Inf, gradients that are exactly zero (and the zero-initialised gates that explain some of
+them), and gradient values that underflow the AMP dtype."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from gradcheck_cli.diagnose.common import LOSS_LAYER, Context, all_zero, got_gradient, level
+from gradcheck_cli.report import Finding, Layer, NanOrigin
+
+
+def gates(layers: Sequence[Layer]) -> dict[str, str]:
+    """Layers whose gradient is exactly zero because a zero-initialised layer after them in the same block
+    multiplies their signal by 0 (torchvision's zero_init_residual, Fixup, ReZero, SkipInit). Such a gate gets
+    a gradient itself, moves on the first update, and opens the branch: not a dead layer. Returns
+    {gated layer: gate layer}."""
+    gate_layers = [
+        g
+        for g in layers
+        if g.trainable_params and g.weight_norm == 0 and g.forward_index is not None and got_gradient(g)
+    ]
+    gated = {}
+    for layer in layers:
+        if not (layer.trainable_params and all_zero(layer)) or layer.forward_index is None:
+            continue
+        for gate in gate_layers:
+            block = gate.name.rpartition(".")[0]
+            same_block = layer.name.startswith(block + ".") if block else True
+            ancestor = layer.name.startswith(gate.name + ".") or gate.name == ""
+            if (gate.forward_index or 0) > layer.forward_index and (same_block or ancestor):
+                gated[layer.name] = gate.name
+                break
+    return gated
+
+
+def numeric(context: Context) -> list[Finding]:
+    """NaN/Inf in the loss or a layer's gradients; layers whose every gradient is exactly 0."""
+    layers, origin = context.layers, context.nan_origin
+    findings = []
+    gated = gates(layers)
+    loss = context.loss
+    bad_loss = [v for v in loss if v is not None and not math.isfinite(v)]
+    where = _origin_text(origin)
+    if bad_loss:
+        findings.append(
+            Finding(
+                LOSS_LAYER,
+                "nan",
+                "error",
+                "numeric",
+                f"loss is NaN/Inf in {len(bad_loss)} of {len(loss)} steps{where}",
+                _nan_fix(origin),
+            )
+        )
+    for layer in layers:
+        if layer.trainable_params and layer.nonfinite:
+            started_here = origin is not None and origin.module == layer.name
+            message = (
+                f"{layer.nonfinite} NaN/Inf gradient values; non-finite values start here ({origin.phase})"
+                if started_here and origin is not None
+                else f"{layer.nonfinite} NaN/Inf gradient values{where}"
+            )
+            findings.append(Finding(layer.name, "nan", "error", "numeric", message, _nan_fix(origin)))
+        elif layer.trainable_params and all_zero(layer) and layer.name not in gated:
+            findings.append(
+                Finding(
+                    layer.name,
+                    "dead",
+                    "error",
+                    "numeric",
+                    f"every gradient value is exactly 0 in all {len(layer.grad_norm_steps)} steps: "
+                    "this layer cannot learn",
+                    "check what zeroes its signal: dead ReLUs after it (kaiming_normal_ init, LeakyReLU), a "
+                    "zero-initialised layer downstream, or a detach()/no_grad in the forward",
+                )
+            )
+    return findings
+
+
+def _origin_text(origin: NanOrigin | None) -> str:
+    if origin is None:
+        return ""
+    if origin.module:
+        return f"; spread from {origin.module} ({origin.phase})"
+    return f"; {origin.detail}"
+
+
+def _nan_fix(origin: NanOrigin | None) -> str:
+    where = f" in {origin.module}" if origin and origin.module else ""
+    if origin and origin.phase == "input":
+        return "the data holds NaN/Inf: clean or impute it before training"
+    return (
+        f"look for log/sqrt/division of values that reach 0 or below{where}; add an epsilon, lower the learning "
+        "rate, clip with torch.nn.utils.clip_grad_norm_; torch.autograd.set_detect_anomaly(True) names the op"
+    )
+
+
+def underflow(context: Context) -> list[Finding]:
+    """Gradient values below the AMP dtype's normal range lose precision or vanish: vanishing by precision."""
+    layers, thresholds, amp = context.layers, context.thresholds, context.amp
+    if amp is None:
+        return []
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(amp, amp)
+    findings = []
+    for layer in layers:
+        fraction = max(
+            (f for f in (layer.underflow_fraction, layer.output_grad_underflow_fraction) if f is not None),
+            default=None,
+        )
+        severity = level(fraction or 0.0, thresholds.underflow_warning, thresholds.underflow_error)
+        if severity is None or fraction is None or not layer.trainable_params:
+            continue
+        findings.append(
+            Finding(
+                layer.name,
+                "vanishing",
+                severity,
+                "numeric",
+                f"{fraction:.0%} of its gradient values are below {dtype}'s smallest normal number (subnormal or "
+                "flushed to zero): those updates vanish in mixed precision",
+                "keep more of the gradient in range: raise the loss scale (torch.amp.GradScaler(init_scale=...)) "
+                "for fp16, use bf16, or keep this layer in float32 (autocast(enabled=False) around it)",
+                fraction,
+            )
+        )
+    return findings

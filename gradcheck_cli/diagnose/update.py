@@ -1,0 +1,181 @@
+"""The update view: each weight layer's ||g|| / ||W||, the relative change one SGD step makes.
+
+Against the network's median (and its peers in the other blocks) it tells which layers learn orders of
+magnitude slower; times the learning rate it tells whether steps are absurdly large. Glorot & Bengio (2010)
+show the two views can disagree, so both are needed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from gradcheck_cli.diagnose.common import level, times
+from gradcheck_cli.diagnose.thresholds import Thresholds
+from gradcheck_cli.report import Finding, Layer, SignalSummary, UpdateSummary
+from gradcheck_cli.series import median
+
+BALANCE_CATEGORIES = ("linear", "conv", "recurrent", "attention", "embedding")
+
+
+def update_view(
+    layers: Sequence[Layer], thresholds: Thresholds, lr: float, signal: SignalSummary
+) -> tuple[UpdateSummary, list[Finding]]:
+    """The update view's summary, and its findings: layers that learn far slower than their peers or the
+    network (balance), and steps that change a layer's weights by more than their norm (size)."""
+    members = [
+        layer
+        for layer in layers
+        if layer.category in BALANCE_CATEGORIES
+        and layer.trainable_params
+        and layer.grad_to_weight is not None
+        and math.isfinite(layer.grad_to_weight)
+        and layer.grad_to_weight > 0
+    ]
+    reference = median([layer.grad_to_weight or 0.0 for layer in members])
+    summary = UpdateSummary(tuple(layer.name for layer in members), reference)
+    findings = []
+    if reference and len(members) >= thresholds.min_chain:
+        findings += _balance(layers, members, reference, thresholds, signal)
+    return summary, findings + _step_size(layers, thresholds, lr)
+
+
+def _balance(
+    layers: Sequence[Layer], members: Sequence[Layer], reference: float, thresholds: Thresholds, signal: SignalSummary
+) -> list[Finding]:
+    findings = []
+    first = _input_layer(layers)
+    peers = _peer_medians(members, thresholds.min_chain)
+    for layer in members:
+        if layer.feeds_norm:
+            # Scale-invariant (its output is normalised): SGD tunes its effective learning rate by itself
+            # (Arora et al. 2019), so a slow start is not a lasting imbalance.
+            continue
+        ratio = layer.grad_to_weight or 0.0
+        group, peer_reference = peers.get(layer.name, (None, None))
+        # Against its peers (the same role in the other blocks) at both levels; against the whole network
+        # only at the error level, since roles differ by design (see _peer_medians).
+        severity = None
+        if peer_reference:
+            factor = ratio / peer_reference
+            against = f"the median of its {layer.type} peers ({group}) {peer_reference:.2g}"
+            severity = level(1 / factor, thresholds.balance_warning, thresholds.balance_error)
+        if severity is None:
+            factor, against = ratio / reference, f"the network median {reference:.2g}"
+            limit = thresholds.balance_error if peer_reference else thresholds.balance_warning
+            severity = level(1 / factor, limit, thresholds.balance_error)
+        message = (
+            f"||g||/||W|| = {layer.grad_to_weight:.2g} is {times(factor)} below {against}: "
+            "this layer learns that much slower under SGD"
+        )
+        fix = _balance_fix(layer, signal)
+        if layer is first and _unstandardised(layer) and reference / ratio >= thresholds.input_lag:
+            factor = ratio / reference
+            severity = severity or "warning"
+            message += "; its input is not standardised" + _input_text(layer) + _signal_context(signal)
+            fix = (
+                "dL/dW = dL/dz x input, so this layer's steps shrink with its input: standardise the inputs, "
+                "x = (x - mean) / std (torchvision transforms.Normalize; MNIST: mean 0.1307, std 0.3081)"
+            )
+        if severity is None:
+            continue
+        findings.append(Finding(layer.name, "vanishing", severity, "update", message, fix, factor))
+    return findings
+
+
+def _step_size(layers: Sequence[Layer], thresholds: Thresholds, lr: float) -> list[Finding]:
+    findings = []
+    for layer in layers:
+        relative = layer.grad_to_weight
+        if not layer.trainable_params or relative is None or not math.isfinite(relative):
+            continue
+        if layer.feeds_norm:
+            # Its output is normalised, so the loss does not depend on its weights' scale: a large step grows
+            # ||W|| (the gradient is orthogonal to W), which shrinks the next steps by itself (van Laarhoven
+            # 2017; Hoffer et al. 2018). Step size relative to ||W|| is not a hazard here.
+            continue
+        size = lr * relative
+        severity = level(size, thresholds.update_warning, thresholds.update_error)
+        if severity is None:
+            continue
+        findings.append(
+            Finding(
+                layer.name,
+                "exploding",
+                severity,
+                "update",
+                f"one SGD step at lr {lr:g} changes the weights by {size:.3g}x their norm "
+                f"(||g||/||W|| = {relative:.3g})",
+                "gradients are huge for these weights: lower the learning rate, clip with "
+                "torch.nn.utils.clip_grad_norm_, and check the weight and input scale (nn.init.kaiming_normal_, "
+                "standardised inputs)",
+                size,
+            )
+        )
+    return findings
+
+
+def peer_group(name: str) -> str:
+    """A layer's role: its name with block indices wildcarded (encoder.layers.3.linear1 -> encoder.layers.#.linear1)."""
+    return ".".join("#" if part.isdigit() else part for part in name.split("."))
+
+
+def _peer_medians(members: Sequence[Layer], least: int) -> dict[str, tuple[str, float]]:
+    """{layer: (group, median ||g||/||W|| of its group)} for groups of at least `least` layers.
+
+    Layers in different roles learn at different speeds by design: GPT-2's scaled initialisation makes the
+    residual projections' weights sqrt(2 * blocks) smaller, uniform attention at initialisation gives query and
+    key projections gradients ~30x smaller than value projections. The same role in another block should learn
+    at a similar speed, so a layer is compared with its peers when it has enough of them.
+    """
+    groups: dict[str, list[Layer]] = {}
+    for layer in members:
+        if "#" in peer_group(layer.name):
+            groups.setdefault(f"{peer_group(layer.name)}:{layer.type}", []).append(layer)
+    result = {}
+    for key, group in groups.items():
+        if len(group) >= least:
+            value = median([layer.grad_to_weight or 0.0 for layer in group])
+            if value:
+                for layer in group:
+                    result[layer.name] = (key.split(":")[0], value)
+    return result
+
+
+def _input_layer(layers: Sequence[Layer]) -> Layer | None:
+    """The first layer in forward order: the one that reads the model's input."""
+    called = [layer for layer in layers if layer.forward_index is not None]
+    return min(called, key=lambda layer: layer.forward_index or 0) if called else None
+
+
+# A standardised input has RMS 1 and few exact zeros; a factor of 2 either way, or mostly zeros, is not.
+STANDARD_INPUT_RMS = (0.5, 2.0)
+SPARSE_INPUT = 0.5
+
+
+def _unstandardised(layer: Layer) -> bool:
+    if layer.input_rms is None:
+        return False  # integer ids (embeddings) have no scale
+    low, high = STANDARD_INPUT_RMS
+    return not low <= layer.input_rms <= high or (layer.input_zero_fraction or 0.0) > SPARSE_INPUT
+
+
+def _input_text(layer: Layer) -> str:
+    return f" (RMS {layer.input_rms:.2g}, {layer.input_zero_fraction or 0.0:.0%} exact zeros; standardised: RMS 1)"
+
+
+def _signal_context(signal: SignalSummary) -> str:
+    """Whether the backpropagated signal explains a lag: the two views side by side."""
+    gain = signal.gain_per_layer
+    if gain is None:
+        return ""
+    if 0.8 <= gain <= 1.25:
+        return f"; the backpropagated signal is not the cause (dL/dz x{gain:.2f} per layer)"
+    return f"; dL/dz also changes x{gain:.2f} per layer (signal view)"
+
+
+def _balance_fix(layer: Layer, signal: SignalSummary) -> str:
+    return (
+        "give this layer a larger share of the updates: initialise it like its neighbours (kaiming_normal_/"
+        "xavier_normal_), or use an adaptive optimizer (torch.optim.Adam) or a per-layer learning rate"
+    )

@@ -1,0 +1,69 @@
+"""Files gradcheck writes (--output, --plot, --save-grads): checked before any pass runs, written atomically,
+and a write failure is one line and exit 2. One mechanism for all of them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from gradcheck_cli.errors import UserError
+
+
+def check_file_option(
+    option: str, path: Path, suffixes: Sequence[str], wrong_suffix: tuple[str, str], example: str
+) -> None:
+    """Refuse a bad output path before spending time on the passes: a suffix not in `suffixes` (`wrong_suffix`
+    is the message's tail and the hint), a directory, a folder that does not exist."""
+    if path.suffix.lower() not in suffixes:
+        raise UserError(f"{option} {path}: {wrong_suffix[0]}", wrong_suffix[1])
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a directory", f"give a file name, e.g. {example}")
+    if not path.parent.exists():
+        raise UserError(f"{option} {path}: folder {path.parent} does not exist", "create it first")
+
+
+@contextlib.contextmanager
+def writing(option: str, path: Path) -> Iterator[None]:
+    """A full disk or a read-only folder is the user's to fix: one line, exit 2."""
+    try:
+        yield
+    except OSError as error:
+        raise UserError(
+            f"cannot write {option} {path}: {error.strerror or error}",
+            "check that the folder is writable and has free space",
+        ) from error
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to a temporary file beside `path`, then rename: readers never see half a report."""
+
+    def write(name: str) -> None:
+        with open(name, "w", encoding="utf-8") as stream:
+            stream.write(text)
+
+    replace_atomic(path, write)
+
+
+def replace_atomic(path: Path, write: Callable[[str], None]) -> None:
+    """Let `write` fill a temporary file (named by its path) beside `path`, then rename it to `path`: for
+    writers that want a file name, such as matplotlib's savefig. Nothing is left behind on failure."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent or Path("."))
+    os.close(handle)
+    try:
+        write(temporary)
+        os.chmod(temporary, default_mode())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def default_mode() -> int:
+    """The mode open() would give a new file: 0o666 less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask

@@ -1,0 +1,90 @@
+"""Which modules are layers: every module that directly owns parameters, what kind of layer it is, and the
+activation modules whose inputs tell dead and saturated units."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+CONV_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd,)
+RECURRENT_TYPES: tuple[type[nn.Module], ...] = (nn.RNNBase, nn.RNNCellBase)
+EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Bilinear)
+ATTENTION_TYPES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
+
+# ReLU-family: a unit whose input is never > 0 passes no gradient at all ("dead").
+DEAD_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+# Saturating activations and the |input| beyond which the derivative is under 5% of its peak:
+# sigmoid'(x) < 0.05 * 0.25 for |x| > 4.34; tanh'(x) < 0.05 for |x| > 2.18; Hardtanh and Hardsigmoid have
+# derivative exactly 0 beyond their corners.
+SATURATION_LIMITS: dict[type[nn.Module], float] = {
+    nn.Sigmoid: 4.34,
+    nn.Tanh: 2.18,
+    nn.Hardsigmoid: 3.0,
+}
+
+
+def category_of(module: nn.Module) -> str:
+    """What kind of layer a module is, for the rules that treat kinds differently.
+
+    Models often define their own normalisation (nanoGPT's LayerNorm, Llama's RMSNorm): a module whose class
+    name says Norm and whose own parameters are all 1-D (a scale, a shift) counts as one.
+    """
+    own = list(module.parameters(recurse=False))
+    if "Norm" in type(module).__name__ and own and all(p.dim() == 1 for p in own):
+        return "norm"
+    for category, types in (
+        ("norm", NORM_TYPES),
+        ("embedding", EMBEDDING_TYPES),
+        ("recurrent", RECURRENT_TYPES),
+        ("attention", ATTENTION_TYPES),
+        ("conv", CONV_TYPES),
+        ("linear", LINEAR_TYPES),
+    ):
+        if isinstance(module, types):
+            return category
+    return "other"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A module that directly owns parameters."""
+
+    index: int
+    name: str
+    module: nn.Module
+    category: str
+    # (qualified name as named_parameters() gives it, the tensor)
+    params: tuple[tuple[str, nn.Parameter], ...]
+
+
+def discover_layers(model: nn.Module) -> list[LayerSpec]:
+    """Every module that directly owns parameters, in named_modules() order.
+
+    A tensor shared by several modules (tied weights) is listed under each; its qualified name is the one
+    named_parameters() reports (the first place it is registered).
+    """
+    canonical: dict[int, str] = {}
+    for name, param in model.named_parameters():
+        canonical.setdefault(id(param), name)
+    layers: list[LayerSpec] = []
+    for name, module in model.named_modules():
+        own = [(canonical[id(p)], p) for p in module.parameters(recurse=False) if id(p) in canonical]
+        if own:
+            layers.append(LayerSpec(len(layers), name, module, category_of(module), tuple(own)))
+    return layers
+
+
+def has_units(spec: LayerSpec) -> bool:
+    """Layers whose weight rows (dim 0) are output units: a zero-gradient row is a unit that cannot learn."""
+    if spec.category == "conv":
+        return not getattr(spec.module, "transposed", False)
+    return spec.category in ("linear", "recurrent")

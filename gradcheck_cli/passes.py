@@ -1,0 +1,281 @@
+"""Run the passes: forward and backward as training would run them (autocast, fp16 loss scaling, SGD steps
+before measuring), with every failure of the user's code turned into a one-line error naming where it
+happened. The measured loop itself is `measure`: hooks on, one collector transfer per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradcheck_cli.batch import Batch
+from gradcheck_cli.collect import Collector
+from gradcheck_cli.errors import ModelRunError, UserError, first_line, is_out_of_memory
+from gradcheck_cli.gradsave import GradientWriter
+from gradcheck_cli.layers import LayerSpec
+from gradcheck_cli.probe import Probe
+from gradcheck_cli.report import Layer, NanOrigin, ParameterRecord
+from gradcheck_cli.resolve.losses import LossSelector
+from gradcheck_cli.tracing import locate_failure, trace_nonfinite
+
+Progress = Callable[[str, int, int], None]
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# GradScaler's policy: start at 2^16, halve on overflow. A step is retried at most this many times.
+MAX_BACKOFFS = 24
+
+
+class Passes:
+    """One forward and backward, as training would run it: under autocast, with fp16's loss scaling."""
+
+    def __init__(self, runner: nn.Module, loss: LossSelector, device: torch.device, dtype: torch.dtype | None):
+        self.runner = runner
+        self.loss = loss
+        self.device = device
+        self.dtype = dtype
+        self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+        self.backoffs = 0
+
+    @property
+    def scale(self) -> float:
+        return float(self.scaler.get_scale()) if self.scaler is not None else 1.0
+
+    def can_back_off(self) -> bool:
+        return self.scaler is not None and self.backoffs < MAX_BACKOFFS
+
+    def back_off(self) -> None:
+        assert self.scaler is not None
+        self.backoffs += 1
+        self.scaler.update(new_scale=self.scale * 0.5)
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def forward_backward(self, batch: Batch) -> torch.Tensor:
+        """The loss (unscaled) after backward; gradients carry `scale`."""
+        with self.autocast():
+            # No name for the output: it is freed once the loss is computed, as in a training loop, not kept
+            # through the backward (a language model's logits are often the largest tensor of the step).
+            value = _loss(self.loss, forward(self.runner, batch), batch)
+        _backward(self.scaler.scale(value) if self.scaler is not None else value)
+        return value
+
+    def sgd_step(self, model: nn.Module, batch: Batch, lr: float) -> float:
+        """One plain SGD step (p -= lr * grad), as the tutorial trains, without hooks; fp16 steps that
+        overflow are skipped and the scale halved, as GradScaler does."""
+        clear_grads(model)
+        value = self.forward_backward(batch)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if self.scaler is not None and not all(bool(torch.isfinite(g).all()) for g in grads):
+            if self.can_back_off():
+                self.back_off()
+            return float(value.detach())
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.grad is not None:
+                    param.add_(param.grad, alpha=-lr / self.scale)
+        return float(value.detach())
+
+
+def unwrap(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """The eager module inside torch.compile (hooks added after compiling are ignored, pytorch #117265) and
+    inside DataParallel / DistributedDataParallel wrappers."""
+    notes = []
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            notes.append("torch.compile wrapper: measured the eager module inside it")
+            model = inner
+            continue
+        if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            notes.append(f"{type(model).__name__} wrapper: measured the module inside it")
+            model = model.module
+            continue
+        return model, notes
+
+
+def materialize_lazy(model: nn.Module, batch: Batch) -> None:
+    """Lazy modules (nn.LazyLinear...) create their parameters on the first forward: run one, without
+    gradients, in eval mode (no BatchNorm statistics move), before hooks and snapshots need the tensors."""
+    if not any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            forward(model, batch)
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed dropout and friends for this run only; the caller's RNG state is restored afterwards."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def clear_grads(model: nn.Module) -> None:
+    for param in model.parameters():
+        param.grad = None
+
+
+def forward(model: nn.Module, batch: Batch) -> Any:
+    """The model's output; a failure becomes a ModelRunError naming the module that raised. Out of memory
+    propagates as it is: the batch, not the model, is at fault (the CLI says so)."""
+    try:
+        return model(*batch.args, **batch.kwargs)
+    except UserError:
+        raise
+    except SystemExit as exc:
+        raise ModelRunError(
+            f"the model's forward called sys.exit({exc.code})",
+            "raise an exception instead of exiting (--debug shows the traceback)",
+        ) from exc
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise
+        raise locate_failure(model, batch, exc) from exc
+
+
+def _loss(loss: LossSelector, output: Any, batch: Batch) -> torch.Tensor:
+    try:
+        return loss(output, batch)
+    except UserError:
+        raise
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise
+        raise ModelRunError(
+            f"the loss raised {type(exc).__name__}: {first_line(exc)}",
+            "check --loss and that targets fit the output (--debug shows the traceback)",
+        ) from exc
+
+
+def _backward(value: torch.Tensor) -> None:
+    try:
+        value.backward()
+    except RuntimeError as exc:
+        if is_out_of_memory(exc):
+            raise
+        raise ModelRunError(
+            f"the backward pass raised: {first_line(exc)}",
+            "the model's forward must be differentiable (--debug shows the traceback)",
+        ) from exc
+
+
+# -- the measured run ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """What the passes run on, resolved once (api.prepare)."""
+
+    model: nn.Module  # the eager module: hooks go here
+    runner: nn.Module  # what is called: the model, or its DDP wrapper
+    device: torch.device
+    batches: list[Batch]  # train_steps + steps of them, on the host
+    loss: LossSelector
+    layers: list[LayerSpec]
+    amp_dtype: torch.dtype | None
+
+
+@dataclass
+class Measurement:
+    """What the passes measured, for the diagnosis and the report."""
+
+    layers: list[Layer]
+    parameters: list[ParameterRecord]
+    loss: list[float | None]
+    train_loss: list[float]
+    nan_origin: NanOrigin | None
+    loss_scale: float | None
+    skipped_steps: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How many passes of which kind, and what to keep from them."""
+
+    steps: int
+    train_steps: int
+    lr: float
+    seed: int
+    eval_mode: bool
+    grad_writer: GradientWriter | None = None
+    progress: Progress | None = None
+
+
+def measure(setup: Setup, plan: Plan, collector: Collector) -> Measurement:
+    """Train (plain SGD, no hooks) if asked, then measure `plan.steps` passes with hooks; replay a batch that
+    gave NaN/Inf to find where it started. The model is restored afterwards (restore.Restorer)."""
+    from gradcheck_cli.restore import Restorer
+
+    model = setup.model
+    passes = Passes(setup.runner, setup.loss, setup.device, setup.amp_dtype)
+    probe = Probe(model, setup.layers, amp_tiny=collector.amp_tiny)
+    train_loss: list[float] = []
+    nan_origin = None
+    with (
+        seeded(plan.seed, setup.device),
+        Restorer(model, save_parameters=plan.train_steps > 0),
+        plan.grad_writer or contextlib.nullcontext(),
+    ):
+        model.train(not plan.eval_mode)
+        for step in range(plan.train_steps):
+            train_loss.append(passes.sgd_step(model, setup.batches[step].to(setup.device), plan.lr))
+            if plan.progress:
+                plan.progress("train", step + 1, plan.train_steps)
+        collector.prepare()
+        first_bad: tuple[Batch, Any] | None = None
+        with probe:
+            for step in range(plan.steps):
+                batch = setup.batches[plan.train_steps + step].to(setup.device)
+                rng = torch.random.get_rng_state()
+                value = _measured_step(passes, probe, collector, batch, rng)
+                if plan.grad_writer is not None:
+                    plan.grad_writer.add_step(step, setup.layers, 1.0 / passes.scale)
+                if first_bad is None and not (math.isfinite(value) and collector.grads_finite(step)):
+                    first_bad = (batch, rng)
+                if plan.progress:
+                    plan.progress("measure", step + 1, plan.steps)
+            layers, parameters = collector.finish(probe.ever_active, probe.tape.order, probe.feeds_norm)
+        if first_bad is not None:
+            batch, rng = first_bad
+            torch.random.set_rng_state(rng)
+            with passes.autocast():
+                nan_origin = trace_nonfinite(model, setup.runner, batch, setup.loss)
+        clear_grads(model)
+    loss_scale = collector.loss_scale if setup.amp_dtype == torch.float16 else None
+    return Measurement(
+        layers, parameters, collector.loss.values, train_loss, nan_origin, loss_scale, collector.skipped_steps
+    )
+
+
+def _measured_step(passes: Passes, probe: Probe, collector: Collector, batch: Batch, rng: torch.Tensor) -> float:
+    """One measured forward and backward, retried at half the loss scale while fp16 gradients overflow."""
+    while True:
+        clear_grads(probe.model)
+        torch.random.set_rng_state(rng)  # a retried step sees the same dropout masks
+        probe.start_step()
+        try:
+            loss_value = passes.forward_backward(batch)
+        finally:
+            probe.stop_step()
+        value = collector.collect(probe.tape, loss_value, passes.scale, passes.can_back_off())
+        del loss_value  # nothing allocated in a step outlives it (Collector.prepare says why)
+        probe.tape.release()
+        if value is not None:
+            return value
+        passes.back_off()  # fp16 overflow: GradScaler would skip this step and halve the scale

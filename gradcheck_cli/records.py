@@ -1,0 +1,160 @@
+"""Records: what the collector measured over the steps -> the report's Layer and ParameterRecord.
+
+Host-side arithmetic only (norms of several tensors combined, medians, ratios); the device work and its one
+final transfer happen in collect.Collector.finish.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from gradcheck_cli.layers import LayerSpec
+from gradcheck_cli.report import Layer, ParameterRecord, ValueHistogram
+from gradcheck_cli.series import StepSeries, mean, safe_ratio
+from gradcheck_cli.steps import LayerSeries, ParamInfo, ParamSeries
+
+
+@dataclass(frozen=True)
+class Measured:
+    """The per-step series over the whole run."""
+
+    layers: list[LayerSpec]
+    params: list[ParamInfo]
+    param_series: list[ParamSeries]
+    layer_series: list[LayerSeries]
+    weight_norm: list[float]
+    steps: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What the final transfer brought back, by parameter or layer index."""
+
+    zero_rows: dict[int, float]  # fraction of rows (units) that never got a gradient
+    dead: dict[int, float]  # fraction of ReLU units fed by the layer that never activated
+    histograms: dict[int, list[int]]  # |g| counts in the fixed bins
+    position: dict[int, int]  # order of first forward call
+    feeds_norm: set[int]  # layers whose output goes straight into a normalisation layer
+    value_histograms: dict[int, tuple[ValueHistogram, ...]]
+
+
+def build_records(measured: Measured, finished: Finished) -> tuple[list[Layer], list[ParameterRecord]]:
+    params = [_param_record(measured, info) for info in measured.params]
+    layers = [
+        dataclasses.replace(
+            _layer_record(measured, finished, spec, params),
+            feeds_norm=spec.index in finished.feeds_norm,
+            value_histograms=finished.value_histograms.get(spec.index),
+        )
+        for spec in measured.layers
+    ]
+    return layers, params
+
+
+def _param_record(measured: Measured, info: ParamInfo) -> ParameterRecord:
+    series = measured.param_series[info.index]
+    tensor = info.tensor
+    numel = tensor.numel()
+    weight_norm = measured.weight_norm[info.index]
+    grad_norm = series.norm.mean()
+    zeros = series.zeros.mean()
+    return ParameterRecord(
+        name=info.name,
+        shape=tuple(tensor.shape),
+        requires_grad=bool(tensor.requires_grad),
+        numel=numel,
+        layers=tuple(measured.layers[i].name for i in info.layers),
+        grad_norm=grad_norm,
+        grad_norm_steps=series.norm.as_tuple(),
+        weight_norm=weight_norm,
+        grad_to_weight=safe_ratio(grad_norm, weight_norm),
+        rms=grad_norm / math.sqrt(numel) if grad_norm is not None and numel else None,
+        max_abs=series.max_abs.max(),
+        zero_fraction=zeros / numel if zeros is not None and numel else None,
+        nonfinite=int(sum(series.nonfinite.present())),
+    )
+
+
+def _layer_record(measured: Measured, finished: Finished, spec: LayerSpec, params: list[ParameterRecord]) -> Layer:
+    """One layer's record: its trainable tensors' numbers combined, and what its hooks measured."""
+    mine = [info for info in measured.params if spec.index in info.layers]
+    trainable = [info for info in mine if info.tensor.requires_grad]
+    weights = [info for info in trainable if info.tensor.dim() >= 2] or trainable
+    grad_steps: list[float | None] = []
+    ratio_steps: list[float | None] = []
+    for step in range(measured.steps):
+        norms = [measured.param_series[i.index].norm.values[step] for i in trainable]
+        got = [n for n in norms if n is not None]
+        grad_steps.append(math.sqrt(sum(n * n for n in got)) if got else None)
+        ratio_steps.append(_ratio(measured, weights, step, spec.category == "embedding"))
+    grad = StepSeries(grad_steps)
+    ratio = StepSeries(ratio_steps)
+    layer_series = measured.layer_series[spec.index]
+    output = StepSeries([math.sqrt(v) if v is not None else None for v in layer_series.output_sq.values])
+    numel = sum(info.tensor.numel() for info in trainable)
+    grad_norm = grad.mean()
+    zeros = [params[i.index].zero_fraction for i in trainable]
+    zero_counts = [z * i.tensor.numel() for z, i in zip(zeros, trainable, strict=True) if z is not None]
+    maxes = [m for m in (params[i.index].max_abs for i in trainable) if m is not None]
+    unit_source = next((i for i in trainable if i.rows and not i.embedding), None)
+    histogram = None
+    for info in trainable:
+        counts = finished.histograms.get(info.index)
+        if counts is not None:
+            histogram = counts if histogram is None else [a + b for a, b in zip(histogram, counts, strict=True)]
+    return Layer(
+        name=spec.name,
+        type=type(spec.module).__name__,
+        category=spec.category,
+        params=sum(info.tensor.numel() for info in mine),
+        trainable_params=numel,
+        parameters=tuple(info.name for info in mine),
+        calls=layer_series.calls.median() or 0.0,
+        forward_index=finished.position.get(spec.index),
+        grad_norm=grad_norm,
+        grad_norm_median=grad.median(),
+        grad_norm_steps=grad.as_tuple(),
+        weight_norm=math.sqrt(sum(measured.weight_norm[i.index] ** 2 for i in mine)),
+        grad_to_weight=ratio.median(),
+        grad_to_weight_steps=ratio.as_tuple(),
+        output_grad_norm=output.mean(),
+        output_grad_norm_median=output.median(),
+        output_grad_norm_steps=output.as_tuple(),
+        output_grad_per_position=layer_series.output_per_position.median(),
+        output_grad_per_position_steps=layer_series.output_per_position.as_tuple(),
+        grad_norm_spread=grad.spread(),
+        output_grad_spread=output.spread(),
+        rms=grad_norm / math.sqrt(numel) if grad_norm is not None and numel else None,
+        max_abs=max(maxes) if maxes else None,
+        zero_fraction=sum(zero_counts) / numel if zero_counts and numel else None,
+        nonfinite=sum(params[i.index].nonfinite for i in trainable),
+        input_rms=layer_series.input_rms.median(),
+        input_zero_fraction=layer_series.input_zero.median(),
+        dead_fraction=finished.dead.get(spec.index),
+        saturated_fraction=layer_series.saturated.median(),
+        zero_grad_unit_fraction=finished.zero_rows.get(unit_source.index) if unit_source is not None else None,
+        histogram=tuple(histogram) if histogram is not None else None,
+        underflow_fraction=mean(measured.param_series[i.index].underflow.median() for i in trainable),
+        output_grad_underflow_fraction=layer_series.output_underflow.median(),
+    )
+
+
+def _ratio(measured: Measured, weights: list[ParamInfo], step: int, embedding: bool) -> float | None:
+    """||g|| / ||W|| over the layer's weight tensors in one step; embeddings over the rows looked up."""
+    grad_sq = 0.0
+    weight_sq = 0.0
+    seen = False
+    for info in weights:
+        series = measured.param_series[info.index]
+        norm = series.norm.values[step]
+        if norm is None:
+            continue
+        seen = True
+        grad_sq += norm * norm
+        touched = series.touched_weight_sq.values[step] if embedding and info.embedding else None
+        weight_sq += touched if touched is not None else measured.weight_norm[info.index] ** 2
+    if not seen or weight_sq <= 0:
+        return None
+    return math.sqrt(grad_sq) / math.sqrt(weight_sq)

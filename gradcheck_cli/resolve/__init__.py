@@ -1,0 +1,66 @@
+"""Resolve: what the user named (TARGET, --weights, --data, --loss) -> a model, batches and a loss.
+
+Each spec is parsed once, in specs.py, into a typed value; modules.py imports user code, weights.py loads
+parameters, data.py makes batches, losses.py chooses the loss, config.py reads [tool.gradcheck].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gradcheck_cli.errors import UserError
+from gradcheck_cli.resolve.specs import parse_data_spec, parse_loss_spec, parse_target
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from gradcheck_cli.batch import Batch
+    from gradcheck_cli.options import Options
+
+
+@dataclass(frozen=True)
+class Resolved:
+    model: nn.Module
+    batches: list[Batch] | None  # None: let the passes synthesise inputs for the first layer
+    loss: str | Callable[..., Any]  # a named loss or the user's function
+    file_loss: Callable[..., Any] | None  # the model file's loss_fn, which --loss auto prefers
+    label: str  # TARGET as the report names it
+    notes: list[str]
+
+
+def resolve(target: str, options: Options) -> Resolved:
+    """Parse every spec first (a typo costs nothing), then import, build, load weights and data."""
+    import torch
+
+    from gradcheck_cli.resolve.data import load_data, model_file_batches
+    from gradcheck_cli.resolve.modules import file_function, function_in, import_target, resolve_model
+    from gradcheck_cli.resolve.weights import load_weights
+
+    parsed = parse_target(target)
+    name = options.model_name
+    if name and parsed.name and name != parsed.name:
+        raise UserError(
+            f"TARGET names '{parsed.name}' but --model names '{name}'",
+            "give the name once, either as TARGET:NAME or with --model",
+        )
+    data_spec = parse_data_spec(options.data) if options.data else None
+    loss_spec = parse_loss_spec(options.loss)
+    loss = loss_spec if isinstance(loss_spec, str) else function_in(loss_spec)
+    torch.manual_seed(options.seed)  # model files initialise weights at import or build time: make that reproducible
+    module = import_target(parsed)
+    model = resolve_model(module, name or parsed.name, parsed.source)
+    notes: list[str] = []
+    if options.weights:
+        notes += load_weights(model, Path(options.weights), strict=options.strict, allow_pickle=options.allow_pickle)
+    total = options.train_steps + options.steps
+    batches: list[Batch] | None
+    if data_spec is not None:
+        batches, data_notes = load_data(data_spec, total, options.batch_size, options.seed)
+        notes += data_notes
+    else:
+        batches = model_file_batches(module, total)
+    label = parsed.label() if not name else f"{parsed.source}:{name}"
+    return Resolved(model, batches, loss, file_function(module, "loss_fn"), label, notes)
