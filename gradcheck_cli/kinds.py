@@ -38,3 +38,5 @@ STATUSES = ("ok", "frozen", *KINDS)
 SEVERITIES = ("warning", "error")
 # Which view of the gradients raised a finding.
 VIEWS = ("signal", "update", "numeric", "activation", "usage")
+# What kind of layer a module is (layers.category_of), for the rules that treat kinds differently.
+CATEGORIES = ("linear", "conv", "embedding", "norm", "recurrent", "attention", "other")

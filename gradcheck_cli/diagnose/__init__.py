@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from gradcheck_cli.diagnose.activation import activations, usage
 from gradcheck_cli.diagnose.common import LOSS_LAYER, Context
 from gradcheck_cli.diagnose.numeric import gates, numeric, underflow
+from gradcheck_cli.diagnose.signal import signal_view
 from gradcheck_cli.diagnose.thresholds import Thresholds
-from gradcheck_cli.diagnose.update import peer_group
+from gradcheck_cli.diagnose.update import peer_group, update_view
 from gradcheck_cli.diagnose.views import views
 from gradcheck_cli.kinds import STATUS_ORDER
 from gradcheck_cli.report import Finding, Layer, NanOrigin, SignalSummary, UpdateSummary
@@ -54,7 +55,9 @@ def diagnose(
     amp: str | None = None,
 ) -> Verdict:
     """Statuses and findings for every layer; the two views' summaries."""
-    context = Context(layers, loss, thresholds, nan_origin, lr, amp)
+    signal = signal_view(layers, thresholds)
+    update = update_view(layers, thresholds, lr, signal[0])
+    context = Context(layers, loss, thresholds, nan_origin, lr, amp, signal, update)
     findings = [finding for rule in RULES for finding in rule(context)]
     notes = []
     gated = gates(layers)
@@ -66,8 +69,7 @@ def diagnose(
             f"({shown}) gate their branch (zero_init_residual / Fixup / ReZero); the gates get gradients and open "
             "on the first update: check with --train-steps 1"
         )
-    signal, update = context.signal[0], context.update[0]
-    return Verdict(_with_status(layers, findings), _ordered(findings, layers), signal, update, notes)
+    return Verdict(_with_status(layers, findings), _ordered(findings, layers), signal[0], update[0], notes)
 
 
 def _with_status(layers: Sequence[Layer], findings: Sequence[Finding]) -> list[Layer]:

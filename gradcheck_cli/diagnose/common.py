@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 
 from gradcheck_cli.diagnose.thresholds import Thresholds
 from gradcheck_cli.report import Finding, Layer, NanOrigin, SignalSummary, UpdateSummary
@@ -15,27 +14,17 @@ LOSS_LAYER = "<loss>"
 
 @dataclass(frozen=True)
 class Context:
-    """What the rules judge: the measured layers and the run's settings. The two views' summaries are
-    computed once, on first use, since several rules read them."""
+    """What the rules judge: the measured layers, the run's settings, and the two views (summary and
+    findings over the steps' medians), computed once since several rules read them."""
 
     layers: Sequence[Layer]
     loss: Sequence[float | None]
     thresholds: Thresholds
-    nan_origin: NanOrigin | None = None
-    lr: float = 0.01
-    amp: str | None = None
-
-    @cached_property
-    def signal(self) -> tuple[SignalSummary, list[Finding]]:
-        from gradcheck_cli.diagnose.signal import signal_view
-
-        return signal_view(self.layers, self.thresholds)
-
-    @cached_property
-    def update(self) -> tuple[UpdateSummary, list[Finding]]:
-        from gradcheck_cli.diagnose.update import update_view
-
-        return update_view(self.layers, self.thresholds, self.lr, self.signal[0])
+    nan_origin: NanOrigin | None
+    lr: float
+    amp: str | None
+    signal: tuple[SignalSummary, list[Finding]]
+    update: tuple[UpdateSummary, list[Finding]]
 
 
 def level(value: float, warning: float, error: float) -> str | None:
