@@ -39,6 +39,7 @@ def analyze(
     batches: Any = None,
     loss_fn: str | LossFunction = "auto",
     options: Options | None = None,
+    progress: Progress | None = None,
     **settings: Any,
 ) -> Report:
     """Run `steps` forward/backward passes with hooks and diagnose every layer's gradients.
@@ -56,12 +57,13 @@ def analyze(
       the model's parameters in place), value_histograms (also keep each layer's signed gradient values per
       step, the tutorial's picture: plots and TensorBoard use it; off by default, it costs time), save_grads
       (a .safetensors file for every measured gradient, copied to the CPU one tensor at a time).
+    progress: called as progress(phase, done, total) after each pass ("train" or "measure").
 
     The model is left as found: no hooks, the same .grad tensors, train/eval flags, buffers (BatchNorm
     running statistics) and, after train_steps, parameter values restored. The global RNG state is untouched.
     """
     options = options or Options.of(RUN, settings, "analyze")
-    return run(model, batches, loss_fn, options)
+    return run(model, batches, loss_fn, options, progress=progress)
 
 
 def run(

@@ -124,7 +124,8 @@ def _load_config(ctx: typer.Context, name: str) -> None:
 
 # -- options: made from the fields of options.Options, so the CLI, [tool.gradcheck] and the API agree --------
 
-DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+DEBUG_HELP = "Show tracebacks for errors."
+DebugOption = Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)]
 
 
 def _parameter(name: str, default: Any, flag: Flag, annotation: Any) -> inspect.Parameter:
@@ -152,10 +153,14 @@ def _option_parameters(names: set[str] | None = None) -> list[inspect.Parameter]
 
 
 def _command(
-    function: Callable[..., Any], before: list[inspect.Parameter], after: list[inspect.Parameter]
+    function: Callable[..., Any],
+    before: list[inspect.Parameter],
+    after: list[inspect.Parameter],
+    names: set[str] | None = None,
 ) -> Callable[..., Any]:
-    """`function(**values)` with the signature Typer builds the command from: `before`, the options, `after`."""
-    parameters = [*before, *_option_parameters(getattr(function, "option_names", None)), *after]
+    """`function(**values)` with the signature Typer builds the command from: `before`, the options (those
+    in `names`; all by default), `after`."""
+    parameters = [*before, *_option_parameters(names), *after]
     function.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     function.__annotations__ = {p.name: p.annotation for p in parameters}
     return function
@@ -192,7 +197,7 @@ _CONTEXT = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, ann
 _DEBUG = inspect.Parameter(
     "debug",
     inspect.Parameter.KEYWORD_ONLY,
-    default=typer.Option(False, "--debug", help="Show tracebacks for errors."),
+    default=typer.Option(False, "--debug", help=DEBUG_HELP),
     annotation=bool,
 )
 _TARGET = inspect.Parameter(
@@ -249,7 +254,6 @@ def _demo(name: str | None, list_demos: bool, mnist: Path | None, debug: bool, *
         raise typer.Exit(outputs.emit(report))
 
 
-_demo.option_names = DEMO_OPTIONS  # type: ignore[attr-defined]
 _DEMO_BEFORE = [
     inspect.Parameter(
         "name",
@@ -272,7 +276,7 @@ _DEMO_BEFORE = [
         annotation=Path | None,
     ),
 ]
-app.command(name="demo")(_command(_demo, _DEMO_BEFORE, [_DEBUG]))
+app.command(name="demo")(_command(_demo, _DEMO_BEFORE, [_DEBUG], DEMO_OPTIONS))
 
 
 @app.command()

@@ -146,6 +146,8 @@ class Options:
     quiet: bool = option(False, "output", "--quiet", "-q", help="No progress output on stderr.")
 
     def __post_init__(self) -> None:
+        if self.thresholds is None:  # the API's thresholds=None: the defaults
+            object.__setattr__(self, "thresholds", Thresholds())
         if isinstance(self.fail_on, str):
             object.__setattr__(self, "fail_on", parse_fail_on(self.fail_on))
         _check_at_least(self.steps, 1, "--steps", "use --steps 1 or more")
