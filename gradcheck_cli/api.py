@@ -11,6 +11,7 @@ Usable from pytest:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -88,9 +89,10 @@ def run(
     with _process_group(options) as parallel:
         setup, global_batch, batch_notes = prepare(model, batches, loss_fn, options, parallel, file_loss)
         measurement, saved_notes = _measure(setup, options, parallel, progress)
-    report = _report(setup, measurement, options, parallel)
+        residual, confirmed_notes = _confirm(setup, measurement, options, parallel)
+    report = _report(setup, measurement, options, parallel, residual)
     report.target, report.batch_size = target, global_batch
-    report.notes[:0] = [*notes, *unwrap_notes, *batch_notes, *saved_notes]
+    report.notes[:0] = [*notes, *unwrap_notes, *batch_notes, *saved_notes, *confirmed_notes]
     return report
 
 
@@ -143,7 +145,7 @@ def prepare(
 def _measure(
     setup: Setup, options: Options, parallel: Parallel | None, progress: Progress | None
 ) -> tuple[Measurement, list[str]]:
-    combiner = Combiner(parallel.world_size, parallel.sharded) if parallel is not None else Combiner()
+    combiner = _combiner(parallel)
     tiny = torch.finfo(setup.amp_dtype).tiny if setup.amp_dtype is not None else None
     collector = Collector(setup.layers, combiner, tiny, options.wants_value_histograms)
     plan = Plan(
@@ -163,7 +165,41 @@ def _measure(
     return measurement, [f"gradients saved: {writer.path} ({len(writer.header)} tensors, {size:.3g} MB)"]
 
 
-def _report(setup: Setup, measurement: Measurement, options: Options, parallel: Parallel | None) -> Report:
+def _confirm(
+    setup: Setup, measurement: Measurement, options: Options, parallel: Parallel | None
+) -> tuple[bool | None, list[str]]:
+    """What the records raise and one replay settles (confirm.py): zero gradients explained by zero-initialised
+    gates (the layers are marked gated), and whether a strong signal trend runs through a plain chain."""
+    from gradcheck_cli.confirm import find_bypass, open_gates
+    from gradcheck_cli.diagnose.signal import signal_view
+
+    if measurement.nan_origin is not None:
+        return None, []
+    combiner = _combiner(parallel)
+    notes = []
+    opened, gates = open_gates(setup, measurement.layers, measurement.parameters, combiner)
+    if opened:
+        measurement.layers = [dataclasses.replace(layer, gated=layer.name in opened) for layer in measurement.layers]
+        shown = ", ".join(gates[:3]) + (f" and {len(gates) - 3} more" if len(gates) > 3 else "")
+        notes.append(
+            f"{len(opened)} layer(s) get exactly zero gradient only because zero-initialised layers after them "
+            f"({shown}) gate their path (checked by opening them); they learn once those move: see --train-steps 1"
+        )
+    summary, _ = signal_view(measurement.layers, options.thresholds)
+    total = summary.total_factor
+    if total is None or not total > 0 or max(total, 1 / total) < options.thresholds.signal_warning:
+        return None, notes
+    by_name = {layer.name: layer for layer in measurement.layers}
+    return find_bypass(setup, [by_name[name] for name in summary.chain], combiner), notes
+
+
+def _combiner(parallel: Parallel | None) -> Combiner:
+    return Combiner(parallel.world_size, parallel.sharded) if parallel is not None else Combiner()
+
+
+def _report(
+    setup: Setup, measurement: Measurement, options: Options, parallel: Parallel | None, residual: bool | None
+) -> Report:
     thresholds = options.thresholds
     verdict = diagnose(
         measurement.layers,
@@ -172,6 +208,7 @@ def _report(setup: Setup, measurement: Measurement, options: Options, parallel: 
         nan_origin=measurement.nan_origin,
         lr=options.lr,
         amp=options.amp,
+        residual=residual,
     )
     return Report(
         torch_version=torch.__version__,

@@ -324,6 +324,7 @@ def _record_layer(series: LayerSeries, got: LayerStep[float], calls: int) -> Non
     positions = got.output_positions
     output_sq = got.output_sq
     series.output_per_position.add(math.sqrt(output_sq / positions) if output_sq is not None and positions else None)
+    series.output_positions.add(positions)
     series.output_underflow.add(_fraction(got.output_underflow, got.output_sampled))
     numel = got.input_numel
     if numel and got.input_sq is not None:

@@ -25,6 +25,7 @@ KIND_LIST = (
     Kind("dead", 1, True, "fraction", "units or layers that pass no gradient at all"),
     Kind("saturated", 4, False, "fraction", "sigmoid/tanh inputs where the derivative is nearly 0"),
     Kind("unused", 5, False, None, "trainable parameters that got no gradient"),
+    Kind("unjudged", 6, False, None, "neither view had enough layers to judge: the verdict says nothing"),
 )
 KIND_BY_NAME = {kind.name: kind for kind in KIND_LIST}
 # Every kind of finding, in the order --help lists them; the CLI's --fail-on accepts these names.

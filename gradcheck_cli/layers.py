@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -41,6 +42,7 @@ def category_of(module: nn.Module) -> str:
     own = list(module.parameters(recurse=False))
     if "Norm" in type(module).__name__ and own and all(p.dim() == 1 for p in own):
         return "norm"
+    named = dict(module.named_parameters(recurse=False))
     for category, types in (
         ("norm", NORM_TYPES),
         ("embedding", EMBEDDING_TYPES),
@@ -51,6 +53,11 @@ def category_of(module: nn.Module) -> str:
     ):
         if isinstance(module, types):
             return category
+    # A module of another library that holds a 2-D weight (and a bias) applies it as a matmul: Hugging Face's
+    # Conv1D (GPT-2's blocks: a Linear with its weight transposed), quantised and LoRA-wrapped linears.
+    weight = named.get("weight")
+    if weight is not None and weight.dim() == 2 and set(named) <= {"weight", "bias"}:
+        return "linear"
     return "other"
 
 
@@ -84,7 +91,16 @@ def discover_layers(model: nn.Module) -> list[LayerSpec]:
 
 
 def has_units(spec: LayerSpec) -> bool:
-    """Layers whose weight rows (dim 0) are output units: a zero-gradient row is a unit that cannot learn."""
+    """Layers whose weight rows (dim 0) are output units: a zero-gradient row is a unit that cannot learn.
+    Only torch's own classes are known to lay their weight out so (Conv1D's rows are its inputs)."""
     if spec.category == "conv":
         return not getattr(spec.module, "transposed", False)
-    return spec.category in ("linear", "recurrent")
+    if spec.category == "linear":
+        return isinstance(spec.module, LINEAR_TYPES)
+    return spec.category == "recurrent"
+
+
+def is_matrix(tensor: torch.Tensor) -> bool:
+    """A weight that mixes features: at least two dimensions longer than 1. A per-channel scale or shift
+    (a norm's gamma, LayerScale's (C,), ConvNeXt's (C, 1, 1), ReZero's scalar) is not one."""
+    return sum(size > 1 for size in tensor.shape) >= 2

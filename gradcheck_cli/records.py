@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from gradcheck_cli.layers import LayerSpec
+from gradcheck_cli.layers import LayerSpec, is_matrix
 from gradcheck_cli.report import Layer, ParameterRecord, ValueHistogram
 from gradcheck_cli.series import StepSeries, mean, safe_ratio
 from gradcheck_cli.steps import LayerSeries, ParamInfo, ParamSeries
@@ -80,8 +80,11 @@ def _param_record(measured: Measured, info: ParamInfo) -> ParameterRecord:
 def _layer_record(measured: Measured, finished: Finished, spec: LayerSpec, params: list[ParameterRecord]) -> Layer:
     """One layer's record: its trainable tensors' numbers combined, and what its hooks measured."""
     mine = [info for info in measured.params if spec.index in info.layers]
+    owned = [info for info in mine if info.layers[0] == spec.index]  # a tied tensor counts under its first owner
+    alias_of = measured.layers[mine[0].layers[0]].name if mine and not owned else None
     trainable = [info for info in mine if info.tensor.requires_grad]
-    weights = [info for info in trainable if info.tensor.dim() >= 2] or trainable
+    matrices = [info for info in trainable if is_matrix(info.tensor)]
+    weights = matrices or trainable
     grad_steps: list[float | None] = []
     ratio_steps: list[float | None] = []
     for step in range(measured.steps):
@@ -108,7 +111,7 @@ def _layer_record(measured: Measured, finished: Finished, spec: LayerSpec, param
         name=spec.name,
         type=type(spec.module).__name__,
         category=spec.category,
-        params=sum(info.tensor.numel() for info in mine),
+        params=sum(info.tensor.numel() for info in owned),
         trainable_params=numel,
         parameters=tuple(info.name for info in mine),
         calls=layer_series.calls.median() or 0.0,
@@ -138,6 +141,9 @@ def _layer_record(measured: Measured, finished: Finished, spec: LayerSpec, param
         histogram=tuple(histogram) if histogram is not None else None,
         underflow_fraction=mean(measured.param_series[i.index].underflow.median() for i in trainable),
         output_grad_underflow_fraction=layer_series.output_underflow.median(),
+        scale_only=bool(trainable) and not matrices,
+        alias_of=alias_of,
+        output_positions=layer_series.output_positions.median(),
     )
 
 

@@ -112,6 +112,17 @@ class Layer:
     # normal number, so subnormal (losing precision) or flushed to zero; sampled; parameter gradients and dL/dz
     underflow_fraction: float | None = None
     output_grad_underflow_fraction: float | None = None
+    # its trainable parameters are all per-channel scales or shifts (norms, LayerScale, ReZero): none mixes
+    # features (layers.is_matrix), so a step's size relative to them says nothing about its stability
+    scale_only: bool = False
+    # elements per unit of dL/dz (batch x sequence x spatial positions) in a step: layers with the same count
+    # see the signal at the same resolution, which is what the signal view compares
+    output_positions: float | None = None
+    # every gradient is exactly 0 only because a zero-initialised layer after it multiplies its signal by 0:
+    # measured by opening those layers (passes.open_gates); it learns once they move
+    gated: bool = False
+    # a tied tensor is one verdict: this module only reuses the parameters of `alias_of` (its dL/dz is its own)
+    alias_of: str | None = None
     status: str = "ok"
     severity: str | None = None
 
@@ -127,6 +138,9 @@ class SignalSummary:
     chain: tuple[str, ...]  # layers used for the fit, in forward order
     gain_per_layer: float | None  # robust geometric fit of consecutive ratios (output end -> input end)
     total_factor: float | None  # fitted change of ||dL/dz|| from the output end to the input end
+    # whether the signal has a path around the chain's layers (skip connections; confirm.find_bypass); None: not
+    # checked (it is only when the trend is past the warning threshold)
+    residual: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -83,13 +83,18 @@ def safe_ratio(numerator: float | None, denominator: float | None) -> float | No
     return numerator / denominator
 
 
-def theil_sen_slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+def theil_sen_slope(xs: Sequence[float], ys: Sequence[float], groups: Sequence[object] | None = None) -> float | None:
     """Median of pairwise slopes: a line fit that ignores up to ~29% outlying points.
 
     Used for the per-layer gain of dL/dz, so that an output head or an embedding at either end of the chain
-    (which legitimately differ from hidden layers) cannot fake a trend.
+    (which legitimately differ from hidden layers) cannot fake a trend. With `groups`, only pairs within the
+    same group count (layers at the same resolution, see diagnose.signal).
     """
+    same = groups if groups is not None else [None] * len(xs)
     slopes = [
-        (ys[j] - ys[i]) / (xs[j] - xs[i]) for i in range(len(xs)) for j in range(i + 1, len(xs)) if xs[j] != xs[i]
+        (ys[j] - ys[i]) / (xs[j] - xs[i])
+        for i in range(len(xs))
+        for j in range(i + 1, len(xs))
+        if xs[j] != xs[i] and same[i] == same[j]
     ]
     return _middle(sorted(slopes))

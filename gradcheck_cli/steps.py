@@ -126,6 +126,7 @@ class LayerSeries:
     output_sq: StepSeries = field(default_factory=StepSeries)
     output_per_position: StepSeries = field(default_factory=StepSeries)
     output_underflow: StepSeries = field(default_factory=StepSeries)
+    output_positions: StepSeries = field(default_factory=StepSeries)
     calls: StepSeries = field(default_factory=StepSeries)
     input_rms: StepSeries = field(default_factory=StepSeries)
     input_zero: StepSeries = field(default_factory=StepSeries)

@@ -21,19 +21,19 @@ from dataclasses import dataclass
 
 from gradcheck_cli.diagnose.activation import activations, usage
 from gradcheck_cli.diagnose.common import LOSS_LAYER, Context
-from gradcheck_cli.diagnose.numeric import gates, numeric, underflow
+from gradcheck_cli.diagnose.numeric import numeric, underflow
 from gradcheck_cli.diagnose.signal import signal_view
 from gradcheck_cli.diagnose.thresholds import Thresholds
 from gradcheck_cli.diagnose.update import peer_group, update_view
-from gradcheck_cli.diagnose.views import views
+from gradcheck_cli.diagnose.views import MODEL_LAYER, unjudged, views
 from gradcheck_cli.kinds import STATUS_ORDER
 from gradcheck_cli.report import Finding, Layer, NanOrigin, SignalSummary, UpdateSummary
 
-__all__ = ["LOSS_LAYER", "RULES", "Context", "Thresholds", "Verdict", "diagnose", "gates", "peer_group"]
+__all__ = ["LOSS_LAYER", "MODEL_LAYER", "RULES", "Context", "Thresholds", "Verdict", "diagnose", "peer_group"]
 
 Rule = Callable[[Context], list[Finding]]
 # Every rule, in the order their findings are gathered (then sorted by _ordered).
-RULES: tuple[Rule, ...] = (numeric, views, activations, usage, underflow)
+RULES: tuple[Rule, ...] = (numeric, views, activations, usage, underflow, unjudged)
 
 
 @dataclass(frozen=True)
@@ -53,22 +53,15 @@ def diagnose(
     nan_origin: NanOrigin | None = None,
     lr: float = 0.01,
     amp: str | None = None,
+    residual: bool | None = None,
 ) -> Verdict:
-    """Statuses and findings for every layer; the two views' summaries."""
-    signal = signal_view(layers, thresholds)
+    """Statuses and findings for every layer; the two views' summaries. residual: whether the signal has a
+    path around the chain's layers (confirm.find_bypass), which changes what the signal view judges."""
+    signal = signal_view(layers, thresholds, residual)
     update = update_view(layers, thresholds, lr, signal[0])
     context = Context(layers, loss, thresholds, nan_origin, lr, amp, signal, update)
     findings = [finding for rule in RULES for finding in rule(context)]
-    notes = []
-    gated = gates(layers)
-    if gated:
-        names = sorted(set(gated.values()))
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        notes.append(
-            f"{len(gated)} layer(s) get exactly zero gradient only because zero-initialised layers after them "
-            f"({shown}) gate their branch (zero_init_residual / Fixup / ReZero); the gates get gradients and open "
-            "on the first update: check with --train-steps 1"
-        )
+    notes = _tied_notes(layers)
     return Verdict(_with_status(layers, findings), _ordered(findings, layers), signal[0], update[0], notes)
 
 
@@ -97,3 +90,15 @@ def _ordered(findings: Sequence[Finding], layers: Sequence[Layer]) -> list[Findi
         findings,
         key=lambda f: (f.severity != "error", STATUS_ORDER.index(f.kind), f.view, position.get(f.layer, -1)),
     )
+
+
+def _tied_notes(layers: Sequence[Layer]) -> list[str]:
+    """One note per tied tensor: which modules reuse it, and where its one verdict is."""
+    aliases: dict[str, list[str]] = {}
+    for layer in layers:
+        if layer.alias_of is not None:
+            aliases.setdefault(layer.alias_of, []).append(layer.name or "(model)")
+    return [
+        f"tied: {', '.join(names)} reuse the parameters of {owner or '(model)'}; one tensor, one verdict, on {owner}"
+        for owner, names in aliases.items()
+    ]

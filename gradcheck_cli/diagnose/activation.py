@@ -11,9 +11,15 @@ def activations(context: Context) -> list[Finding]:
     layers, thresholds = context.layers, context.thresholds
     findings = []
     for layer in layers:
+        if layer.alias_of is not None:
+            continue  # a tied tensor: its owner carries the verdict
         dead = layer.dead_fraction
         source = "ReLU units never activate over all batches"
-        if dead is None and layer.zero_grad_unit_fraction is not None and not all_zero(layer):
+        # Rows of dL/dW = dL/dz x input^T that stay 0: units whose output gets no gradient (the activation after
+        # them never passes any, whatever form it takes: nn.ReLU, F.relu, torch.clamp) - unless the layer's
+        # input is all zeros itself, which zeroes every row and is the layer before it's finding.
+        reads_something = (layer.input_zero_fraction or 0.0) < 1.0
+        if dead is None and layer.zero_grad_unit_fraction is not None and not all_zero(layer) and reads_something:
             dead, source = (
                 layer.zero_grad_unit_fraction,
                 "output units got an all-zero gradient in every step",
@@ -54,7 +60,7 @@ def usage(context: Context) -> list[Finding]:
     layers = context.layers
     findings = []
     for layer in layers:
-        if layer.trainable_params and all(v is None for v in layer.grad_norm_steps):
+        if layer.alias_of is None and layer.trainable_params and all(v is None for v in layer.grad_norm_steps):
             findings.append(
                 Finding(
                     layer.name,

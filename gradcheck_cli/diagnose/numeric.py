@@ -1,44 +1,18 @@
-"""Numeric rules: NaN/Inf, gradients that are exactly zero (and the zero-initialised gates that explain some of
-them), and gradient values that underflow the AMP dtype."""
+"""Numeric rules: NaN/Inf, gradients that are exactly zero (unless a zero-initialised layer after them gates
+them: Layer.gated, measured by passes.open_gates), and gradient values that underflow the AMP dtype."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
-from gradcheck_cli.diagnose.common import LOSS_LAYER, Context, all_zero, got_gradient, level
-from gradcheck_cli.report import Finding, Layer, NanOrigin
-
-
-def gates(layers: Sequence[Layer]) -> dict[str, str]:
-    """Layers whose gradient is exactly zero because a zero-initialised layer after them in the same block
-    multiplies their signal by 0 (torchvision's zero_init_residual, Fixup, ReZero, SkipInit). Such a gate gets
-    a gradient itself, moves on the first update, and opens the branch: not a dead layer. Returns
-    {gated layer: gate layer}."""
-    gate_layers = [
-        g
-        for g in layers
-        if g.trainable_params and g.weight_norm == 0 and g.forward_index is not None and got_gradient(g)
-    ]
-    gated = {}
-    for layer in layers:
-        if not (layer.trainable_params and all_zero(layer)) or layer.forward_index is None:
-            continue
-        for gate in gate_layers:
-            block = gate.name.rpartition(".")[0]
-            same_block = layer.name.startswith(block + ".") if block else True
-            ancestor = layer.name.startswith(gate.name + ".") or gate.name == ""
-            if (gate.forward_index or 0) > layer.forward_index and (same_block or ancestor):
-                gated[layer.name] = gate.name
-                break
-    return gated
+from gradcheck_cli.diagnose.common import LOSS_LAYER, Context, all_zero, level
+from gradcheck_cli.report import Finding, NanOrigin
 
 
 def numeric(context: Context) -> list[Finding]:
     """NaN/Inf in the loss or a layer's gradients; layers whose every gradient is exactly 0."""
     layers, origin = context.layers, context.nan_origin
     findings = []
-    gated = gates(layers)
     loss = context.loss
     bad_loss = [v for v in loss if v is not None and not math.isfinite(v)]
     where = _origin_text(origin)
@@ -54,6 +28,8 @@ def numeric(context: Context) -> list[Finding]:
             )
         )
     for layer in layers:
+        if layer.alias_of is not None:
+            continue  # a tied tensor: its owner carries the verdict
         if layer.trainable_params and layer.nonfinite:
             started_here = origin is not None and origin.module == layer.name
             message = (
@@ -62,7 +38,7 @@ def numeric(context: Context) -> list[Finding]:
                 else f"{layer.nonfinite} NaN/Inf gradient values{where}"
             )
             findings.append(Finding(layer.name, "nan", "error", "numeric", message, _nan_fix(origin)))
-        elif layer.trainable_params and all_zero(layer) and layer.name not in gated:
+        elif layer.trainable_params and all_zero(layer) and not layer.gated:
             findings.append(
                 Finding(
                     layer.name,

@@ -12,13 +12,30 @@ from collections.abc import Sequence
 
 from gradcheck_cli.diagnose.common import level, times
 from gradcheck_cli.diagnose.thresholds import Thresholds
+from gradcheck_cli.diagnose.update import peer_group
 from gradcheck_cli.report import Finding, Layer, SignalSummary
 from gradcheck_cli.series import median, theil_sen_slope
 
 SIGNAL_CATEGORIES = ("linear", "conv", "recurrent", "attention", "embedding", "other")
 
 
-def signal_view(layers: Sequence[Layer], thresholds: Thresholds) -> tuple[SignalSummary, list[Finding]]:
+def signal_view(
+    layers: Sequence[Layer], thresholds: Thresholds, residual: bool | None = None
+) -> tuple[SignalSummary, list[Finding]]:
+    """The per-layer gain of ||dL/dz|| along the forward order, and the layers the trend leaves far from the
+    output end.
+
+    The gain is fitted (Theil-Sen, over pairs of layers) only between layers that should see the same signal
+    but for depth: the same role (the same name in another block, or the same type in a net without blocks)
+    at the same resolution (the same number of positions: batch x sequence x spatial). A residual branch
+    behind a LayerScale of 1e-6 sees 1e-6 of the stream's signal by design, and pooling, striding or a head on
+    a pooled vector changes the position count without being a layer of the chain: pairs across those would
+    measure the architecture, not the depth. Each group is then moved onto the fitted line, so that the
+    verdict depends on depth alone, not on input size or branch scales.
+
+    residual (confirm.find_bypass): with a path around the layers, the depth limit of plain chains does not
+    apply; only a per-layer gain beyond thresholds.residual_gain is judged.
+    """
     chain = sorted(
         (
             layer
@@ -32,44 +49,77 @@ def signal_view(layers: Sequence[Layer], thresholds: Thresholds) -> tuple[Signal
         key=lambda layer: layer.forward_index or 0,
     )
     names = tuple(layer.name for layer in chain)
-    if len(chain) < thresholds.min_chain:
-        return SignalSummary(names, None, None), []
+    groups = [_group(layer) for layer in chain]
+    if len(chain) < thresholds.min_chain or len(set(groups)) == len(groups):
+        return SignalSummary(names, None, None, residual), []
     xs = [float(i) for i in range(len(chain))]
     ys = [math.log10(layer.output_grad_per_position or 1.0) for layer in chain]
-    slope = theil_sen_slope(xs, ys)
+    slope = theil_sen_slope(xs, ys, groups)
     assert slope is not None
-    intercept = median([y - slope * x for x, y in zip(xs, ys, strict=True)]) or 0.0
-    end = intercept + slope * xs[-1]
+    ys = _stitched(xs, ys, groups, slope)
+    end = (median([y - slope * x for x, y in zip(xs, ys, strict=True)]) or 0.0) + slope * xs[-1]
     # Toward the input, each layer multiplies ||dL/dz|| by 10**(-slope).
     gain = 10 ** (-slope)
     total = gain ** (len(chain) - 1)
-    summary = SignalSummary(names, gain, total)
+    summary = SignalSummary(names, gain, total, residual)
+    if residual and 1 / thresholds.residual_gain < gain < thresholds.residual_gain:
+        return summary, []  # polynomial growth through skip connections: trainable at any depth
+    return summary, _findings(chain, ys, end, gain, total, thresholds)
+
+
+def _group(layer: Layer) -> tuple[str, float | None]:
+    """Layers that see the same signal but for depth: one role (peer_group; the type in a net without block
+    indices, such as fc1..fc4) and one position count."""
+    role = peer_group(layer.name)
+    return (role if "#" in role else layer.type, layer.output_positions)
+
+
+def _stitched(xs: Sequence[float], ys: Sequence[float], groups: Sequence[object], slope: float) -> list[float]:
+    """log ||dL/dz|| with each group moved onto one line: its median offset from the fit replaced by the
+    median of all groups' offsets."""
+    offsets: dict[object, list[float]] = {}
+    for x, y, group in zip(xs, ys, groups, strict=True):
+        offsets.setdefault(group, []).append(y - slope * x)
+    middle = {group: median(values) or 0.0 for group, values in offsets.items()}
+    common = median(list(middle.values())) or 0.0
+    return [y - middle[group] + common for y, group in zip(ys, groups, strict=True)]
+
+
+def _findings(
+    chain: Sequence[Layer], ys: Sequence[float], end: float, gain: float, total: float, thresholds: Thresholds
+) -> list[Finding]:
+    """Layers far from the output end along the trend. The chain is judged as a whole too: the first layer on
+    the trend's side carries the fitted factor over the whole chain, even where no single layer's own value
+    reaches a threshold (a trend of many small gains is what makes a deep net untrainable)."""
     findings = []
     trend = abs(math.log10(total))
+    chain_judged = False
     for layer, y in zip(chain, ys, strict=True):
         deviation = y - end  # log10 of ||dL/dz|| here over the fitted value at the output end
         kind = "vanishing" if deviation < 0 else "exploding"
         if (deviation < 0) != (total < 1):
             continue  # a layer off the trend's direction is not explained by it
-        excess = min(abs(deviation), trend)
+        excess = trend if not chain_judged else min(abs(deviation), trend)
         severity = level(10**excess, thresholds.signal_warning, thresholds.signal_error)
+        whole = not chain_judged
+        chain_judged = True
         if severity is None:
             continue
-        factor = 10**deviation
         direction = "smaller" if kind == "vanishing" else "larger"
-        findings.append(
-            Finding(
-                layer.name,
-                kind,
-                severity,
-                "signal",
-                f"dL/dz is {times(factor)} {direction} than at the output end: x{gain:.3g} per layer over "
-                f"{len(chain)} layers",
-                _signal_fix(kind, layer, chain),
-                factor,
+        if whole:
+            factor = 10 ** math.copysign(excess, deviation)
+            message = (
+                f"x{gain:.3g} per layer over {len(chain)} layers: dL/dz here is {times(factor)} {direction} than "
+                "at the output end along the fitted trend"
             )
-        )
-    return summary, findings
+        else:
+            factor = 10**deviation
+            message = (
+                f"dL/dz is {times(factor)} {direction} than at the output end: x{gain:.3g} per layer over "
+                f"{len(chain)} layers"
+            )
+        findings.append(Finding(layer.name, kind, severity, "signal", message, _signal_fix(kind, layer, chain), factor))
+    return findings
 
 
 def _signal_fix(kind: str, layer: Layer, chain: Sequence[Layer]) -> str:

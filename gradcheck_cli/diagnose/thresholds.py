@@ -27,10 +27,20 @@ class Thresholds:
     # depth, e^6 ~ 400: the error. Critical nets stay within ~2x over tens of layers at practical widths.
     signal_warning: float = threshold(20.0, "Signal view: dL/dz change (factor) toward the input that warns.")
     signal_error: float = threshold(400.0, "Signal view: factor that is an error.")
+    # signal view, residual nets: with a path around the layers (skip or dense connections, confirm.find_bypass)
+    # gradients grow polynomially with depth, not exponentially, and such nets train at any depth (Yang &
+    # Schoenholz 2017; De & Smith 2020): the normalised ones in the corpus show 1.03-1.11 per layer at init.
+    # Only a per-layer gain beyond this factor (either way) is judged in them: 1.5 per layer compounds to 20x
+    # in 7 layers, which no residual design needs.
+    residual_gain: float = threshold(1.5, "Signal view, nets with skip connections: per-layer gain judged.")
     # update view, balance: a weight layer whose ||g||/||W|| is this many times below the network median
     # learns that many times slower under SGD (the tutorial's layer 1).
     balance_warning: float = threshold(10.0, "Update view: ||g||/||W|| this many times below the median warns.")
     balance_error: float = threshold(1000.0, "Update view: factor below the median that is an error.")
+    # update view, a whole role (the same layer in every block) against the network: roles differ by design
+    # (CaiT's talking-heads projections sit ~4000x below its MLPs), so only a gap no design needs is an error:
+    # at 1e5 x slower, a layer moves 1e-8 of its norm per step when the median moves 1e-3, nothing in a run.
+    role_error: float = threshold(1e5, "Update view: factor by which a whole role below the median is an error.")
     # update view, size: lr * ||g||/||W||, the fraction by which one SGD step changes the weights. Above 1 a
     # step is no longer an update but a re-initialisation of the layer; 10 is ten of them. (The usual healthy
     # range is 1e-4..1e-2; DeepDiagnosis flags > 0.1, but output heads legitimately reach ~0.1 at init.)
@@ -76,8 +86,12 @@ class Thresholds:
                     f"{name} error threshold ({high:g}) is below its warning threshold ({low:g})",
                     "the error threshold must be at least the warning threshold",
                 )
+        if not math.isfinite(self.residual_gain) or self.residual_gain <= 1:
+            raise UserError("residual_gain is a factor and must be above 1", "e.g. 1.5")
         if not math.isfinite(self.input_lag) or self.input_lag <= 1:
             raise UserError("input_lag is a factor and must be above 1", "e.g. 2")
+        if not math.isfinite(self.role_error) or self.role_error < self.balance_error:
+            raise UserError("role_error is a factor at least balance_error", "e.g. 1e5")
         for name in ("signal", "balance"):
             if getattr(self, f"{name}_warning") <= 1:
                 raise UserError(f"{name} thresholds are factors and must be above 1", "e.g. 10")

@@ -8,6 +8,7 @@ show the two views can disagree, so both are needed.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 from gradcheck_cli.diagnose.common import level, times
@@ -27,7 +28,7 @@ def update_view(
         layer
         for layer in layers
         if layer.category in BALANCE_CATEGORIES
-        and layer.trainable_params
+        and _judged(layer)
         and layer.grad_to_weight is not None
         and math.isfinite(layer.grad_to_weight)
         and layer.grad_to_weight > 0
@@ -45,7 +46,7 @@ def _balance(
 ) -> list[Finding]:
     findings = []
     first = _input_layer(layers)
-    peers = _peer_medians(members, thresholds.min_chain)
+    peers = _peer_medians(members)
     for layer in members:
         if layer.feeds_norm:
             # Scale-invariant (its output is normalised): SGD tunes its effective learning rate by itself
@@ -53,17 +54,24 @@ def _balance(
             continue
         ratio = layer.grad_to_weight or 0.0
         group, peer_reference = peers.get(layer.name, (None, None))
-        # Against its peers (the same role in the other blocks) at both levels; against the whole network
-        # only at the error level, since roles differ by design (see _peer_medians).
+        # Against its peers (the same role in the other blocks) when it has them: roles differ by design (see
+        # _peer_medians; CaiT's talking-heads projections learn 1000x slower than its MLPs in every block), so
+        # a whole role that is slow is the architecture, not a fault, short of thresholds.role_error. Without
+        # peers, against the network.
+        # An embedding table has neither: it is read a few rows at a time and initialised on its own scale
+        # (N(0, 1) in torch, 0.02 in GPT-2, T5's factor), so its ||g||/||W|| is not comparable to dense layers'.
         severity = None
         if peer_reference:
             factor = ratio / peer_reference
             against = f"the median of its {layer.type} peers ({group}) {peer_reference:.2g}"
             severity = level(1 / factor, thresholds.balance_warning, thresholds.balance_error)
-        if severity is None:
+            if severity is None and level(reference / ratio, thresholds.role_error, thresholds.role_error):
+                factor, against = ratio / reference, f"the network median {reference:.2g}, as all its peers are"
+                severity = "error"
+        else:
             factor, against = ratio / reference, f"the network median {reference:.2g}"
-            limit = thresholds.balance_error if peer_reference else thresholds.balance_warning
-            severity = level(1 / factor, limit, thresholds.balance_error)
+            if layer.category != "embedding":
+                severity = level(1 / factor, thresholds.balance_warning, thresholds.balance_error)
         message = (
             f"||g||/||W|| = {layer.grad_to_weight:.2g} is {times(factor)} below {against}: "
             "this layer learns that much slower under SGD"
@@ -87,7 +95,7 @@ def _step_size(layers: Sequence[Layer], thresholds: Thresholds, lr: float) -> li
     findings = []
     for layer in layers:
         relative = layer.grad_to_weight
-        if not layer.trainable_params or relative is None or not math.isfinite(relative):
+        if not _judged(layer) or relative is None or not math.isfinite(relative):
             continue
         if layer.feeds_norm:
             # Its output is normalised, so the loss does not depend on its weights' scale: a large step grows
@@ -115,13 +123,29 @@ def _step_size(layers: Sequence[Layer], thresholds: Thresholds, lr: float) -> li
     return findings
 
 
+def _judged(layer: Layer) -> bool:
+    """Whether the update view judges a layer: it has a trainable feature-mixing weight of its own. Not a
+    per-channel scale (LayerScale 1e-6, ReZero 0, a norm's gamma: they are meant to move by many times their
+    size), and not a module that only reuses a tied tensor (its owner carries the tensor's one verdict)."""
+    return bool(layer.trainable_params) and not layer.scale_only and layer.alias_of is None
+
+
+_BLOCK_INDEX = re.compile(r"^(?:\d+|.*_\d+)$")  # "3", "encoder_layer_3": a block's position, not its role
+
+
 def peer_group(name: str) -> str:
-    """A layer's role: its name with block indices wildcarded (encoder.layers.3.linear1 -> encoder.layers.#.linear1)."""
-    return ".".join("#" if part.isdigit() else part for part in name.split("."))
+    """A layer's role: its name with block indices wildcarded (encoder.layers.3.linear1 -> encoder.layers.#.linear1,
+    encoder.layers.encoder_layer_3.mlp.0 -> encoder.layers.encoder_layer_#.mlp.#)."""
+    return ".".join(re.sub(r"\d+$", "#", part) if _BLOCK_INDEX.match(part) else part for part in name.split("."))
 
 
-def _peer_medians(members: Sequence[Layer], least: int) -> dict[str, tuple[str, float]]:
-    """{layer: (group, median ||g||/||W|| of its group)} for groups of at least `least` layers.
+# Fewest layers in a role for a peer median: with two, the same role in another block is already a better
+# reference than the whole network, whose roles differ by design (see _peer_medians).
+PEER_GROUP_MIN = 2
+
+
+def _peer_medians(members: Sequence[Layer]) -> dict[str, tuple[str, float]]:
+    """{layer: (group, median ||g||/||W|| of its group)} for groups of at least PEER_GROUP_MIN layers.
 
     Layers in different roles learn at different speeds by design: GPT-2's scaled initialisation makes the
     residual projections' weights sqrt(2 * blocks) smaller, uniform attention at initialisation gives query and
@@ -134,7 +158,7 @@ def _peer_medians(members: Sequence[Layer], least: int) -> dict[str, tuple[str, 
             groups.setdefault(f"{peer_group(layer.name)}:{layer.type}", []).append(layer)
     result = {}
     for key, group in groups.items():
-        if len(group) >= least:
+        if len(group) >= PEER_GROUP_MIN:
             value = median([layer.grad_to_weight or 0.0 for layer in group])
             if value:
                 for layer in group:

@@ -1,0 +1,118 @@
+"""Confirm: targeted replays that settle what the records alone cannot, each one forward and backward on the
+first measured batch, run only when the records call for it, the model restored afterwards.
+
+- open_gates: layers whose every gradient is exactly 0. Either something kills their signal for good (dead
+  ReLUs, a detach), or a zero-initialised layer after them multiplies it by 0 by design (torchvision's ViT
+  head, timm's MLP-Mixer head, zero_init_residual's last BatchNorm gamma, LoRA's B = 0, ReZero, Fixup): such a
+  gate gets a gradient itself, moves on the first update and opens the path. Setting the zero tensors to small
+  random values tells the two apart exactly.
+- find_bypass: whether the backpropagated signal has a path around the layers of the chain (residual or dense
+  connections). Zeroing one layer's weights in the middle of the chain stops every gradient before it in a
+  plain chain; in a residual net the skip path carries it on. Plain chains are subject to the depth limit of
+  mean-field theory (Schoenholz et al. 2017), residual ones are not (their gradients grow polynomially with
+  depth: Yang & Schoenholz 2017; De & Smith 2020).
+
+Every decision is taken from numbers that are the same on every process under torchrun (the records, and
+squared norms combined across ranks), so all ranks replay alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from gradcheck_cli.distributed import Combiner, local
+from gradcheck_cli.layers import is_matrix
+from gradcheck_cli.passes import Passes, Setup, clear_grads
+from gradcheck_cli.report import Layer, ParameterRecord
+from gradcheck_cli.restore import Restorer
+
+# The size of an opened gate: small enough to leave the network's function as it was, far above float32's
+# smallest normal (1e-38), so that a gradient through it cannot underflow to exactly 0.
+OPEN_GATE_STD = 1e-3
+
+
+def open_gates(
+    setup: Setup, layers: Sequence[Layer], parameters: Sequence[ParameterRecord], combiner: Combiner
+) -> tuple[set[str], list[str]]:
+    """(layers whose zero gradient a zero-initialised gate explains, the gates' layer names)."""
+    silent = [layer.name for layer in layers if layer.trainable_params and _all_zero(layer)]
+    gates = [
+        p.name
+        for p in parameters
+        if p.requires_grad and p.weight_norm == 0 and p.grad_norm and not p.name.endswith("bias")
+    ]
+    if not silent or not gates:
+        return set(), []
+    named = dict(setup.model.named_parameters())
+    opened = _replay(
+        setup, combiner, silent, perturb=lambda: [named[name].normal_(0.0, OPEN_GATE_STD) for name in gates]
+    )
+    owners = sorted({layer.name for layer in layers for name in gates if name in layer.parameters})
+    return opened, owners
+
+
+# Where the chain is cut, as fractions of its length: a residual net's stage transitions (a strided block
+# without a skip) are single paths, so one cut can land on one; three are unlikely to all do.
+CUTS = (0.5, 0.25, 0.75)
+
+
+def find_bypass(setup: Setup, chain: Sequence[Layer], combiner: Combiner) -> bool | None:
+    """Whether gradients still reach the layers before a cut (a layer's weights set to 0) at one of CUTS;
+    None when no layer of the chain has a feature-mixing weight to cut."""
+    ordered = [layer for layer in chain if layer.forward_index is not None]
+    specs = {spec.name: spec for spec in setup.layers}
+    cuttable = [
+        index
+        for index, layer in enumerate(ordered)
+        if index and layer.name in specs and any(is_matrix(p) and p.requires_grad for _, p in specs[layer.name].params)
+    ]
+    if not cuttable:
+        return None
+    tried: set[int] = set()
+    for fraction in CUTS:
+        index = min(cuttable, key=lambda i: abs(i - fraction * len(ordered)))
+        if index in tried:
+            continue
+        tried.add(index)
+        weights = [p for _, p in specs[ordered[index].name].params if is_matrix(p) and p.requires_grad]
+        before = [layer.name for layer in ordered[:index]]
+        if _replay(setup, combiner, before, perturb=_zeroing(weights)):
+            return True
+    return False
+
+
+def _zeroing(tensors: Sequence[torch.Tensor]) -> Callable[[], object]:
+    return lambda: [tensor.zero_() for tensor in tensors]
+
+
+def _replay(setup: Setup, combiner: Combiner, watched: list[str], perturb: Callable[[], object]) -> set[str]:
+    """Change some parameters (perturb), run one forward and backward, and return the watched layers that got
+    a nonzero gradient. Parameters, buffers, .grad and modes are restored afterwards."""
+    specs = {spec.name: spec for spec in setup.layers}
+    passes = Passes(setup.runner, setup.loss, setup.device, setup.amp_dtype)
+    model = setup.model
+    with Restorer(model, save_parameters=True):
+        with torch.no_grad():
+            perturb()
+        clear_grads(model)
+        passes.forward_backward(setup.batches[0].to(setup.device))
+        squares = torch.stack(
+            [
+                sum(
+                    (local(p.grad).float().square().sum() for _, p in specs[name].params if p.grad is not None),
+                    torch.zeros((), device=setup.device),
+                )
+                for name in watched
+            ]
+        )
+        combiner.grads(squares)
+        got = squares.tolist()
+        clear_grads(model)
+    return {name for name, value in zip(watched, got, strict=True) if value > 0}
+
+
+def _all_zero(layer: Layer) -> bool:
+    got = [v for v in layer.grad_norm_steps if v is not None]
+    return bool(got) and all(v == 0 for v in got)

@@ -1,0 +1,396 @@
+"""A corpus of real architectures, built by their own libraries (torchvision, timm, transformers) at their
+default initialisation from small configurations, plus broken variants whose verdict theory predicts.
+
+No downloads: every model is built from a config, every batch is made here. The libraries are optional test
+dependencies; a case whose library is missing is skipped (CI installs them all, see .ci/run).
+
+Labels come from how these architectures are trained in practice (healthy at default init: they train as
+published) or from theory for the broken ones (mean-field chi1, Schoenholz et al. 2017; Pascanu et al. 2013
+for recurrent nets), never from gradcheck's output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BATCH = 4
+
+
+def torchvision() -> Any:
+    """torchvision's pure-Python models. The registry's wheel is a CUDA build whose compiled ops do not load
+    against a CPU torch; its models need only the schemas of two ops that detection code registers fakes for."""
+    try:
+        return importlib.import_module("torchvision")
+    except (RuntimeError, OSError):
+        for name in [name for name in sys.modules if name.startswith("torchvision")]:
+            del sys.modules[name]
+    for op in ("nms", "qnms"):
+        with contextlib.suppress(RuntimeError):  # defined already
+            torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    return importlib.import_module("torchvision")
+
+
+IMAGE_BATCH = 16  # BatchNorm over 4 values per channel (batch 4 at a 1x1 map) is noise, not a network
+
+
+def images(size: int = 32, classes: int = 10, count: int = 3, seed: int = 0, batch: int = IMAGE_BATCH) -> list[tuple]:
+    """Standardised images (what transforms.Normalize gives) and class labels."""
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(batch, 3, size, size, generator=generator),
+            torch.randint(0, classes, (batch,), generator=generator),
+        )
+        for _ in range(count)
+    ]
+
+
+def tokens(vocab: int, length: int = 16, count: int = 3, seed: int = 0, batch: int = BATCH) -> list[dict]:
+    """Language-model batches as model-hub models take them: input_ids and labels (the model computes the loss)."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(0, vocab, (batch, length), generator=generator)
+        batches.append({"input_ids": ids, "labels": ids.clone()})
+    return batches
+
+
+@dataclass
+class Case:
+    name: str
+    library: str  # the module that must import for this case to run
+    build: Callable[[], nn.Module]
+    batches: Callable[[], list[Any]]
+    healthy: bool
+    why: str
+    expect: tuple[str, ...] = ()  # error-level kinds theory predicts for a broken case
+    settings: dict[str, Any] = field(default_factory=dict)  # analyze() settings the case needs
+
+
+# -- torchvision ---------------------------------------------------------------------------------------------
+
+
+def tv_resnet18(zero_init_residual: bool = False) -> nn.Module:
+    return torchvision().models.resnet18(num_classes=10, zero_init_residual=zero_init_residual)
+
+
+def tv_convnext() -> nn.Module:
+    convnext = torchvision().models.convnext
+    config = convnext.CNBlockConfig
+    setting = [config(24, 48, 2), config(48, 96, 2), config(96, 192, 2), config(192, None, 2)]
+    return convnext.ConvNeXt(setting, num_classes=10)  # layer_scale 1e-6, as convnext_tiny
+
+
+def tv_vit() -> nn.Module:
+    vit = torchvision().models.vision_transformer
+    return vit.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=4, num_heads=4, hidden_dim=64, mlp_dim=128, num_classes=10
+    )  # heads.head zero-initialised, as vit_b_16
+
+
+def tv_vgg11() -> nn.Module:
+    return torchvision().models.vgg11(num_classes=10)  # no BatchNorm; kaiming fan_out convs, N(0, 0.01) linears
+
+
+def tv_densenet() -> nn.Module:
+    densenet = torchvision().models.densenet
+    return densenet.DenseNet(growth_rate=8, block_config=(6, 12, 24, 16), num_init_features=16, num_classes=10)
+
+
+def tv_mobilenet() -> nn.Module:
+    return torchvision().models.mobilenet_v3_small(num_classes=10)
+
+
+def tv_efficientnet() -> nn.Module:
+    return torchvision().models.efficientnet_b0(num_classes=10)
+
+
+def tv_swin() -> nn.Module:
+    swin = torchvision().models.swin_transformer
+    return swin.SwinTransformer(
+        patch_size=[2, 2], embed_dim=24, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], num_classes=10
+    )
+
+
+# -- timm ------------------------------------------------------------------------------------------------------
+
+
+def timm_convnext_atto() -> nn.Module:
+    import timm
+
+    return timm.create_model("convnext_atto", pretrained=False, num_classes=10)
+
+
+def timm_deit3() -> nn.Module:
+    from timm.models import vision_transformer
+
+    # DeiT-III: LayerScale initialised to 1e-6 (Touvron et al. 2022)
+    return vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, depth=4, embed_dim=64, num_heads=4, num_classes=10, init_values=1e-6
+    )
+
+
+def timm_cait() -> nn.Module:
+    from timm.models import cait
+
+    return cait.Cait(img_size=32, patch_size=8, depth=4, embed_dim=64, num_heads=4, num_classes=10, init_values=1e-5)
+
+
+def timm_mixer() -> nn.Module:
+    from timm.models import mlp_mixer
+
+    return mlp_mixer.MlpMixer(num_classes=10, img_size=32, patch_size=8, num_blocks=4, embed_dim=64)  # zero head
+
+
+def timm_resnet() -> nn.Module:
+    import timm
+
+    return timm.create_model("resnet18", pretrained=False, num_classes=10)
+
+
+# -- transformers ----------------------------------------------------------------------------------------------
+
+VOCAB = 512
+
+
+def hf_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=4, n_head=4))
+
+
+def hf_bert(layers: int) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from transformers import BertConfig, BertForMaskedLM
+
+        config = BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=64,
+        )
+        return BertForMaskedLM(config)
+
+    return build
+
+
+def hf_llama(layers: int) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+        return LlamaForCausalLM(config)
+
+    return build
+
+
+def hf_t5() -> nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, decoder_start_token_id=0
+    )
+    return T5ForConditionalGeneration(config)
+
+
+def hf_mamba(layers: int) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from transformers import MambaConfig, MambaForCausalLM
+
+        return MambaForCausalLM(MambaConfig(vocab_size=VOCAB, hidden_size=64, state_size=8, num_hidden_layers=layers))
+
+    return build
+
+
+def hf_vit() -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        num_labels=10,
+    )
+    return ViTForImageClassification(config)
+
+
+def hf_images(count: int = 3, seed: int = 0) -> list[dict]:
+    return [{"pixel_values": x, "labels": y} for x, y in images(count=count, seed=seed)]
+
+
+def t5_batches(count: int = 3, seed: int = 0) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        {
+            "input_ids": torch.randint(0, VOCAB, (BATCH, 12), generator=generator),
+            "labels": torch.randint(0, VOCAB, (BATCH, 8), generator=generator),
+        }
+        for _ in range(count)
+    ]
+
+
+# -- recurrent nets (torch) ------------------------------------------------------------------------------------
+
+
+class RecurrentLM(nn.Module):
+    """Embedding -> stacked LSTM or GRU -> linear head over the vocabulary: PyTorch's word_language_model."""
+
+    def __init__(self, cell: type[nn.RNNBase], layers: int = 2, scale: float = 1.0, vocab: int = VOCAB) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 64)
+        self.rnn = cell(64, 64, num_layers=layers, batch_first=True)
+        self.head = nn.Linear(64, vocab)
+        if scale != 1.0:
+            with torch.no_grad():
+                for name, param in self.rnn.named_parameters():
+                    if name.startswith("weight"):
+                        param.mul_(scale)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.embed(ids))[0])
+
+
+def lm_batches(count: int = 3, seed: int = 0) -> list[tuple]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (ids[:, :-1], ids[:, 1:])
+        for ids in (torch.randint(0, VOCAB, (BATCH, 17), generator=generator) for _ in range(count))
+    ]
+
+
+class DeepTanh(nn.Module):
+    """Plain tanh MLP, W ~ N(0, sw2/fan_in), zero biases: the mean-field setting (Schoenholz et al. 2017)."""
+
+    def __init__(self, sw2: float, depth: int = 40, width: int = 128) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.head = nn.Linear(width, 10)
+        for module in [*self.layers, self.head]:
+            nn.init.normal_(module.weight, 0.0, math.sqrt(sw2 / module.in_features))
+            nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))  # functional activations, as modern code writes them
+        return self.head(x)
+
+
+def vectors(width: int = 128, count: int = 3, seed: int = 0, batch: int = 32) -> list[tuple]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(batch, width, generator=generator), torch.randint(0, 10, (batch,), generator=generator))
+        for _ in range(count)
+    ]
+
+
+class FunctionalDeadMLP(nn.Module):
+    """F.relu after layers whose biases are -4 (inputs N(0, 1), He weights): pre-activations ~ N(-4, 2) in
+    layer 1, so P(active) = Phi(-2.8) = 0.002 per example; deeper layers get ~0 input and never activate."""
+
+    def __init__(self, depth: int = 6, width: int = 128) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.head = nn.Linear(width, 10)
+        for layer in self.layers:
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            nn.init.constant_(layer.bias, -4.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = F.relu(layer(x))
+        return self.head(x)
+
+
+def cases() -> list[Case]:
+    small = images
+    return [
+        Case("tv-resnet18", "torchvision", tv_resnet18, small, True, "torchvision ResNet-18, default init"),
+        Case(
+            "tv-resnet18-zero-init",
+            "torchvision",
+            lambda: tv_resnet18(zero_init_residual=True),
+            small,
+            True,
+            "zero_init_residual: each block's last BN gamma is 0, a gate that opens on the first step (Goyal 2017)",
+        ),
+        Case("tv-convnext", "torchvision", tv_convnext, small, True, "ConvNeXt: layer scale 1e-6 by design"),
+        Case("tv-vit", "torchvision", tv_vit, small, True, "ViT: heads.head zero-initialised, gates all at init"),
+        Case(
+            "tv-vgg11",
+            "torchvision",
+            tv_vgg11,
+            lambda: images(size=128, count=3, batch=2),
+            True,
+            "VGG-11 without BN, kaiming fan_out init, 128 px",
+        ),
+        Case("tv-densenet", "torchvision", tv_densenet, small, True, "DenseNet-121 layout (120 layers), narrow"),
+        Case("tv-mobilenet-v3", "torchvision", tv_mobilenet, small, True, "MobileNetV3-small: SE, hardswish"),
+        Case("tv-efficientnet-b0", "torchvision", tv_efficientnet, small, True, "EfficientNet-B0: SiLU, SE"),
+        Case("tv-swin", "torchvision", tv_swin, small, True, "Swin transformer, shifted windows"),
+        Case("timm-convnext-atto", "timm", timm_convnext_atto, small, True, "timm ConvNeXt-atto: layer scale 1e-6"),
+        Case("timm-deit3", "timm", timm_deit3, small, True, "DeiT-III ViT: LayerScale 1e-6"),
+        Case("timm-cait", "timm", timm_cait, small, True, "CaiT: LayerScale 1e-5, class attention"),
+        Case("timm-resnet18", "timm", timm_resnet, small, True, "timm ResNet-18"),
+        Case("hf-gpt2", "transformers", hf_gpt2, lambda: tokens(VOCAB), True, "GPT-2 (Conv1D blocks), tied head"),
+        Case("hf-bert-4", "transformers", hf_bert(4), lambda: tokens(VOCAB), True, "BERT MLM, 4 layers"),
+        Case("hf-bert-6", "transformers", hf_bert(6), lambda: tokens(VOCAB), True, "BERT MLM, 6 layers"),
+        Case("hf-llama-4", "transformers", hf_llama(4), lambda: tokens(VOCAB), True, "Llama, 4 layers, GQA"),
+        Case("hf-llama-6", "transformers", hf_llama(6), lambda: tokens(VOCAB), True, "Llama, 6 layers, GQA"),
+        Case("hf-t5", "transformers", hf_t5, t5_batches, True, "T5: one embedding shared by four modules"),
+        Case("hf-mamba-4", "transformers", hf_mamba(4), lambda: tokens(VOCAB), True, "Mamba SSM, 4 layers"),
+        Case("hf-vit", "transformers", hf_vit, hf_images, True, "Hugging Face ViT classifier"),
+        Case("torch-lstm-lm", "torch", lambda: RecurrentLM(nn.LSTM), lm_batches, True, "2-layer LSTM LM"),
+        Case("torch-gru-lm", "torch", lambda: RecurrentLM(nn.GRU), lm_batches, True, "2-layer GRU LM"),
+        # -- broken, by theory --
+        Case(
+            "deep-tanh-chaotic",
+            "torch",
+            lambda: DeepTanh(sw2=4.0),
+            vectors,
+            False,
+            "tanh sw2 = 4: chi1 = 1.36, depth scale 3.2 layers; 40 layers = 12 depth scales, past the trainable "
+            "depth of ~6 (Schoenholz et al. 2017): gradients x~470 over the chain",
+            ("exploding",),
+        ),
+        Case(
+            "deep-tanh-ordered",
+            "torch",
+            lambda: DeepTanh(sw2=0.5, depth=20),
+            vectors,
+            False,
+            "tanh sw2 = 0.5: chi1 = 0.5, depth scale 1.4 layers, 20 layers: vanishing (functional torch.tanh)",
+            ("vanishing",),
+        ),
+        Case(
+            "functional-dead-relu",
+            "torch",
+            FunctionalDeadMLP,
+            vectors,
+            False,
+            "F.relu after biases of -4: units that never activate (see FunctionalDeadMLP)",
+            ("dead",),
+        ),
+    ]
