@@ -87,14 +87,21 @@ def theil_sen_slope(xs: Sequence[float], ys: Sequence[float], groups: Sequence[o
     """Median of pairwise slopes: a line fit that ignores up to ~29% outlying points.
 
     Used for the per-layer gain of dL/dz, so that an output head or an embedding at either end of the chain
-    (which legitimately differ from hidden layers) cannot fake a trend. With `groups`, only pairs within the
-    same group count (layers at the same resolution, see diagnose.signal).
+    (which legitimately differ from hidden layers) cannot fake a trend. With `groups`, each group of at least
+    two points gives its own slope (its pairs only) and the result is the median of those: every group (a role
+    at one resolution, see diagnose.signal) has one vote, however many layers it has.
     """
-    same = groups if groups is not None else [None] * len(xs)
-    slopes = [
-        (ys[j] - ys[i]) / (xs[j] - xs[i])
-        for i in range(len(xs))
-        for j in range(i + 1, len(xs))
-        if xs[j] != xs[i] and same[i] == same[j]
+    if groups is None:
+        slopes = [
+            (ys[j] - ys[i]) / (xs[j] - xs[i]) for i in range(len(xs)) for j in range(i + 1, len(xs)) if xs[j] != xs[i]
+        ]
+        return _middle(sorted(slopes))
+    members: dict[object, list[int]] = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    votes = [
+        theil_sen_slope([xs[i] for i in indices], [ys[i] for i in indices])
+        for indices in members.values()
+        if len(indices) >= 2
     ]
-    return _middle(sorted(slopes))
+    return _middle(sorted(v for v in votes if v is not None))

@@ -1,0 +1,157 @@
+"""Real architectures from their own libraries at default init (tests/corpus.py): clean verdicts on the
+healthy ones, the kind theory predicts on the broken ones, and the properties a verdict on them must have."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from functools import cache
+
+import pytest
+import torch
+from corpus import Case, cases, images
+
+import gradcheck_cli
+from gradcheck_cli.report import Report
+
+CASES = {case.name: case for case in cases()}
+# The issue's goal: zero errors on the healthy corpus, at most a handful of warnings in all.
+MOST_WARNINGS = 3
+
+
+def _available(case: Case) -> bool:
+    return importlib.util.find_spec(case.library) is not None
+
+
+@cache
+def _report(name: str, seed: int = 0) -> Report:
+    case = CASES[name]
+    if not _available(case):
+        pytest.skip(f"{case.library} is not installed")
+    torch.manual_seed(seed)
+    return gradcheck_cli.analyze(case.build(), case.batches(), seed=seed, **case.settings)
+
+
+@pytest.mark.parametrize("name", [c.name for c in cases() if c.healthy])
+def test_standard_architectures_at_default_init_pass_without_errors(name: str) -> None:
+    report = _report(name)
+    errors = [f"{f.layer}: {f.message}" for f in report.findings if f.severity == "error"]
+    assert not errors, (CASES[name].why, errors)
+    assert not report.failing()
+
+
+def test_the_healthy_corpus_has_at_most_a_handful_of_warnings() -> None:
+    warnings = [
+        f"{name} {f.layer}: {f.message}"
+        for name, case in CASES.items()
+        if case.healthy and _available(case)
+        for f in _report(name).findings
+        if f.severity == "warning"
+    ]
+    assert len(warnings) <= MOST_WARNINGS, warnings
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name", [c.name for c in cases() if not c.healthy])
+def test_broken_variants_get_the_kind_theory_predicts(name: str, seed: int) -> None:
+    case = CASES[name]
+    report = _report(name, seed)
+    errors = {f.kind for f in report.findings if f.severity == "error"}
+    assert set(case.expect) <= errors, (case.why, [f.message for f in report.findings])
+    assert report.failing()
+
+
+def test_the_signal_view_does_not_depend_on_input_resolution() -> None:
+    """VGG-11 without BatchNorm: pooling between the convs changes how many positions each sees; the verdict
+    and the fitted gain must not follow the image size."""
+    pytest.importorskip("torchvision")
+    from corpus import tv_vgg11
+
+    gains = []
+    for size in (32, 64, 128):
+        torch.manual_seed(0)
+        report = gradcheck_cli.analyze(tv_vgg11(), images(size=size, batch=2))
+        assert not report.findings, (size, [f.message for f in report.findings])
+        gains.append(report.signal.gain_per_layer)
+    assert all(g is not None for g in gains)
+    assert max(gains) / min(gains) < 1.5, gains  # type: ignore[type-var, operator]
+
+
+def test_layer_scale_is_not_judged_by_step_size_but_matrices_still_are() -> None:
+    """ConvNeXt's layer scale (1e-6) moves by ~1000x its size in one step by design; its convolutions are
+    still in the update view."""
+    report = _report("tv-convnext")
+    scales = [layer for layer in report.layers if layer.parameters and layer.parameters[0].endswith("layer_scale")]
+    assert scales and all(layer.scale_only and layer.status == "ok" for layer in scales)
+    assert any(name.endswith("block.0") for name in report.update.layers)  # a depthwise conv is judged
+
+
+def test_a_zero_initialised_head_gates_the_network_and_nothing_is_called_dead() -> None:
+    report = _report("tv-vit")
+    gated = [layer for layer in report.layers if layer.gated]
+    assert len(gated) >= 20 and not any(f.kind == "dead" for f in report.findings)
+    assert any("heads.head" in note for note in report.notes)
+    assert [f.kind for f in report.findings] == ["unjudged"]
+    assert report.failing(fail_on=["unjudged"], fail_level="warning")
+
+
+def test_gpt2_conv1d_blocks_are_weight_layers_of_the_update_view() -> None:
+    report = _report("hf-gpt2")
+    conv1d = [layer for layer in report.layers if layer.type == "Conv1D"]
+    assert conv1d and all(layer.category == "linear" for layer in conv1d)
+    assert {layer.name for layer in conv1d} <= set(report.update.layers)
+
+
+def test_a_tied_tensor_is_one_verdict_and_the_counts_add_up() -> None:
+    report = _report("hf-t5")
+    model = CASES["hf-t5"].build()
+    unique = sum(p.numel() for p in model.parameters())  # named_parameters counts a tied tensor once
+    assert sum(layer.params for layer in report.layers) == unique
+    aliases = [layer for layer in report.layers if layer.alias_of is not None]
+    assert {layer.alias_of for layer in aliases} == {"shared"} and len(aliases) == 3
+    assert not any(f.layer in {a.name for a in aliases} and f.view != "signal" for f in report.findings)
+
+
+def test_residual_nets_are_told_from_plain_chains_by_cutting_them() -> None:
+    dense = _report("tv-densenet")
+    assert dense.signal.residual is True  # dense connections: a path around every layer
+    chaotic = _report("deep-tanh-chaotic")
+    assert chaotic.signal.residual is False
+
+
+def test_a_lora_adapter_with_b_zero_is_gated_not_dead() -> None:
+    """LoRA (Hu et al. 2021): B = 0 at init, so A gets exactly zero gradient until B moves."""
+
+    class LoRALinear(torch.nn.Module):
+        def __init__(self, base: torch.nn.Linear, rank: int = 4) -> None:
+            super().__init__()
+            self.base = base.requires_grad_(False)
+            self.lora_A = torch.nn.Linear(base.in_features, rank, bias=False)
+            self.lora_B = torch.nn.Linear(rank, base.out_features, bias=False)
+            torch.nn.init.zeros_(self.lora_B.weight)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.base(x) + self.lora_B(self.lora_A(x))
+
+    torch.manual_seed(0)
+    layers = [LoRALinear(torch.nn.Linear(32, 32)) for _ in range(4)]
+    model = torch.nn.Sequential(*[m for layer in layers for m in (layer, torch.nn.ReLU())], torch.nn.Linear(32, 4))
+    report = gradcheck_cli.analyze(model, (torch.randn(16, 32), torch.randint(0, 4, (16,))))
+    lora_a = [layer for layer in report.layers if layer.name.endswith("lora_A")]
+    assert len(lora_a) == 4 and all(layer.gated for layer in lora_a)
+    assert not [f for f in report.findings if f.severity == "error"], [f.message for f in report.findings]
+
+
+def test_no_replay_leaves_a_trace_on_the_model() -> None:
+    """The confirmation replays (gates opened, chain cut) restore every weight, buffer and gradient."""
+    pytest.importorskip("torchvision")
+    from corpus import tv_resnet18
+
+    torch.manual_seed(0)
+    model = tv_resnet18(zero_init_residual=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gradcheck_cli.analyze(model, images())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in model.parameters())
+    assert dataclasses.is_dataclass(_report("tv-resnet18-zero-init"))
