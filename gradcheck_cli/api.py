@@ -170,7 +170,7 @@ def _confirm(
 ) -> tuple[bool | None, list[str]]:
     """What the records raise and one replay settles (confirm.py): zero gradients explained by zero-initialised
     gates (the layers are marked gated), and whether a strong signal trend runs through a plain chain."""
-    from gradcheck_cli.confirm import find_bypass, open_gates
+    from gradcheck_cli.confirm import find_bypass, open_gates, through_time
     from gradcheck_cli.diagnose.signal import signal_view
 
     if measurement.nan_origin is not None:
@@ -185,6 +185,11 @@ def _confirm(
             f"{len(opened)} layer(s) get exactly zero gradient only because zero-initialised layers after them "
             f"({shown}) gate their path (checked by opening them); they learn once those move: see --train-steps 1"
         )
+    in_time = through_time(setup, measurement.layers, combiner)
+    if in_time:
+        measurement.layers = [
+            dataclasses.replace(layer, time_grad_norms=in_time.get(layer.name)) for layer in measurement.layers
+        ]
     summary, _ = signal_view(measurement.layers, options.thresholds)
     total = summary.total_factor
     if total is None or not total > 0 or max(total, 1 / total) < options.thresholds.signal_warning:

@@ -116,3 +116,104 @@ def _replay(setup: Setup, combiner: Combiner, watched: list[str], perturb: Calla
 def _all_zero(layer: Layer) -> bool:
     got = [v for v in layer.grad_norm_steps if v is not None]
     return bool(got) and all(v == 0 for v in got)
+
+
+# Fewest time steps for a through-time fit: the same least number of points as a signal-view chain.
+MIN_TIME_STEPS = 5
+
+
+def through_time(setup: Setup, layers: Sequence[Layer], combiner: Combiner) -> dict[str, tuple[float, ...]]:
+    """||dL/dx_t|| per time step for every recurrent layer, input end first, under the model's own loss (one
+    replay of the first batch).
+
+    Fused nn.RNN/LSTM/GRU: the gradient reaching each step of the module's input (a zero tensor added to the
+    input, whose gradient is exactly dL/dx_t, without changing the forward). Cells looped in Python
+    (nn.RNNCell..., or any layer called at least MIN_TIME_STEPS times in one forward, such as a hand-written
+    W_hh): ||dL/dh|| at each call's output. When the loss is taken at the last step (a model that reads the
+    whole sequence), this is the textbook view of Bengio et al. 1994 and Pascanu et al. 2013: how the gradient
+    decays or grows with its distance from the loss."""
+    from torch import nn
+
+    calls = {layer.name: layer.calls for layer in layers}
+    fused = [spec for spec in setup.layers if isinstance(spec.module, nn.RNNBase)]
+    looped = [
+        spec
+        for spec in setup.layers
+        if not isinstance(spec.module, nn.RNNBase)
+        and (isinstance(spec.module, nn.RNNCellBase) or calls.get(spec.name, 0) >= MIN_TIME_STEPS)
+        and spec.module is not setup.model
+    ]
+    if not fused and not looped:
+        return {}
+    probes: dict[str, tuple[torch.Tensor, int]] = {}
+    steps: dict[str, list[torch.Tensor]] = {spec.name: [] for spec in looped}
+    handles = [spec.module.register_forward_pre_hook(_probe_input(spec.name, spec.module, probes)) for spec in fused]
+    handles += [spec.module.register_forward_hook(_record_calls(steps[spec.name])) for spec in looped]
+    passes = Passes(setup.runner, setup.loss, setup.device, setup.amp_dtype)
+    try:
+        with Restorer(setup.model):
+            clear_grads(setup.model)
+            passes.forward_backward(setup.batches[0].to(setup.device))
+            clear_grads(setup.model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    squares: dict[str, torch.Tensor] = {}
+    for name, (probe, time_dim) in probes.items():
+        if probe.grad is not None and probe.dim() > time_dim:
+            others = [d for d in range(probe.dim()) if d != time_dim]
+            squares[name] = probe.grad.float().square().sum(dim=others)
+    for name, recorded in steps.items():
+        if len(recorded) >= MIN_TIME_STEPS:
+            squares[name] = torch.stack(recorded)
+    return _per_step_norms(squares, combiner, setup.device)
+
+
+def _probe_input(
+    name: str, module: torch.nn.Module, probes: dict[str, tuple[torch.Tensor, int]]
+) -> Callable[..., object]:
+    def hook(mod: torch.nn.Module, args: tuple[object, ...]) -> object:
+        x = args[0] if args else None
+        if name in probes or not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+            return None
+        probe = torch.zeros_like(x, requires_grad=True)
+        probes[name] = (probe, 0 if not getattr(module, "batch_first", False) and x.dim() == 3 else 1)
+        return (x + probe, *args[1:])
+
+    return hook
+
+
+def _record_calls(recorded: list[torch.Tensor]) -> Callable[..., None]:
+    from gradcheck_cli.batch import first_tensor
+
+    def hook(module: torch.nn.Module, args: object, output: object) -> None:
+        out = first_tensor(output)
+        if out is None or not out.requires_grad:
+            return
+        slot = len(recorded)
+        recorded.append(torch.zeros((), device=out.device))
+
+        def grad_hook(grad: torch.Tensor) -> None:
+            recorded[slot] = recorded[slot] + grad.detach().float().square().sum()
+
+        out.register_hook(grad_hook)
+
+    return hook
+
+
+def _per_step_norms(
+    squares: dict[str, torch.Tensor], combiner: Combiner, device: torch.device
+) -> dict[str, tuple[float, ...]]:
+    """Squared norms per step summed across processes (each holds a slice of the batch), as norms."""
+    if not squares:
+        return {}
+    names = list(squares)
+    flat = torch.cat([squares[name].reshape(-1).to(device) for name in names])
+    combiner.locals(flat)
+    values = flat.sqrt().tolist()
+    result, start = {}, 0
+    for name in names:
+        count = squares[name].numel()
+        result[name] = tuple(values[start : start + count])
+        start += count
+    return result

@@ -123,6 +123,8 @@ class Layer:
     gated: bool = False
     # a tied tensor is one verdict: this module only reuses the parameters of `alias_of` (its dL/dz is its own)
     alias_of: str | None = None
+    # recurrent layers: ||dL/dx_t|| per time step under the model's loss, the first step first (confirm.through_time)
+    time_grad_norms: tuple[float, ...] | None = None
     status: str = "ok"
     severity: str | None = None
 

@@ -281,6 +281,61 @@ def lm_batches(count: int = 3, seed: int = 0) -> list[tuple]:
     ]
 
 
+class ManyToOneRNN(nn.Module):
+    """A plain RNN that reads a whole sequence and classifies it from its last hidden state."""
+
+    def __init__(self, nonlinearity: str, w_hh: Callable[[int], torch.Tensor], hidden: int = 64) -> None:
+        super().__init__()
+        self.rnn = nn.RNN(16, hidden, nonlinearity=nonlinearity, batch_first=True)
+        self.head = nn.Linear(hidden, 10)
+        with torch.no_grad():
+            self.rnn.weight_hh_l0.copy_(w_hh(hidden))
+            self.rnn.bias_hh_l0.zero_()
+            self.rnn.bias_ih_l0.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def tanh_rnn_contracting() -> nn.Module:
+    """||W_hh|| = 0.5 (orthogonal x 0.5): below 1/gamma = 1 for tanh, sufficient for vanishing (Pascanu 2013)."""
+    return ManyToOneRNN("tanh", lambda n: 0.5 * nn.init.orthogonal_(torch.empty(n, n)))
+
+
+def irnn() -> nn.Module:
+    """IRNN (Le et al. 2015): ReLU units, W_hh = I, input weights N(0, 0.001): the gradient keeps its size."""
+    model = ManyToOneRNN("relu", torch.eye)
+    with torch.no_grad():
+        model.rnn.weight_ih_l0.normal_(0.0, 0.001)
+    return model
+
+
+class LoopedTanhRNN(nn.Module):
+    """The same contracting RNN written as a Python loop over a Linear cell, as tutorials write it."""
+
+    def __init__(self, hidden: int = 64) -> None:
+        super().__init__()
+        self.w_xh = nn.Linear(16, hidden)
+        self.w_hh = nn.Linear(hidden, hidden, bias=False)
+        self.head = nn.Linear(hidden, 10)
+        with torch.no_grad():
+            self.w_hh.weight.copy_(0.5 * nn.init.orthogonal_(torch.empty(hidden, hidden)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.zeros(x.shape[0], self.w_hh.in_features)
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.w_xh(x[:, t]) + self.w_hh(h))
+        return self.head(h)
+
+
+def sequences(length: int = 64, count: int = 3, seed: int = 0, batch: int = 16) -> list[tuple]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(batch, length, 16, generator=generator), torch.randint(0, 10, (batch,), generator=generator))
+        for _ in range(count)
+    ]
+
+
 class DeepTanh(nn.Module):
     """Plain tanh MLP, W ~ N(0, sw2/fan_in), zero biases: the mean-field setting (Schoenholz et al. 2017)."""
 
@@ -364,6 +419,7 @@ def cases() -> list[Case]:
         Case("hf-vit", "transformers", hf_vit, hf_images, True, "Hugging Face ViT classifier"),
         Case("torch-lstm-lm", "torch", lambda: RecurrentLM(nn.LSTM), lm_batches, True, "2-layer LSTM LM"),
         Case("torch-gru-lm", "torch", lambda: RecurrentLM(nn.GRU), lm_batches, True, "2-layer GRU LM"),
+        Case("torch-irnn", "torch", irnn, sequences, True, "IRNN over 64 steps: ReLU, W_hh = I (Le et al. 2015)"),
         # -- broken, by theory --
         Case(
             "deep-tanh-chaotic",
@@ -382,6 +438,25 @@ def cases() -> list[Case]:
             vectors,
             False,
             "tanh sw2 = 0.5: chi1 = 0.5, depth scale 1.4 layers, 20 layers: vanishing (functional torch.tanh)",
+            ("vanishing",),
+        ),
+        Case(
+            "tanh-rnn-contracting",
+            "torch",
+            tanh_rnn_contracting,
+            sequences,
+            False,
+            "many-to-one tanh RNN over 64 steps, ||W_hh|| = 0.5 < 1/gamma: the gradient decays at least x0.5 per "
+            "step, x0.5^63 ~ 1e-19 to the first step (Pascanu et al. 2013)",
+            ("vanishing",),
+        ),
+        Case(
+            "looped-tanh-rnn-contracting",
+            "torch",
+            LoopedTanhRNN,
+            sequences,
+            False,
+            "the same RNN as a Python loop over nn.Linear cells",
             ("vanishing",),
         ),
         Case(

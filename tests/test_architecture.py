@@ -71,6 +71,8 @@ def _record(cls: type[Any], **overrides: Any) -> st.SearchStrategy[Any]:
             fields[item.name] = st.tuples(names)
         elif hint == "tuple[int, ...]":
             fields[item.name] = st.tuples(st.integers(0, 9), st.integers(0, 9))
+        elif hint == "tuple[float, ...] | None":
+            fields[item.name] = st.none() | st.tuples(numbers)
         elif hint == "tuple[int, ...] | None":
             fields[item.name] = st.none() | st.tuples(st.integers(0, 9))
         else:

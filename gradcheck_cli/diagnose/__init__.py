@@ -6,6 +6,7 @@ from a Context (the layers and the run's settings) to findings, registered in RU
 - numeric: NaN/Inf, all-zero gradients (numeric.py), values that underflow the AMP dtype;
 - views: the signal view (signal.py: how ||dL/dz|| changes along the forward order) and the update view
   (update.py: each weight layer's ||g||/||W||), kept when they hold on most batches (views.py);
+- time: the gradient reaching each time step of a recurrent layer (time.py);
 - activation: dead ReLU units, saturated sigmoid/tanh inputs; usage: parameters that got no gradient
   (activation.py).
 
@@ -24,6 +25,7 @@ from gradcheck_cli.diagnose.common import LOSS_LAYER, Context
 from gradcheck_cli.diagnose.numeric import numeric, underflow
 from gradcheck_cli.diagnose.signal import signal_view
 from gradcheck_cli.diagnose.thresholds import Thresholds
+from gradcheck_cli.diagnose.time import through_time
 from gradcheck_cli.diagnose.update import peer_group, update_view
 from gradcheck_cli.diagnose.views import MODEL_LAYER, unjudged, views
 from gradcheck_cli.kinds import STATUS_ORDER
@@ -33,7 +35,7 @@ __all__ = ["LOSS_LAYER", "MODEL_LAYER", "RULES", "Context", "Thresholds", "Verdi
 
 Rule = Callable[[Context], list[Finding]]
 # Every rule, in the order their findings are gathered (then sorted by _ordered).
-RULES: tuple[Rule, ...] = (numeric, views, activations, usage, underflow, unjudged)
+RULES: tuple[Rule, ...] = (numeric, views, through_time, activations, usage, underflow, unjudged)
 
 
 @dataclass(frozen=True)
