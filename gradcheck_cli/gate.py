@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from gradcheck_cli.kinds import DEFAULT_FAIL_ON, SEVERITIES
+from gradcheck_cli.kinds import DEFAULT_FAIL_ON, KIND_BY_NAME, SEVERITIES
 
 if TYPE_CHECKING:
     from gradcheck_cli.report import Finding, Report
@@ -30,7 +30,9 @@ class Gate:
     def of(cls, report: Report, fail_on: Iterable[str] = DEFAULT_FAIL_ON, fail_level: str = "error") -> Gate:
         kinds = tuple(fail_on)
         levels = SEVERITIES[SEVERITIES.index(fail_level) :]  # "warning": both; "error": errors only
-        failing = tuple(f for f in report.findings if f.kind in kinds and f.severity in levels)
+        failing = tuple(
+            f for f in report.findings if f.kind in kinds and (f.severity in levels or not KIND_BY_NAME[f.kind].graded)
+        )
         return cls(kinds, fail_level, failing)
 
     @property

@@ -16,6 +16,7 @@ class Kind:
     fails_by_default: bool  # in the default --fail-on
     amount: Literal["factor", "fraction"] | None  # how its status shows how bad: "830x", "93%", or not at all
     summary: str  # what it means, for --help and the README
+    graded: bool = True  # False: no severity scale (always a warning), so naming it in --fail-on fails the run
 
 
 KIND_LIST = (
@@ -25,7 +26,7 @@ KIND_LIST = (
     Kind("dead", 1, True, "fraction", "units or layers that pass no gradient at all"),
     Kind("saturated", 4, False, "fraction", "sigmoid/tanh inputs where the derivative is nearly 0"),
     Kind("unused", 5, False, None, "trainable parameters that got no gradient"),
-    Kind("unjudged", 6, False, None, "neither view had enough layers to judge: the verdict says nothing"),
+    Kind("unjudged", 6, False, None, "neither view had enough layers to judge: the verdict says nothing", False),
 )
 KIND_BY_NAME = {kind.name: kind for kind in KIND_LIST}
 # Every kind of finding, in the order --help lists them; the CLI's --fail-on accepts these names.

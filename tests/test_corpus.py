@@ -92,7 +92,7 @@ def test_a_zero_initialised_head_gates_the_network_and_nothing_is_called_dead() 
     assert len(gated) >= 20 and not any(f.kind == "dead" for f in report.findings)
     assert any("heads.head" in note for note in report.notes)
     assert [f.kind for f in report.findings] == ["unjudged"]
-    assert report.failing(fail_on=["unjudged"], fail_level="warning")
+    assert report.failing(fail_on=["unjudged"])  # whatever --fail-level: it has no severity scale
 
 
 def test_gpt2_conv1d_blocks_are_weight_layers_of_the_update_view() -> None:
@@ -155,3 +155,30 @@ def test_no_replay_leaves_a_trace_on_the_model() -> None:
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in model.parameters())
     assert dataclasses.is_dataclass(_report("tv-resnet18-zero-init"))
+
+
+ZERO_HEAD = """
+import torch
+from torch import nn
+
+model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(16, 16), nn.ReLU())], nn.Linear(16, 4))
+for layer in model[:-1:2]:  # He init, zero biases: critical, no dead units (He et al. 2015)
+    nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+    nn.init.zeros_(layer.bias)
+nn.init.zeros_(model[-1].weight)  # the zero-initialised head
+
+def get_batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(64, 16, generator=g), torch.randint(0, 4, (64,), generator=g)
+"""
+
+
+def test_a_run_that_judged_nothing_says_so_and_fail_on_unjudged_fails_it(cli, write) -> None:
+    path = write("zero_head.py", ZERO_HEAD)
+    result = cli("analyze", path, "--quiet")
+    assert result.exit_code == 0
+    assert "UNJUDGED" in result.stdout and "PASS" not in result.stdout
+    code, data = cli.json("analyze", path)
+    assert code == 0 and [f["kind"] for f in data["findings"]] == ["unjudged"]
+    assert sum(layer["gated"] for layer in data["layers"]) == 6  # every hidden layer, opened and measured
+    assert cli("analyze", path, "--fail-on", "unjudged", "--quiet").exit_code == 1

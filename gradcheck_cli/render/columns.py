@@ -46,7 +46,7 @@ class Column:
 COLUMNS = (
     Column(lambda c: "layer", lambda layer, c: display_name(layer), role="name"),
     Column(lambda c: "type", lambda layer, c: layer.type),
-    Column(lambda c: "params", lambda layer, c: count(layer.params), "right"),
+    Column(lambda c: "params", lambda layer, c: "tied" if layer.alias_of else count(layer.params), "right"),
     Column(lambda c: "‖g‖", lambda layer, c: number(layer.grad_norm_median), "right"),
     Column(lambda c: "spread", lambda layer, c: spread(layer.grad_norm_spread), "right"),
     Column(lambda c: "‖g‖/‖W‖", lambda layer, c: number(layer.grad_to_weight), "right"),

@@ -135,5 +135,7 @@ def update_line(report: Report) -> str:
 def verdict_line(report: Report, gate: Gate) -> str:
     errors = sum(f.severity == "error" for f in report.findings)
     warnings = sum(f.severity == "warning" for f in report.findings)
-    head = "FAIL" if gate.failing else "PASS"
+    # A run whose views judged nothing must not read as a clean bill of health (diagnose.views.unjudged).
+    unjudged = any(f.kind == "unjudged" for f in report.findings)
+    head = "FAIL" if gate.failing else ("UNJUDGED" if unjudged else "PASS")
     return f"{head}: {errors} error(s), {warnings} warning(s); {len(gate.failing)} failing ({gate.options()})"
