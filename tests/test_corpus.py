@@ -161,7 +161,7 @@ ZERO_HEAD = """
 import torch
 from torch import nn
 
-model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(16, 16), nn.ReLU())], nn.Linear(16, 4))
+model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(64, 64), nn.ReLU())], nn.Linear(64, 4))
 for layer in model[:-1:2]:  # He init, zero biases: critical, no dead units (He et al. 2015)
     nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
     nn.init.zeros_(layer.bias)
@@ -169,7 +169,7 @@ nn.init.zeros_(model[-1].weight)  # the zero-initialised head
 
 def get_batch():
     g = torch.Generator().manual_seed(0)
-    return torch.randn(64, 16, generator=g), torch.randint(0, 4, (64,), generator=g)
+    return torch.randn(64, 64, generator=g), torch.randint(0, 4, (64,), generator=g)
 """
 
 
