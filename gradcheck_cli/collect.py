@@ -311,6 +311,7 @@ def _layer_step(tape: StepTape, index: int) -> LayerStep[torch.Tensor]:
         input_sq=total(tape.input_sq),
         input_zero=total(tape.input_zero) if index in tape.input_sq else None,
         saturated=total(tape.saturated),
+        bounded_numel=total(tape.bounded_numel),
         output_positions=count(tape.output_positions),
         output_sampled=count(tape.output_sampled),
         input_numel=count(tape.input_numel),
@@ -333,7 +334,8 @@ def _record_layer(series: LayerSeries, got: LayerStep[float], calls: int) -> Non
     else:
         series.input_rms.add(None)
         series.input_zero.add(None)
-    series.saturated.add(_fraction(got.saturated, got.saturated_numel))
+    seen = (got.saturated_numel or 0.0) + (got.bounded_numel or 0.0)
+    series.saturated.add(_fraction(got.saturated, seen))
 
 
 def _fraction(count: float | None, total: float | None) -> float | None:

@@ -31,6 +31,10 @@ SATURATION_LIMITS: dict[type[nn.Module], float] = {
     nn.Tanh: 2.18,
     nn.Hardsigmoid: 3.0,
 }
+# The same limits seen from the activation's output, for activations that are not modules (probe: a weight
+# layer's bounded input): tanh(2.18) = 0.975; sigmoid(4.34) = 0.987, sigmoid(-4.34) = 0.013.
+TANH_SATURATED = 0.975
+SIGMOID_SATURATED_LOW, SIGMOID_SATURATED_HIGH = 0.0129, 0.9871
 
 
 def category_of(module: nn.Module) -> str:

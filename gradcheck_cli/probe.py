@@ -28,7 +28,14 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradcheck_cli.batch import first_tensor
-from gradcheck_cli.layers import DEAD_TYPES, SATURATION_LIMITS, LayerSpec
+from gradcheck_cli.layers import (
+    DEAD_TYPES,
+    SATURATION_LIMITS,
+    SIGMOID_SATURATED_HIGH,
+    SIGMOID_SATURATED_LOW,
+    TANH_SATURATED,
+    LayerSpec,
+)
 from gradcheck_cli.reduce import count_subnormal, sample
 
 
@@ -47,11 +54,19 @@ class StepTape:
     input_numel: dict[int, int] = field(default_factory=dict)
     saturated: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     saturated_numel: dict[int, int] = field(default_factory=dict)
+    bounded_numel: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # functional tanh/sigmoid inputs
 
     def release(self) -> None:
         """Drop the device tensors once they are read (the host counts and the call order stay): nothing
         allocated during a step may outlive it (Collector.prepare says why)."""
-        for tensors in (self.output_sq, self.output_underflow, self.input_sq, self.input_zero, self.saturated):
+        for tensors in (
+            self.output_sq,
+            self.output_underflow,
+            self.input_sq,
+            self.input_zero,
+            self.saturated,
+            self.bounded_numel,
+        ):
             tensors.clear()
 
 
@@ -145,7 +160,7 @@ class Probe:
                 and self._last_layer is not None
             ):
                 self.feeds_norm.add(self._last_layer)
-            self._last_layer = index
+            previous, self._last_layer = self._last_layer, index
             if inputs is not None and inputs.numel() and inputs.dtype.is_floating_point:
                 # RMS and zero fraction of what the layer reads: estimated from a sample, constant work.
                 values = sample(inputs.detach())
@@ -154,6 +169,8 @@ class Probe:
                 )
                 tape.input_zero.setdefault(index, []).append(values.numel() - torch.count_nonzero(values))
                 tape.input_numel[index] = tape.input_numel.get(index, 0) + values.numel()
+                if category in ("linear", "conv") and previous is not None and previous not in tape.saturated_numel:
+                    self._record_squashed(previous, values)
             out = first_tensor(output)
             self._last_output = weakref.ref(out) if out is not None else None
             if out is not None and out.requires_grad and out.dtype.is_floating_point:
@@ -204,6 +221,25 @@ class Probe:
                 self.tape.saturated_numel[layer] = self.tape.saturated_numel.get(layer, 0) + values.numel()
 
         return hook
+
+    def _record_squashed(self, layer: int, values: torch.Tensor) -> None:
+        """Saturation whatever form the activation takes (torch.tanh, F.sigmoid, inside a gated unit): a weight
+        layer's input that lies within [-1, 1] with negatives, or within [0, 1], has been squashed by a tanh or
+        a sigmoid; the part near the bounds sat where the derivative is under 5% of its peak. Counted for the
+        layer before it, as a module activation would be; nothing when the input is not bounded so."""
+        values = values.float()
+        low, high = torch.aminmax(values)
+        tanh_like = (low >= -1) & (high <= 1) & (low < 0)
+        sigmoid_like = (low >= 0) & (high <= 1) & (high > 0)
+        near_bounds = torch.where(
+            tanh_like,
+            torch.count_nonzero(values.abs() > TANH_SATURATED),
+            torch.count_nonzero(((values < SIGMOID_SATURATED_LOW) & (values != 0)) | (values > SIGMOID_SATURATED_HIGH)),
+        )
+        bounded = tanh_like | sigmoid_like
+        zero = torch.zeros((), dtype=near_bounds.dtype, device=values.device)
+        self.tape.saturated.setdefault(layer, []).append(torch.where(bounded, near_bounds, zero))
+        self.tape.bounded_numel.setdefault(layer, []).append(torch.where(bounded, values.numel() + zero, zero))
 
     def _record_active_units(self, layer: int, x: torch.Tensor) -> None:
         """OR into ever_active[layer] which units had a positive input somewhere in this batch."""

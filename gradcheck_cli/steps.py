@@ -45,6 +45,7 @@ class LayerStep(Generic[V]):
     input_sq: V | None = combined(LOCAL_SUM)  # sum of squares of the sampled input
     input_zero: V | None = combined(LOCAL_SUM)  # exact zeros in the sampled input
     saturated: V | None = combined(LOCAL_SUM)  # sampled sigmoid/tanh inputs beyond the saturation limit
+    bounded_numel: V | None = combined(LOCAL_SUM)  # sampled inputs of functional tanh/sigmoid seen (probe)
     output_positions: float | None = combined(HOST_COUNT)  # elements per unit of dL/dz (batch x positions)
     output_sampled: float | None = combined(HOST_COUNT)
     input_numel: float | None = combined(HOST_COUNT)

@@ -182,3 +182,38 @@ def test_a_run_that_judged_nothing_says_so_and_fail_on_unjudged_fails_it(cli, wr
     assert code == 0 and [f["kind"] for f in data["findings"]] == ["unjudged"]
     assert sum(layer["gated"] for layer in data["layers"]) == 6  # every hidden layer, opened and measured
     assert cli("analyze", path, "--fail-on", "unjudged", "--quiet").exit_code == 1
+
+
+class _SigmoidMLP(torch.nn.Module):
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.functional = functional
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(64, 64) for _ in range(4))
+        self.acts = torch.nn.ModuleList(torch.nn.Sigmoid() for _ in range(4))
+        self.head = torch.nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer, act in zip(self.layers, self.acts, strict=True):
+            x = torch.sigmoid(layer(x)) if self.functional else act(layer(x))
+        return self.head(x)
+
+
+def test_saturation_is_measured_whatever_form_the_activation_takes() -> None:
+    """torch.sigmoid and nn.Sigmoid on the same weights: the module path (a pre-hook on nn.Sigmoid) is the
+    reference for the functional one (read from the next layer's bounded input). sw2 = 400: pre-activations
+    have std ~14 (q = sw2 E[sigmoid^2] ~ 200), so P(|z| > 4.34) ~ 2 (1 - Phi(0.31)) ~ 0.76: saturated."""
+    torch.manual_seed(0)
+    reference = _SigmoidMLP(functional=False)
+    for layer in reference.layers:
+        torch.nn.init.normal_(layer.weight, 0.0, (400 / 64) ** 0.5)
+    functional = _SigmoidMLP(functional=True)
+    functional.load_state_dict(reference.state_dict())
+    batch = (torch.randn(64, 64), torch.randint(0, 4, (64,)))
+    by_module = gradcheck_cli.analyze(reference, batch)
+    by_value = gradcheck_cli.analyze(functional, batch)
+    for name in ("layers.0", "layers.1", "layers.2"):
+        expected = by_module.layer(name).saturated_fraction
+        measured = by_value.layer(name).saturated_fraction
+        assert expected is not None and expected > 0.5
+        assert measured is not None and abs(measured - expected) < 0.02, (name, expected, measured)
+    assert {(f.layer, f.kind) for f in by_value.findings if f.kind == "saturated"} >= {("layers.0", "saturated")}
