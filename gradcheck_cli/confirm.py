@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from gradcheck_cli.diagnose.common import all_zero
 from gradcheck_cli.distributed import Combiner, local
 from gradcheck_cli.layers import is_matrix
 from gradcheck_cli.passes import Passes, Setup, clear_grads
@@ -37,7 +38,7 @@ def open_gates(
     setup: Setup, layers: Sequence[Layer], parameters: Sequence[ParameterRecord], combiner: Combiner
 ) -> tuple[set[str], list[str]]:
     """(layers whose zero gradient a zero-initialised gate explains, the gates' layer names)."""
-    silent = [layer.name for layer in layers if layer.trainable_params and _all_zero(layer)]
+    silent = [layer.name for layer in layers if layer.trainable_params and all_zero(layer)]
     gates = [
         p.name
         for p in parameters
@@ -111,11 +112,6 @@ def _replay(setup: Setup, combiner: Combiner, watched: list[str], perturb: Calla
         got = squares.tolist()
         clear_grads(model)
     return {name for name, value in zip(watched, got, strict=True) if value > 0}
-
-
-def _all_zero(layer: Layer) -> bool:
-    got = [v for v in layer.grad_norm_steps if v is not None]
-    return bool(got) and all(v == 0 for v in got)
 
 
 # Fewest time steps for a through-time fit: the same least number of points as a signal-view chain.
