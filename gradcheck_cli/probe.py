@@ -224,13 +224,17 @@ class Probe:
 
     def _record_squashed(self, layer: int, values: torch.Tensor) -> None:
         """Saturation whatever form the activation takes (torch.tanh, F.sigmoid, inside a gated unit): a weight
-        layer's input that lies within [-1, 1] with negatives, or within [0, 1], has been squashed by a tanh or
-        a sigmoid; the part near the bounds sat where the derivative is under 5% of its peak. Counted for the
-        layer before it, as a module activation would be; nothing when the input is not bounded so."""
+        layer's input that spans most of [-1, 1], or most of [0, 1] with few exact zeros (a ReLU's output has
+        many), has been squashed by a tanh or a sigmoid; the part near the bounds sat where the derivative is
+        under 5% of its peak. Counted for the layer before it, as a module activation would be; nothing when the
+        input is not bounded so. Spanning most of the range is required so that a small raw output, bounded by
+        chance in one batch and not in another, is not taken for an activation's."""
         values = values.float()
         low, high = torch.aminmax(values)
-        tanh_like = (low >= -1) & (high <= 1) & (low < 0)
-        sigmoid_like = (low >= 0) & (high <= 1) & (high > 0)
+        tanh_like = (low >= -1) & (high <= 1) & (low < -0.5) & (high > 0.5)
+        # A sigmoid reaches exactly 0 only below -88 (float32 underflow): a tenth of exact zeros is a ReLU's.
+        few_zeros = torch.count_nonzero(values == 0) * 10 < values.numel()
+        sigmoid_like = (low >= 0) & (high <= 1) & (high - low > 0.5) & few_zeros
         near_bounds = torch.where(
             tanh_like,
             torch.count_nonzero(values.abs() > TANH_SATURATED),
