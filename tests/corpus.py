@@ -126,12 +126,14 @@ def tv_swin() -> nn.Module:
 
 
 def timm_convnext_atto() -> nn.Module:
+    torchvision()  # timm imports torchvision: its op schemas first
     import timm
 
     return timm.create_model("convnext_atto", pretrained=False, num_classes=10)
 
 
 def timm_deit3() -> nn.Module:
+    torchvision()  # timm imports torchvision: its op schemas first
     from timm.models import vision_transformer
 
     # DeiT-III: LayerScale initialised to 1e-6 (Touvron et al. 2022)
@@ -141,18 +143,21 @@ def timm_deit3() -> nn.Module:
 
 
 def timm_cait() -> nn.Module:
+    torchvision()  # timm imports torchvision: its op schemas first
     from timm.models import cait
 
     return cait.Cait(img_size=32, patch_size=8, depth=4, embed_dim=64, num_heads=4, num_classes=10, init_values=1e-5)
 
 
 def timm_mixer() -> nn.Module:
+    torchvision()  # timm imports torchvision: its op schemas first
     from timm.models import mlp_mixer
 
     return mlp_mixer.MlpMixer(num_classes=10, img_size=32, patch_size=8, num_blocks=4, embed_dim=64)  # zero head
 
 
 def timm_resnet() -> nn.Module:
+    torchvision()  # timm imports torchvision: its op schemas first
     import timm
 
     return timm.create_model("resnet18", pretrained=False, num_classes=10)
@@ -409,6 +414,7 @@ def cases() -> list[Case]:
         Case("timm-deit3", "timm", timm_deit3, small, True, "DeiT-III ViT: LayerScale 1e-6"),
         Case("timm-cait", "timm", timm_cait, small, True, "CaiT: LayerScale 1e-5, class attention"),
         Case("timm-resnet18", "timm", timm_resnet, small, True, "timm ResNet-18"),
+        Case("timm-mixer", "timm", timm_mixer, small, True, "MLP-Mixer: timm zero-initialises its head"),
         Case("hf-gpt2", "transformers", hf_gpt2, lambda: tokens(VOCAB), True, "GPT-2 (Conv1D blocks), tied head"),
         Case("hf-bert-4", "transformers", hf_bert(4), lambda: tokens(VOCAB), True, "BERT MLM, 4 layers"),
         Case("hf-bert-6", "transformers", hf_bert(6), lambda: tokens(VOCAB), True, "BERT MLM, 6 layers"),

@@ -95,6 +95,11 @@ def test_a_zero_initialised_head_gates_the_network_and_nothing_is_called_dead() 
     assert report.failing(fail_on=["unjudged"])  # whatever --fail-level: it has no severity scale
 
 
+def test_an_mlp_mixer_with_its_zero_head_is_unjudged_not_passed() -> None:
+    report = _report("timm-mixer")
+    assert [f.kind for f in report.findings] == ["unjudged"]
+
+
 def test_gpt2_conv1d_blocks_are_weight_layers_of_the_update_view() -> None:
     report = _report("hf-gpt2")
     conv1d = [layer for layer in report.layers if layer.type == "Conv1D"]
