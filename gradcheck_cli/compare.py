@@ -24,7 +24,7 @@ from gradcheck_cli.report import SCHEMA, Layer, Report, json_safe
 # a layer learning ten times slower than before is worth a look.
 DEFAULT_FACTOR = 10.0
 
-NOT_FLAGGED = ("ok", "frozen")
+NOT_FLAGGED = ("ok", "frozen", "gated")
 
 # (key, label, how to read it from a layer)
 QUANTITIES: tuple[tuple[str, str, Callable[[Layer], float | None]], ...] = (

@@ -90,6 +90,7 @@ def test_a_zero_initialised_head_gates_the_network_and_nothing_is_called_dead() 
     report = _report("tv-vit")
     gated = [layer for layer in report.layers if layer.gated]
     assert len(gated) >= 20 and not any(f.kind == "dead" for f in report.findings)
+    assert {layer.status for layer in gated} == {"gated"}  # the table says these were not judged
     assert any("heads.head" in note for note in report.notes)
     assert [f.kind for f in report.findings] == ["unjudged"]
     assert report.failing(fail_on=["unjudged"])  # whatever --fail-level: it has no severity scale

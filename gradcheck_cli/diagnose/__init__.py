@@ -79,6 +79,8 @@ def _with_status(layers: Sequence[Layer], findings: Sequence[Finding]) -> list[L
             status, severity = worst.kind, worst.severity
         elif layer.frozen:
             status, severity = "frozen", None
+        elif layer.gated:  # not judged: its gradient is 0 until the gate after it moves
+            status, severity = "gated", None
         else:
             status, severity = "ok", None
         result.append(dataclasses.replace(layer, status=status, severity=severity))

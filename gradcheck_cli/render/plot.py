@@ -104,7 +104,7 @@ def _in_views(report: Report, layer: Layer) -> bool:
 def _severity(layer: Layer) -> str:
     if layer.severity:
         return layer.severity
-    return "inactive" if layer.status in ("frozen", "unused") else "ok"
+    return "inactive" if layer.status in ("frozen", "unused", "gated") else "ok"
 
 
 def _view_findings(report: Report, layer: Layer, views: Sequence[str]) -> list[Finding]:
@@ -286,7 +286,12 @@ def _legend(axes: Axes) -> None:
 
     handles = [
         Line2D([], [], marker="o", linestyle="", color=COLOR[key], label=label, markersize=7)
-        for key, label in (("ok", "ok"), ("warning", "warning"), ("error", "error"), ("inactive", "frozen/unused"))
+        for key, label in (
+            ("ok", "ok"),
+            ("warning", "warning"),
+            ("error", "error"),
+            ("inactive", "frozen/unused/gated"),
+        )
     ]
     handles.append(Line2D([], [], marker="o", linestyle="", color=STEP_COLOR, label="single steps", markersize=4))
     handles.append(Line2D([], [], marker="v", linestyle="", color="#555555", label="exactly 0", markersize=6))

@@ -17,6 +17,7 @@ PIPED_WIDTH = 160  # CI logs and files have no terminal width; the table needs ~
 STATUS_STYLE = {
     "ok": "green",
     "frozen": "dim",
+    "gated": "dim",
     "unused": "yellow",
 }
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow"}
