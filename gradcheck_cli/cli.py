@@ -21,7 +21,7 @@ import typer
 from typer.core import TyperGroup
 
 from gradcheck_cli._version import __version__
-from gradcheck_cli.errors import UserError, is_out_of_memory
+from gradcheck_cli.errors import UserError, exited, is_out_of_memory
 from gradcheck_cli.gate import EXIT_FINDINGS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from gradcheck_cli.options import Flag, Options, flags
 
@@ -179,6 +179,10 @@ def _analyze(ctx: typer.Context, target: str, debug: bool, **values: Any) -> Non
     with _errors(debug):
         options = Options.from_flags(_values(values))
         outputs = _outputs(options)
+        from gradcheck_cli.resolve.specs import input_files
+
+        reads = input_files(target, options.weights, options.data, options.loss)
+        _refuse_inputs(options, {**reads, "config file": ctx.meta.get("gradcheck.config")})
 
         def run(progress: Callable[[str, int, int], None] | None) -> Report:
             from gradcheck_cli.api import analyze_target
@@ -243,6 +247,7 @@ def _demo(name: str | None, list_demos: bool, mnist: Path | None, debug: bool, *
             raise UserError(f"unknown demo '{name}'", f"choose one of: {', '.join(DEMO_SUMMARIES)}")
         options = Options.from_flags({**_values(values), "device": "cpu"})
         outputs = _outputs(options)
+        _refuse_inputs(options, {"--data file": mnist})
 
         def run(progress: Callable[[str, int, int], None] | None) -> Report:
             from gradcheck_cli.demos import run_demo
@@ -322,6 +327,13 @@ def compare(
 # -- helpers ----------------------------------------------------------------------------------------------
 
 
+def _refuse_inputs(options: Options, inputs: dict[str, Path | None]) -> None:
+    from gradcheck_cli.files import refuse_inputs
+
+    outputs = {"--output": options.output, "--plot": options.plot, "--save-grads": options.save_grads}
+    refuse_inputs(outputs, inputs)
+
+
 def _outputs(options: Options) -> Any:
     """Where the report goes, checked before any pass runs (suffixes, folders, optional extras)."""
     from gradcheck_cli.outputs import Outputs
@@ -398,6 +410,8 @@ def _errors(debug: bool) -> Iterator[None]:
         _fail(f"error: {error.one_line()}", EXIT_USAGE, debug)
     except KeyboardInterrupt:
         _fail("interrupted", EXIT_INTERRUPTED, debug)
+    except SystemExit as error:  # gradcheck itself never exits inside a command: this is the user's code
+        _fail(f"error: {exited(error, 'the model code').one_line()}", EXIT_USAGE, debug)
     except Exception as error:
         if is_out_of_memory(error):
             _fail(

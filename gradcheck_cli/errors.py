@@ -48,6 +48,14 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
+def exited(exc: SystemExit, where: str) -> UserError:
+    """User code that tried to end the process (sys.exit, raise SystemExit) while gradcheck ran it: exit 2 with
+    one line naming where, never its own exit code, which could read as a pass (0) or as findings (1)."""
+    return UserError(
+        f"{where} called sys.exit({exc.code!r})", "raise an exception instead of exiting (--debug shows the traceback)"
+    )
+
+
 def first_line(exc: BaseException, empty: str | None = None) -> str:
     """The first line of an exception's message, for one-line errors; `empty` (default: the exception's type
     name) when it has none."""

@@ -25,6 +25,26 @@ def check_file_option(
         raise UserError(f"{option} {path}: folder {path.parent} does not exist", "create it first")
 
 
+def refuse_inputs(outputs: dict[str, Path | None], inputs: dict[str, Path | None]) -> None:
+    """No output option may name a file the run reads (weights, data, model, loss, config), also through a
+    symbolic or a hard link: writing it would destroy the input. Checked before anything runs."""
+    for option, output in outputs.items():
+        if output is None or not output.exists():
+            continue  # a file that does not exist yet is nobody's input
+        for what, source in inputs.items():
+            if source is None or not source.exists():
+                continue
+            try:
+                same = os.path.samefile(output, source)
+            except OSError:
+                continue
+            if same:
+                raise UserError(
+                    f"{option} {output} is the {what} this run reads: writing it would destroy it",
+                    f"give {option} another file name",
+                )
+
+
 @contextlib.contextmanager
 def writing(option: str, path: Path) -> Iterator[None]:
     """A full disk or a read-only folder is the user's to fix: one line, exit 2."""

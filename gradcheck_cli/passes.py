@@ -16,7 +16,7 @@ from torch import nn
 
 from gradcheck_cli.batch import Batch
 from gradcheck_cli.collect import Collector
-from gradcheck_cli.errors import ModelRunError, UserError, first_line, is_out_of_memory
+from gradcheck_cli.errors import ModelRunError, UserError, exited, first_line, is_out_of_memory
 from gradcheck_cli.gradsave import GradientWriter
 from gradcheck_cli.layers import LayerSpec
 from gradcheck_cli.probe import Probe
@@ -154,6 +154,8 @@ def _loss(loss: LossSelector, output: Any, batch: Batch) -> torch.Tensor:
         return loss(output, batch)
     except UserError:
         raise
+    except SystemExit as exc:
+        raise exited(exc, "the loss") from exc
     except Exception as exc:
         if is_out_of_memory(exc):
             raise
@@ -166,6 +168,8 @@ def _loss(loss: LossSelector, output: Any, batch: Batch) -> torch.Tensor:
 def _backward(value: torch.Tensor) -> None:
     try:
         value.backward()
+    except SystemExit as exc:  # a hook or a custom autograd Function of the model's
+        raise exited(exc, "the model's backward") from exc
     except RuntimeError as exc:
         if is_out_of_memory(exc):
             raise

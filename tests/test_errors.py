@@ -71,10 +71,15 @@ def catalogue() -> dict[str, bytes]:
         "oom_cpu.py": _module('raise RuntimeError("DefaultCPUAllocator: can\'t allocate memory: you tried 9 GB")'),
         "memory_error.py": _module("raise MemoryError()"),
         "interrupted.py": _module("raise KeyboardInterrupt"),
-        "data_fns.py": HEADER + "def broken():\n    raise ValueError('no data today')\ndef number():\n    return 42\n",
+        "data_fns.py": HEADER
+        + "def broken():\n    raise ValueError('no data today')\ndef number():\n    return 42\n"
+        + "def exit_zero():\n    sys.exit(0)\ndef exit_message():\n    sys.exit('no more data')\n"
+        + "def exit_in_generator():\n    yield torch.randn(4, 8)\n    sys.exit(0)\n",
+        "batch_exit.py": HEADER + MLP + "def get_batch():\n    sys.exit('no batch for you')\n",
         "loss_fns.py": HEADER
         + "def broken(output, targets):\n    raise ValueError('loss broke')\n"
-        + "def per_sample(output, targets):\n    return output.sum(1)\n",
+        + "def per_sample(output, targets):\n    return output.sum(1)\n"
+        + "def exits(output, targets):\n    raise SystemExit(3)\n",
     }
     files = {name: text.encode() for name, text in texts.items()}
     files |= {
@@ -181,6 +186,18 @@ CASES = {
     "loss raises": ("mlp.py --data randn:4,8 --loss loss_fns.py:broken", "the loss raised ValueError: loss broke"),
     "non-scalar loss": ("mlp.py --data randn:4,8 --loss loss_fns.py:per_sample", "returned shape (4,), not a scalar"),
     "no trainable parameters": ("frozen.py --data randn:4,8", "Linear has no trainable parameters"),
+    # user code that tries to end the process: never its own exit code (0 would read as a pass, 1 as findings)
+    "sys.exit(0) in --data": ("mlp.py --data data_fns.py:exit_zero", "data_fns.py:exit_zero() called sys.exit(0)"),
+    "sys.exit('msg') in --data": (
+        "mlp.py --data data_fns.py:exit_message",
+        "data_fns.py:exit_message() called sys.exit('no more data')",
+    ),
+    "sys.exit inside a data generator": (
+        "mlp.py --data data_fns.py:exit_in_generator --steps 3",
+        "reading batches from data_fns.py:exit_in_generator called sys.exit(0)",
+    ),
+    "sys.exit in get_batch": ("batch_exit.py", "get_batch() called sys.exit('no batch for you')"),
+    "SystemExit(3) in the loss": ("mlp.py --data randn:4,8 --loss loss_fns.py:exits", "the loss called sys.exit(3)"),
     # flags
     "--steps 0": ("mlp.py --steps 0", "--steps must be at least 1, got 0"),
     "--steps negative": ("mlp.py --steps -2", "--steps must be at least 1, got -2"),
@@ -450,3 +467,32 @@ def test_a_plot_that_cannot_be_written_is_one_line(cli, user_folder: Path, monke
     assert result.exit_code == 2
     assert "cannot write --plot flow.png: No space left on device" in _stderr_line(result)
     assert _snapshot(user_folder) == before
+
+
+@pytest.mark.parametrize(
+    ("argv", "victim", "what"),
+    [
+        ("mlp.py -w weights.safetensors --save-grads weights.safetensors", "weights.safetensors", "--weights file"),
+        ("mlp.py -d data.safetensors --save-grads data.safetensors", "data.safetensors", "--data file"),
+        ("mlp.py -d ./data.safetensors --save-grads sub/../data.safetensors", "data.safetensors", "--data file"),
+        ("mlp.py -d randn:4,8 --save-grads link.safetensors", "weights.safetensors", "--weights file"),
+        ("mlp.py -d randn:4,8 --save-grads hard.safetensors", "weights.safetensors", "--weights file"),
+    ],
+    ids=["save-grads onto weights", "save-grads onto data", "spelt another way", "via symlink", "via hard link"],
+)
+def test_no_output_option_may_overwrite_an_input(cli, user_folder: Path, argv: str, victim: str, what: str) -> None:
+    """Writing gradients over the weights (mode 0600 turning 0644) must not happen, however the path is spelt."""
+    (user_folder / "sub").mkdir()
+    (user_folder / "link.safetensors").symlink_to(user_folder / "weights.safetensors")
+    os.link(user_folder / "weights.safetensors", user_folder / "hard.safetensors")
+    os.chmod(user_folder / "weights.safetensors", 0o600)
+    if "link" in argv or "hard" in argv:
+        argv = argv.replace("-d randn:4,8", "-w weights.safetensors -d randn:4,8")
+    before = _snapshot(user_folder)
+    mode = os.stat(user_folder / victim).st_mode
+    result = cli("analyze", *argv.split(), "--quiet")
+    assert result.exit_code == 2, result.output
+    line = _stderr_line(result)
+    assert line.startswith("error: ") and f"is the {what} this run reads" in line, line
+    assert _snapshot(user_folder) == before
+    assert os.stat(user_folder / victim).st_mode == mode

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gradcheck_cli.batch import Batch
-from gradcheck_cli.errors import UserError
+from gradcheck_cli.errors import UserError, exited
 from gradcheck_cli.resolve.modules import file_function, function_in
 from gradcheck_cli.resolve.specs import DataSpec
 
@@ -80,6 +80,8 @@ def collect_batches(obj: Any, count: int, origin: str = "the data", single: bool
         taken = list(itertools.islice(iter(obj), count))
     except UserError:
         raise
+    except SystemExit as exc:
+        raise exited(exc, f"reading batches from {origin}") from exc
     except Exception as exc:
         raise UserError(
             f"reading batches from {origin} raised {type(exc).__name__}: {exc}",
@@ -116,6 +118,8 @@ def _call(function: Callable[[], Any], label: str) -> Any:
         return function()
     except UserError:
         raise
+    except SystemExit as exc:
+        raise exited(exc, f"{label}()") from exc
     except Exception as exc:
         raise UserError(
             f"{label}() raised {type(exc).__name__}: {exc}",

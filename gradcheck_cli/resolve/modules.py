@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from gradcheck_cli.errors import UserError, first_line
+from gradcheck_cli.errors import UserError, exited, first_line
 from gradcheck_cli.resolve.specs import Target
 
 MODEL_FACTORIES = ("build_model", "get_model", "create_model")
@@ -53,6 +53,8 @@ def import_target(target: Target) -> ModuleType:
                 "check the spelling, install the package, or give a path to a .py file",
             ) from exc
         raise _import_error(target.source, exc) from exc
+    except SystemExit as exc:
+        raise exited(exc, f"importing {target.source}") from exc
     except SyntaxError as exc:
         raise _syntax_error(exc) from exc
     except Exception as exc:

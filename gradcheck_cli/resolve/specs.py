@@ -6,7 +6,9 @@ Pure parsing, no imports of user code and no torch: a bad spec is a UserError be
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from gradcheck_cli.errors import UserError
 
@@ -127,3 +129,25 @@ def parse_loss_spec(spec: str) -> str | Target:
     if target.name is None:
         raise UserError(f"unknown loss '{spec}'", "use auto, cross-entropy, mse or FILE.py:FN")
     return target
+
+
+def input_files(target: str, weights: str | None, data: str | None, loss: str) -> dict[str, Path | None]:
+    """Every file a run reads, by what it is, found by parsing the specs as the run will (a malformed spec
+    gives None here: the run reports it)."""
+
+    def source(parse: Callable[[], object]) -> Path | None:
+        try:
+            spec = parse()
+        except UserError:
+            return None
+        if isinstance(spec, DataSpec) and spec.path:
+            return Path(spec.path)
+        found = spec.target if isinstance(spec, DataSpec) else spec
+        return Path(found.source) if isinstance(found, Target) and found.is_file else None
+
+    return {
+        "model file": source(lambda: parse_target(target)),
+        "--weights file": Path(weights) if weights else None,
+        "--data file": source(lambda: parse_data_spec(data)) if data else None,
+        "--loss file": source(lambda: parse_loss_spec(loss)),
+    }
