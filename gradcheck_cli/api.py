@@ -154,7 +154,7 @@ def _measure(
         options.lr,
         options.seed,
         options.eval_mode,
-        _gradient_writer(options.save_grads, setup.model, options.train_steps),
+        _gradient_writer(options, setup.model),
         progress,
     )
     measurement = measure(setup, plan, collector)
@@ -244,15 +244,17 @@ def _report(
     )
 
 
-def _gradient_writer(save_grads: Path | None, model: nn.Module, train_steps: int) -> GradientWriter | None:
-    if save_grads is None:
+def _gradient_writer(options: Options, model: nn.Module) -> GradientWriter | None:
+    if options.save_grads is None:
         return None
-
-    path = Path(save_grads)
+    path = Path(options.save_grads)
     check_path(path)
-    return GradientWriter(
-        path, {"model": type(model).__name__, "train_steps": str(train_steps), "torch_version": torch.__version__}
-    )
+    metadata = {
+        "model": type(model).__name__,
+        "train_steps": str(options.train_steps),
+        "torch_version": torch.__version__,
+    }
+    return GradientWriter(path, metadata, options.located(path))
 
 
 def analyze_target(
@@ -266,6 +268,8 @@ def analyze_target(
 
     if options is None:
         options = Options.of(("source", "run"), {"device": "auto", **settings}, "analyze_target")
+    if options.base is None:  # before the model file runs: it may change directory
+        options = dataclasses.replace(options, base=Path.cwd())
     resolved = resolve(target, options)
     return run(
         resolved.model,

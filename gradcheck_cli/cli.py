@@ -177,7 +177,7 @@ def _analyze(ctx: typer.Context, target: str, debug: bool, **values: Any) -> Non
     Defaults come from \\[tool.gradcheck] in the nearest pyproject.toml, if any; flags given here win.
     """
     with _errors(debug):
-        options = Options.from_flags(_values(values))
+        options = Options.from_flags({**_values(values), "base": Path.cwd()})  # before any user code runs
         outputs = _outputs(options)
         from gradcheck_cli.resolve.specs import input_files
 
@@ -188,7 +188,8 @@ def _analyze(ctx: typer.Context, target: str, debug: bool, **values: Any) -> Non
             from gradcheck_cli.api import analyze_target
 
             _freeze_imported_objects()
-            return analyze_target(target, options, progress)
+            with contextlib.redirect_stdout(sys.stderr):  # the user's prints must not mix with the document
+                return analyze_target(target, options, progress)
 
         report = _with_progress(run, options.quiet or options.format != "table")
         config_path = ctx.meta.get("gradcheck.config")
@@ -245,7 +246,7 @@ def _demo(name: str | None, list_demos: bool, mnist: Path | None, debug: bool, *
             raise UserError("no demo named", f"choose one of: {', '.join(DEMO_SUMMARIES)} (gradcheck demo --list)")
         if name not in DEMO_SUMMARIES:
             raise UserError(f"unknown demo '{name}'", f"choose one of: {', '.join(DEMO_SUMMARIES)}")
-        options = Options.from_flags({**_values(values), "device": "cpu"})
+        options = Options.from_flags({**_values(values), "device": "cpu", "base": Path.cwd()})
         outputs = _outputs(options)
         _refuse_inputs(options, {"--data file": mnist})
 
@@ -253,7 +254,8 @@ def _demo(name: str | None, list_demos: bool, mnist: Path | None, debug: bool, *
             from gradcheck_cli.demos import run_demo
 
             _freeze_imported_objects()
-            return run_demo(name, options, mnist, progress)
+            with contextlib.redirect_stdout(sys.stderr):
+                return run_demo(name, options, mnist, progress)
 
         report = _with_progress(run, options.quiet or options.format != "table")
         raise typer.Exit(outputs.emit(report))

@@ -68,8 +68,9 @@ class GradientWriter:
     On a clean exit the file appears at `path`; on an exception nothing does.
     """
 
-    def __init__(self, path: Path, metadata: dict[str, str] | None = None) -> None:
-        self.path = path
+    def __init__(self, path: Path, metadata: dict[str, str] | None = None, target: Path | None = None) -> None:
+        self.path = path  # as the user gave it, for messages
+        self.target = target or path  # where it is written (resolved before any user code ran)
         self.metadata = dict(metadata or {})
         self.header: dict[str, dict[str, object]] = {}
         self.offset = 0
@@ -80,7 +81,7 @@ class GradientWriter:
     def __enter__(self) -> GradientWriter:
         with self._disk():
             handle, self._data_path = tempfile.mkstemp(
-                prefix=f".{self.path.name}.", suffix=".data", dir=self.path.parent
+                prefix=f".{self.path.name}.", suffix=".data", dir=self.target.parent
             )
         self._data = os.fdopen(handle, "wb")
         return self
@@ -164,7 +165,7 @@ class GradientWriter:
                 out.write(header)
                 shutil.copyfileobj(data, out, 1 << 20)
 
-        replace_atomic(self.path, write)
+        replace_atomic(self.target, write)
         self.bytes_written = 8 + len(header) + self.offset
 
 

@@ -103,6 +103,9 @@ class Options:
     )
     thresholds: Thresholds = option(Thresholds(), "run")  # flags: one per Thresholds field
     value_histograms: bool = option(False, "run")  # the signed-value histograms that plots and TensorBoard draw
+    # the folder relative output paths are taken from, fixed before any user code runs (a model file that
+    # calls os.chdir must not move the report); None: the working directory when the file is written
+    base: Path | None = option(None, "run")
     save_grads: Path | None = option(
         None, "run", "--save-grads", help="Save every measured gradient, per step and layer, to FILE.safetensors."
     )
@@ -164,6 +167,10 @@ class Options:
             raise UserError(f"unknown --fail-level '{self.fail_level}'", "use error or warning")
         if self.save_grads is not None and self.parallel is not None:
             raise UserError("--save-grads does not work with --parallel yet", "run it in one process, without torchrun")
+
+    def located(self, path: Path) -> Path:
+        """Where an output path given by the user is written: relative to `base`, not to a moved cwd."""
+        return path if path.is_absolute() or self.base is None else self.base / path
 
     @property
     def wants_value_histograms(self) -> bool:

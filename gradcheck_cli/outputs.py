@@ -73,24 +73,24 @@ class Outputs:
         if options.output is not None:
             text = render_text(report, format_of(options.output), gate)
             with writing("--output", options.output):
-                write_atomic(options.output, text)
+                write_atomic(options.located(options.output), text)
         if options.plot is not None:
             from gradcheck_cli.render import plot
 
             with writing("--plot", options.plot):
-                plot.save(report, options.plot, gate)
+                plot.save(report, options.located(options.plot), gate)
         if options.tensorboard is not None:
-            self._tensorboard(report, options.tensorboard, gate)
+            self._tensorboard(report, options.tensorboard, options.located(options.tensorboard), gate)
         if github.enabled():
             for line in github.workflow_commands(report, gate):
                 print(line, file=sys.stderr)
         return gate.code
 
     @staticmethod
-    def _tensorboard(report: Report, directory: Path, gate: Gate) -> None:
+    def _tensorboard(report: Report, shown: Path, directory: Path, gate: Gate) -> None:
         from gradcheck_cli.render import render_text, tensorboard
 
-        with writing("--tensorboard", directory):
+        with writing("--tensorboard", shown):
             tensorboard.write(report, directory, render_text(report, "markdown", gate))
 
 

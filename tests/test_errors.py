@@ -496,3 +496,43 @@ def test_no_output_option_may_overwrite_an_input(cli, user_folder: Path, argv: s
     assert line.startswith("error: ") and f"is the {what} this run reads" in line, line
     assert _snapshot(user_folder) == before
     assert os.stat(user_folder / victim).st_mode == mode
+
+
+CHATTY = HEADER + (
+    "print('hello from import')\n"
+    "class Net(nn.Module):\n"
+    "    def __init__(self):\n"
+    "        super().__init__()\n"
+    "        self.fc = nn.Linear(8, 2)\n"
+    "    def forward(self, x):\n"
+    "        print('hello from forward')\n"
+    "        return self.fc(x)\n"
+    "model = Net()\n"
+)
+
+
+def test_the_models_prints_never_mix_with_the_json_document(cli, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "chatty.py").write_text(CHATTY)
+    result = cli("analyze", "chatty.py", "--data", "randn:4,8", "--format", "json")
+    import json
+
+    assert json.loads(result.stdout)["schema"] == "gradcheck.report/1"
+    assert "hello from import" in result.stderr and "hello from forward" in result.stderr
+
+
+def test_a_model_that_changes_directory_does_not_move_the_outputs(cli, tmp_path: Path, monkeypatch) -> None:
+    """Relative --output, --plot and --save-grads are taken from where gradcheck started, not from wherever
+    the model file moved the process."""
+    pytest.importorskip("matplotlib")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "wanderer.py").write_text(HEADER + f"import os\nos.chdir({str(elsewhere)!r})\n" + MLP)
+    result = cli(
+        "analyze", "wanderer.py", "--data", "randn:4,8", "--output", "r.json", "--plot", "p.png",
+        "--save-grads", "g.safetensors", "--quiet",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in tmp_path.iterdir()} >= {"r.json", "p.png", "g.safetensors"}
+    assert list(elsewhere.iterdir()) == []
