@@ -265,19 +265,21 @@ def analyze_target(
     settings: the fields of gradcheck_cli.Options that say what to load and how to run (model_name, weights,
     strict, allow_pickle, data, loss, batch_size, steps, ...); device defaults to "auto" here."""
     from gradcheck_cli.resolve import resolve
+    from gradcheck_cli.resolve.modules import no_bytecode
 
     if options is None:
         options = Options.of(("source", "run"), {"device": "auto", **settings}, "analyze_target")
     if options.base is None:  # before the model file runs: it may change directory
         options = dataclasses.replace(options, base=Path.cwd())
-    resolved = resolve(target, options)
-    return run(
-        resolved.model,
-        resolved.batches,
-        resolved.loss,
-        options,
-        target=resolved.label,
-        notes=resolved.notes,
-        progress=progress,
-        file_loss=resolved.file_loss,
-    )
+    with no_bytecode():
+        resolved = resolve(target, options)
+        return run(
+            resolved.model,
+            resolved.batches,
+            resolved.loss,
+            options,
+            target=resolved.label,
+            notes=resolved.notes,
+            progress=progress,
+            file_loss=resolved.file_loss,
+        )

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import io
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -536,3 +537,36 @@ def test_a_model_that_changes_directory_does_not_move_the_outputs(cli, tmp_path:
     assert result.exit_code == 0, result.output
     assert {p.name for p in tmp_path.iterdir()} >= {"r.json", "p.png", "g.safetensors"}
     assert list(elsewhere.iterdir()) == []
+
+
+def test_lazy_imports_of_the_model_write_no_bytecode(cli, tmp_path: Path, monkeypatch) -> None:
+    """A sibling module imported in forward and in get_batch, after TARGET's own import: still no __pycache__."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "helper_fwd.py").write_text("def scale(x):\n    return x * 1.0\n")
+    (tmp_path / "helper_data.py").write_text("import torch\ndef batch():\n    return torch.randn(4, 8)\n")
+    (tmp_path / "lazy.py").write_text(
+        HEADER
+        + "class Net(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        + "        self.fc = nn.Linear(8, 2)\n    def forward(self, x):\n        import helper_fwd\n"
+        + "        return self.fc(helper_fwd.scale(x))\nmodel = Net()\n"
+        + "def get_batch():\n    import helper_data\n    return helper_data.batch()\n"
+    )
+    result = cli("analyze", "lazy.py", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert not list(tmp_path.rglob("__pycache__"))
+
+
+@pytest.mark.parametrize("name", ["safetensors.py", "rich.py"])
+def test_a_users_file_named_like_a_library_does_not_shadow_gradchecks_imports(tmp_path: Path, name: str) -> None:
+    """In a fresh process, where gradcheck imports these libraries only after the model's folder is on
+    sys.path (to load the weights, to draw the table)."""
+    import subprocess
+
+    (tmp_path / name).write_text("raise ImportError('this is the user file, not the library')\n")
+    (tmp_path / "mlp.py").write_text(HEADER + MLP)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    (tmp_path / "w.safetensors").write_bytes(save(model.state_dict()))
+    command = [sys.executable, "-m", "gradcheck_cli", "analyze", "mlp.py", "-w", "w.safetensors", "-d", "randn:4,8"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "gradcheck: Sequential" in result.stdout

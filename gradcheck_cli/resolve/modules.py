@@ -11,6 +11,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,14 +25,50 @@ MODEL_FACTORIES = ("build_model", "get_model", "create_model")
 
 
 @contextlib.contextmanager
-def _no_bytecode() -> Iterator[None]:
-    """Importing must not write __pycache__ into the user's folders."""
+def no_bytecode() -> Iterator[None]:
+    """Importing must not write __pycache__ into the user's folders: around the imports of TARGET and for
+    the whole run (a model may import a sibling module lazily, in its forward or its get_batch)."""
     previous = sys.dont_write_bytecode
     sys.dont_write_bytecode = True
     try:
         yield
     finally:
         sys.dont_write_bytecode = previous
+
+
+# The libraries gradcheck itself imports after the user's folder is on sys.path (lazily: weights, rendering,
+# the optional extras). A user file of the same name there (safetensors.py, rich.py, ...) must not shadow them.
+OWN_IMPORTS = ("torch", "typer", "rich", "safetensors", "matplotlib", "tensorboard", "numpy")
+OWN_SUBMODULES = {"safetensors": ("safetensors.torch",), "rich": ("rich.console", "rich.table", "rich.text")}
+
+
+def _protect(folder: Path) -> None:
+    """Import now, from where they are installed, the libraries of OWN_IMPORTS that a file or package in
+    `folder` would shadow once it is on sys.path (only those: importing all would slow every start)."""
+    try:
+        names = {entry.removesuffix(".py") for entry in os.listdir(folder)}
+    except OSError:
+        return
+    wanted = [library for library in OWN_IMPORTS if library in names and library not in sys.modules]
+    if not wanted:
+        return
+    # Without the folder on the path (`python -m` and `python -c` put the working directory there already).
+    saved = list(sys.path)
+    sys.path[:] = [entry for entry in saved if not _same_folder(entry, folder)]
+    try:
+        for library in wanted:
+            for name in (library, *OWN_SUBMODULES.get(library, ())):
+                with contextlib.suppress(ImportError):
+                    importlib.import_module(name)
+    finally:
+        sys.path[:] = saved
+
+
+def _same_folder(entry: str, folder: Path) -> bool:
+    try:
+        return Path(entry or ".").resolve() == folder.resolve()
+    except OSError:
+        return False
 
 
 _IMPORTED: dict[str, ModuleType] = {}
@@ -41,10 +78,11 @@ def import_target(target: Target) -> ModuleType:
     """Import the file or module that a Target names (once per process), with user-facing errors."""
     if target.is_file:
         return import_file(Path(target.source))
+    _protect(Path.cwd())
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))  # as `python -m` does: local packages import
     try:
-        with _no_bytecode():
+        with no_bytecode():
             return importlib.import_module(target.source)
     except ModuleNotFoundError as exc:
         if exc.name and target.source.startswith(exc.name):
@@ -79,11 +117,12 @@ def import_file(path: Path) -> ModuleType:
         raise UserError(f"cannot import {path}", "give a readable .py file")
     module = importlib.util.module_from_spec(spec)
     folder = str(path.resolve().parent)
+    _protect(Path(folder))  # also when it is on sys.path already (python -m puts the working directory there)
     if folder not in sys.path:
         sys.path.insert(0, folder)
     sys.modules[module_name] = module  # dataclasses and pickling look the module up by name
     try:
-        with _no_bytecode():
+        with no_bytecode():
             spec.loader.exec_module(module)
     except SyntaxError as exc:
         sys.modules.pop(module_name, None)
