@@ -18,6 +18,7 @@ from gradcheck_cli.records import Finished, Measured, build_records
 from gradcheck_cli.reduce import (
     dense_values,
     histograms_of,
+    norm_dtype,
     prepare_sampling,
     reduce_gradient,
     shift_histogram,
@@ -97,9 +98,7 @@ class Collector:
 
     def measure_weights(self) -> None:
         """Weight norms (and per-row norms of embeddings), once: weights do not change while measuring."""
-        squares = torch.stack(
-            [torch.linalg.vector_norm(local(p.tensor.detach()), dtype=torch.float32).square() for p in self.params]
-        )
+        squares = torch.stack([_norm_sq(local(p.tensor.detach())) for p in self.params])
         self.combiner.grads(squares)
         self.weight_norm = [math.sqrt(v) for v in squares.tolist()]
         for info in self.params:
@@ -340,3 +339,8 @@ def _record_layer(series: LayerSeries, got: LayerStep[float], calls: int) -> Non
 
 def _fraction(count: float | None, total: float | None) -> float | None:
     return count / total if count is not None and total else None
+
+
+def _norm_sq(tensor: torch.Tensor) -> torch.Tensor:
+    norm: torch.Tensor = torch.linalg.vector_norm(tensor, dtype=norm_dtype(tensor))
+    return norm.square().float()

@@ -36,7 +36,7 @@ from gradcheck_cli.layers import (
     TANH_SATURATED,
     LayerSpec,
 )
-from gradcheck_cli.reduce import count_subnormal, sample
+from gradcheck_cli.reduce import count_subnormal, norm_dtype, sample
 
 
 @dataclass
@@ -165,7 +165,7 @@ class Probe:
                 # RMS and zero fraction of what the layer reads: estimated from a sample, constant work.
                 values = sample(inputs.detach())
                 tape.input_sq.setdefault(index, []).append(
-                    torch.linalg.vector_norm(values, dtype=torch.float32).square()
+                    torch.linalg.vector_norm(values, dtype=norm_dtype(values)).square()
                 )
                 tape.input_zero.setdefault(index, []).append(values.numel() - torch.count_nonzero(values))
                 tape.input_numel[index] = tape.input_numel.get(index, 0) + values.numel()
@@ -182,7 +182,7 @@ class Probe:
         def hook(grad: torch.Tensor) -> None:
             # Sum of squares over every call in the step: the norm of all of this module's dL/dz together.
             self.tape.output_sq.setdefault(index, []).append(
-                torch.linalg.vector_norm(grad.detach(), dtype=torch.float32).square()
+                torch.linalg.vector_norm(grad.detach(), dtype=norm_dtype(grad)).square()
             )
             # Positions = elements per unit (batch x sequence x spatial): what the signal view averages over.
             units = grad.shape[unit_dim] if grad.dim() else 1

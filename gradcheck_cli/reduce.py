@@ -30,6 +30,12 @@ class GradientSample:
     sampled: int = 0  # how many values that count is over
 
 
+def norm_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype norms are accumulated in: float32 (half-precision sums of squares overflow at 65504), or the
+    tensor's own float64 (vector_norm refuses to narrow it)."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
 def dense_values(grad: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The stored values of a gradient and how many of its entries are implicit zeros (sparse grads)."""
     if grad.is_sparse:
@@ -99,11 +105,11 @@ def reduce_gradient(grad: torch.Tensor, want_rows: bool, tiny: float | None = No
     flat = grad.reshape(-1)
     rows = None
     if want_rows and grad.dim() >= 2:
-        row_norms = torch.linalg.vector_norm(grad.reshape(grad.shape[0], -1), dim=1, dtype=torch.float32)
+        row_norms = torch.linalg.vector_norm(grad.reshape(grad.shape[0], -1), dim=1, dtype=norm_dtype(grad))
         norm_sq = row_norms.square().sum()
         rows = row_norms != 0
     else:
-        norm_sq = torch.linalg.vector_norm(flat, dtype=torch.float32).square()
+        norm_sq = torch.linalg.vector_norm(flat, dtype=norm_dtype(flat)).square()
     zeros = (flat.numel() - torch.count_nonzero(flat)).float()
     result = GradientSample(norm_sq, _max_abs(flat), zeros, rows, *_for_histogram(flat))
     if tiny is not None:
@@ -170,7 +176,7 @@ def _reduce_sparse(grad: torch.Tensor, want_rows: bool) -> GradientSample:
     coalesced = grad.coalesce()
     values = coalesced.values()
     flat = values.reshape(-1)
-    norm_sq = torch.linalg.vector_norm(flat, dtype=torch.float32).square()
+    norm_sq = torch.linalg.vector_norm(flat, dtype=norm_dtype(flat)).square()
     zeros = (grad.numel() - torch.count_nonzero(flat)).float()
     rows = None
     if want_rows:

@@ -263,3 +263,16 @@ def test_histograms_of_large_tensors_are_scaled_to_all_elements() -> None:
     first = report.layers[0]
     nonzero = first.params * (1 - first.zero_fraction)
     assert sum(first.histogram or ()) == pytest.approx(nonzero, rel=0.01)
+
+
+def test_float64_models_give_the_float32_numbers_within_precision() -> None:
+    """A .double() model used to crash (vector_norm refuses to narrow float64); its numbers are float32's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    inputs, targets = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    single = gradcheck_cli.analyze(model, (inputs, targets))
+    double = gradcheck_cli.analyze(model.double(), (inputs.double(), targets))
+    for a, b in zip(single.layers, double.layers, strict=True):
+        for key in ("grad_norm", "weight_norm", "grad_to_weight", "output_grad_norm"):
+            assert getattr(b, key) == pytest.approx(getattr(a, key), rel=1e-5), (a.name, key)
+    assert [f.kind for f in double.findings] == [f.kind for f in single.findings]
