@@ -131,6 +131,9 @@ def prepare(
         notes.append(f"no data given: random inputs {description}")
     else:
         prepared = collect_batches(batches, total)
+    empty = next((i for i, batch in enumerate(prepared) if batch.size == 0), None)
+    if empty is not None:  # a mean over no examples is NaN: that would read as a broken model
+        raise UserError(f"batch {empty + 1} holds 0 samples", "give every batch at least one example")
     global_batch = prepared[0].size
     if parallel is not None:
         prepared = [shard(batch, parallel) for batch in prepared]

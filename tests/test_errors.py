@@ -570,3 +570,10 @@ def test_a_users_file_named_like_a_library_does_not_shadow_gradchecks_imports(tm
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "gradcheck: Sequential" in result.stdout
+
+
+def test_an_empty_batch_is_bad_input_not_a_nan_model() -> None:
+    model = nn.Sequential(nn.Linear(8, 4))
+    for batch in ((torch.randn(0, 8), torch.randint(0, 4, (0,))), torch.randn(0, 8)):
+        with pytest.raises(gradcheck_cli.UserError, match="batch 1 holds 0 samples"):
+            gradcheck_cli.analyze(model, batch)
