@@ -76,17 +76,7 @@ def collect_batches(obj: Any, count: int, origin: str = "the data", single: bool
             f"{origin} returned a {type(obj).__name__}",
             "return one batch (tensor, (inputs, targets) or dict) or an iterable of batches",
         )
-    try:
-        taken = list(itertools.islice(iter(obj), count))
-    except UserError:
-        raise
-    except SystemExit as exc:
-        raise exited(exc, f"reading batches from {origin}") from exc
-    except Exception as exc:
-        raise UserError(
-            f"reading batches from {origin} raised {type(exc).__name__}: {exc}",
-            "fix the data function (--debug shows the traceback)",
-        ) from exc
+    taken = _call(lambda: list(itertools.islice(iter(obj), count)), f"reading batches from {origin}")
     if not taken:
         raise UserError(f"{origin} yielded no batches", "make sure the data source is not empty")
     batches = [to_batch(b) for b in taken]
@@ -110,19 +100,20 @@ def load_data(spec: DataSpec, count: int, batch_size: int, seed: int) -> tuple[l
         return _safetensors_batches(Path(spec.path or ""), count, batch_size)
     assert spec.target is not None
     function = function_in(spec.target)
-    return collect_batches(_call(function, spec.text), count, spec.text), []
+    return collect_batches(_call(function, f"{spec.text}()"), count, spec.text), []
 
 
-def _call(function: Callable[[], Any], label: str) -> Any:
+def _call(function: Callable[[], Any], where: str) -> Any:
+    """The user's data code run, its exceptions and exits turned into one line naming `where`."""
     try:
         return function()
     except UserError:
         raise
     except SystemExit as exc:
-        raise exited(exc, f"{label}()") from exc
+        raise exited(exc, where) from exc
     except Exception as exc:
         raise UserError(
-            f"{label}() raised {type(exc).__name__}: {exc}",
+            f"{where} raised {type(exc).__name__}: {exc}",
             "fix the data function (--debug shows the traceback)",
         ) from exc
 
@@ -177,10 +168,10 @@ def model_file_batches(module: Any, count: int) -> list[Batch] | None:
         return None
     get_batch = file_function(module, "get_batch")
     if get_batch is not None:
-        return collect_batches(_call(get_batch, "get_batch"), count, "get_batch()", single=True)
+        return collect_batches(_call(get_batch, "get_batch()"), count, "get_batch()", single=True)
     batches = file_function(module, "batches")
     if batches is not None:
-        return collect_batches(_call(batches, "batches"), count, "batches()", single=False)
+        return collect_batches(_call(batches, "batches()"), count, "batches()", single=False)
     return None
 
 
