@@ -50,7 +50,3 @@ def times(factor: float) -> str:
 def all_zero(layer: Layer) -> bool:
     got = [v for v in layer.grad_norm_steps if v is not None]
     return bool(got) and all(v == 0 for v in got)
-
-
-def got_gradient(layer: Layer) -> bool:
-    return any(v is not None and v > 0 for v in layer.grad_norm_steps)
