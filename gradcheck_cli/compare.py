@@ -24,7 +24,7 @@ from gradcheck_cli.report import SCHEMA, Layer, Report, json_safe
 # a layer learning ten times slower than before is worth a look.
 DEFAULT_FACTOR = 10.0
 
-NOT_FLAGGED = ("ok", "frozen", "gated")
+NOT_FLAGGED = ("ok", "frozen", "gated", "unjudged")
 
 # (key, label, how to read it from a layer)
 QUANTITIES: tuple[tuple[str, str, Callable[[Layer], float | None]], ...] = (
@@ -174,8 +174,8 @@ def _layer(base: Layer, new: Layer, factor: float) -> LayerChange:
         for change, (_, label, _) in zip(changes, QUANTITIES, strict=True)
         if change.regressed
     ]
-    if base.status == "ok" and new.status not in NOT_FLAGGED:
-        reasons.append(f"ok -> {new.status}" + (f" ({new.severity})" if new.severity else ""))
+    if base.status in ("ok", "unjudged") and new.status not in NOT_FLAGGED:
+        reasons.append(f"{base.status} -> {new.status}" + (f" ({new.severity})" if new.severity else ""))
     return LayerChange(
         name=new.name,
         base_status=base.status,

@@ -34,8 +34,9 @@ KINDS = tuple(kind.name for kind in KIND_LIST)
 DEFAULT_FAIL_ON = tuple(kind.name for kind in KIND_LIST if kind.fails_by_default)
 # Most serious first: how a layer's status is chosen among its findings, and how findings are ordered.
 STATUS_ORDER = tuple(kind.name for kind in sorted(KIND_LIST, key=lambda kind: kind.rank))
-# A layer without findings is "ok", "frozen" when it has no trainable parameter, or "gated" when its gradient
-# is 0 only because a zero-initialised layer after it gates it (measured): then nothing about it was judged.
+# A layer without findings is "ok", "frozen" when it has no trainable parameter, "gated" when its gradient
+# is 0 only because a zero-initialised layer after it gates it (measured), or "unjudged" when it is a weight
+# layer that no view could compare (Layer.views is empty): in the last two nothing about it was judged.
 STATUSES = ("ok", "frozen", "gated", *KINDS)
 # Lowest first: --fail-level warning fails on both.
 SEVERITIES = ("warning", "error")

@@ -125,6 +125,9 @@ class Layer:
     alias_of: str | None = None
     # recurrent layers: ||dL/dx_t|| per time step under the model's loss, the first step first (confirm.through_time)
     time_grad_norms: tuple[float, ...] | None = None
+    # the views that compared this layer with others (signal, update, time): empty for a weight layer means it
+    # was checked numerically (NaN, all-zero) but nothing could say whether its gradient is too small or large
+    views: tuple[str, ...] = ()
     status: str = "ok"
     severity: str | None = None
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import math
 import sys
 from collections.abc import Callable
@@ -165,10 +166,18 @@ def timm_resnet() -> nn.Module:
 
 # -- transformers ----------------------------------------------------------------------------------------------
 
+
+def _before_transformers() -> None:
+    """transformers imports torchvision when it is installed: make that import work first (see torchvision)."""
+    if importlib.util.find_spec("torchvision") is not None:
+        torchvision()
+
+
 VOCAB = 512
 
 
 def hf_gpt2() -> nn.Module:
+    _before_transformers()
     from transformers import GPT2Config, GPT2LMHeadModel
 
     return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=4, n_head=4))
@@ -176,6 +185,7 @@ def hf_gpt2() -> nn.Module:
 
 def hf_bert(layers: int) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
+        _before_transformers()
         from transformers import BertConfig, BertForMaskedLM
 
         config = BertConfig(
@@ -193,6 +203,7 @@ def hf_bert(layers: int) -> Callable[[], nn.Module]:
 
 def hf_llama(layers: int) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
+        _before_transformers()
         from transformers import LlamaConfig, LlamaForCausalLM
 
         config = LlamaConfig(
@@ -210,6 +221,7 @@ def hf_llama(layers: int) -> Callable[[], nn.Module]:
 
 
 def hf_t5() -> nn.Module:
+    _before_transformers()
     from transformers import T5Config, T5ForConditionalGeneration
 
     config = T5Config(
@@ -220,6 +232,7 @@ def hf_t5() -> nn.Module:
 
 def hf_mamba(layers: int) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
+        _before_transformers()
         from transformers import MambaConfig, MambaForCausalLM
 
         return MambaForCausalLM(MambaConfig(vocab_size=VOCAB, hidden_size=64, state_size=8, num_hidden_layers=layers))
@@ -228,6 +241,7 @@ def hf_mamba(layers: int) -> Callable[[], nn.Module]:
 
 
 def hf_vit() -> nn.Module:
+    _before_transformers()
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(

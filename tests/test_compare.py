@@ -65,7 +65,9 @@ def test_ok_to_flagged_regresses_and_flagged_to_ok_does_not(base_report: dict[st
     base = Report.from_dict(base_report)
     worse = changed(base_report, "0", status="saturated", severity="warning")
     assert [layer.name for layer in compare(base, worse).regressions] == ["0"]
-    assert compare(base, worse).regressions[0].reasons == ("ok -> saturated (warning)",)
+    # three layers: too few for either view to compare (min_chain), so the base status is unjudged, not ok
+    assert base.layer("0").status == "unjudged"
+    assert compare(base, worse).regressions[0].reasons == ("unjudged -> saturated (warning)",)
     assert compare(worse, base).regressions == []
 
 
@@ -136,7 +138,7 @@ def test_github_annotations_for_regressions(base_report: dict[str, Any], tmp_pat
     result = cli("compare", base, new, "--format", "json")
     assert result.exit_code == 1
     json.loads(result.stdout)
-    assert result.stderr.strip() == "::error title=gradcheck regression::2: ok -> vanishing (error)"
+    assert result.stderr.strip() == "::error title=gradcheck regression::2: unjudged -> vanishing (error)"
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,8 @@ import torch
 from corpus import Case, cases, images
 
 import gradcheck_cli
+from gradcheck_cli.gate import Gate
+from gradcheck_cli.render.table import render_text
 from gradcheck_cli.report import Report
 
 CASES = {case.name: case for case in cases()}
@@ -223,3 +225,25 @@ def test_saturation_is_measured_whatever_form_the_activation_takes() -> None:
         assert expected is not None and expected > 0.5
         assert measured is not None and abs(measured - expected) < 0.02, (name, expected, measured)
     assert {(f.layer, f.kind) for f in by_value.findings if f.kind == "saturated"} >= {("layers.0", "saturated")}
+
+
+def test_weight_layers_no_view_could_compare_read_unjudged_not_ok() -> None:
+    """An LSTM LM has three weight layers, fewer than the min_chain (5) that a signal fit or an update median
+    needs: only the LSTM is compared (through time); the embedding and the head were checked for NaN and zeros
+    only, and their status says so instead of ok."""
+    report = _report("torch-lstm-lm")
+    assert report.thresholds["min_chain"] > len(report.layers) == 3
+    statuses = {layer.name: (layer.status, layer.views) for layer in report.layers}
+    assert statuses == {"embed": ("unjudged", ()), "rnn": ("ok", ("time",)), "head": ("unjudged", ())}
+    assert not report.findings  # a status, not a finding: nothing is wrong with them, nothing was compared
+    text = render_text(report, Gate.of(report))
+    assert "2 weight layer(s) compared by none" in text and "status unjudged: embed, head" in text
+
+
+def test_in_a_deep_model_every_weight_layer_is_compared() -> None:
+    report = _report("hf-gpt2")
+    weights = [layer for layer in report.layers if layer.category in ("linear", "conv", "embedding")]
+    assert len(weights) == 19  # wte, wpe, 4 blocks x (c_attn, attn.c_proj, c_fc, mlp.c_proj), lm_head (tied)
+    assert all(layer.views and layer.status == "ok" for layer in weights), [
+        (layer.name, layer.views) for layer in weights if not layer.views
+    ]

@@ -26,7 +26,7 @@ from gradcheck_cli.diagnose.numeric import numeric, underflow
 from gradcheck_cli.diagnose.signal import signal_view
 from gradcheck_cli.diagnose.thresholds import Thresholds
 from gradcheck_cli.diagnose.time import through_time
-from gradcheck_cli.diagnose.update import peer_group, update_view
+from gradcheck_cli.diagnose.update import expects_comparison, peer_group, update_view
 from gradcheck_cli.diagnose.views import MODEL_LAYER, unjudged, views
 from gradcheck_cli.kinds import STATUS_ORDER
 from gradcheck_cli.report import Finding, Layer, NanOrigin, SignalSummary, UpdateSummary
@@ -64,7 +64,27 @@ def diagnose(
     context = Context(layers, loss, thresholds, nan_origin, lr, amp, signal, update)
     findings = [finding for rule in RULES for finding in rule(context)]
     notes = _tied_notes(layers)
+    compared = _compared(layers, signal[0], update[0], thresholds)
+    layers = [dataclasses.replace(layer, views=compared.get(layer.name, ())) for layer in layers]
     return Verdict(_with_status(layers, findings), _ordered(findings, layers), signal[0], update[0], notes)
+
+
+def _compared(
+    layers: Sequence[Layer], signal: SignalSummary, update: UpdateSummary, thresholds: Thresholds
+) -> dict[str, tuple[str, ...]]:
+    """Which views compared each layer with others: the signal view's chain when it fitted a gain, the update
+    view's members when it had a median of enough layers, the time view's recurrent layers with enough steps."""
+    views: dict[str, list[str]] = {}
+    if signal.gain_per_layer is not None:
+        for name in signal.chain:
+            views.setdefault(name, []).append("signal")
+    if update.median_grad_to_weight is not None and len(update.layers) >= thresholds.min_chain:
+        for name in update.layers:
+            views.setdefault(name, []).append("update")
+    for layer in layers:
+        if layer.time_grad_norms is not None and len(layer.time_grad_norms) >= thresholds.min_chain:
+            views.setdefault(layer.name, []).append("time")
+    return {name: tuple(found) for name, found in views.items()}
 
 
 def _with_status(layers: Sequence[Layer], findings: Sequence[Finding]) -> list[Layer]:
@@ -81,6 +101,8 @@ def _with_status(layers: Sequence[Layer], findings: Sequence[Finding]) -> list[L
             status, severity = "frozen", None
         elif layer.gated:  # not judged: its gradient is 0 until the gate after it moves
             status, severity = "gated", None
+        elif not layer.views and expects_comparison(layer):  # checked numerically, but compared by no view
+            status, severity = "unjudged", None
         else:
             status, severity = "ok", None
         result.append(dataclasses.replace(layer, status=status, severity=severity))

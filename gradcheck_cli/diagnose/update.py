@@ -19,6 +19,12 @@ from gradcheck_cli.series import median
 BALANCE_CATEGORIES = ("linear", "conv", "recurrent", "attention", "embedding")
 
 
+def expects_comparison(layer: Layer) -> bool:
+    """A weight layer (not only per-channel scales and shifts, which follow the layer they scale) that the
+    views are made to compare: when none could, its status says so (unjudged) rather than ok."""
+    return layer.category in BALANCE_CATEGORIES and not layer.scale_only and layer.alias_of is None
+
+
 def update_view(
     layers: Sequence[Layer], thresholds: Thresholds, lr: float, signal: SignalSummary
 ) -> tuple[UpdateSummary, list[Finding]]:

@@ -132,6 +132,22 @@ def update_line(report: Report) -> str:
     )
 
 
+def coverage_line(report: Report) -> str | None:
+    """Which layers the views compared, and which weight layers none could (status unjudged): a layer that
+    reads ok was compared; one that reads unjudged was only checked for NaN/Inf and all-zero gradients."""
+    unjudged = [layer for layer in report.layers if layer.status == "unjudged"]
+    if not unjudged:
+        return None
+    counts = {view: sum(view in layer.views for layer in report.layers) for view in ("signal", "update", "time")}
+    compared = ", ".join(f"{view} view {count}" for view, count in counts.items() if count)
+    names = ", ".join(display_name(layer) for layer in unjudged[:3]) + (", ..." if len(unjudged) > 3 else "")
+    head = f"layers compared: {compared}" if compared else "no view compared any layer"
+    return (
+        f"{head}; {len(unjudged)} weight layer(s) compared by none, checked only for NaN and all-zero "
+        f"gradients (status unjudged: {names})"
+    )
+
+
 def verdict_line(report: Report, gate: Gate) -> str:
     errors = sum(f.severity == "error" for f in report.findings)
     warnings = sum(f.severity == "warning" for f in report.findings)

@@ -32,7 +32,7 @@ def verdict(comparison: Comparison) -> str:
     return (
         f"{head}: {len(regressions)} of {len(comparison.layers)} layer(s) regressed "
         f"(factor {comparison.factor:g}: a ratio outside [1/{comparison.factor:g}, {comparison.factor:g}], "
-        "or status ok -> flagged)"
+        "or status ok or unjudged -> flagged)"
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gradcheck_cli.gate import Gate
 from gradcheck_cli.render.columns import COLUMNS, TableContext, in_forward_order
-from gradcheck_cli.render.common import display_name, grouped, signal_line, update_line, verdict_line
+from gradcheck_cli.render.common import coverage_line, display_name, grouped, signal_line, update_line, verdict_line
 from gradcheck_cli.report import Report
 
 ICON = {"error": "❌", "warning": "⚠️"}
@@ -26,6 +26,9 @@ def render(report: Report, gate: Gate) -> str:
         f"- {signal_line(report)}",
         f"- {update_line(report)}",
     ]
+    coverage = coverage_line(report)
+    if coverage:
+        lines.append(f"- {coverage}")
     if report.nan_origin is not None:
         lines.append(f"- NaN origin: {report.nan_origin.detail}")
     lines += [f"- note: {note}" for note in report.notes]

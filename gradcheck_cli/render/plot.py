@@ -104,7 +104,7 @@ def _in_views(report: Report, layer: Layer) -> bool:
 def _severity(layer: Layer) -> str:
     if layer.severity:
         return layer.severity
-    return "inactive" if layer.status in ("frozen", "unused", "gated") else "ok"
+    return "inactive" if layer.status in ("frozen", "unused", "gated", "unjudged") else "ok"
 
 
 def _view_findings(report: Report, layer: Layer, views: Sequence[str]) -> list[Finding]:
@@ -290,7 +290,7 @@ def _legend(axes: Axes) -> None:
             ("ok", "ok"),
             ("warning", "warning"),
             ("error", "error"),
-            ("inactive", "frozen/unused/gated"),
+            ("inactive", "frozen/unused/gated/unjudged"),
         )
     ]
     handles.append(Line2D([], [], marker="o", linestyle="", color=STEP_COLOR, label="single steps", markersize=4))

@@ -10,7 +10,15 @@ from rich.text import Text
 
 from gradcheck_cli.gate import Gate
 from gradcheck_cli.render.columns import COLUMNS, TableContext, in_forward_order
-from gradcheck_cli.render.common import display_name, grouped, percent, signal_line, update_line, verdict_line
+from gradcheck_cli.render.common import (
+    coverage_line,
+    display_name,
+    grouped,
+    percent,
+    signal_line,
+    update_line,
+    verdict_line,
+)
 from gradcheck_cli.report import Report
 
 PIPED_WIDTH = 160  # CI logs and files have no terminal width; the table needs ~130 columns
@@ -18,6 +26,7 @@ STATUS_STYLE = {
     "ok": "green",
     "frozen": "dim",
     "gated": "dim",
+    "unjudged": "dim",
     "unused": "yellow",
 }
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow"}
@@ -52,6 +61,9 @@ def build(report: Report, gate: Gate) -> RenderableType:
     parts: list[RenderableType] = [header, Text(""), table, Text("")]
     parts.append(Text(signal_line(report), style="dim"))
     parts.append(Text(update_line(report), style="dim"))
+    coverage = coverage_line(report)
+    if coverage:
+        parts.append(Text(coverage, style="dim"))
     if report.nan_origin is not None:
         parts.append(Text(f"NaN origin: {report.nan_origin.detail}", style="bold red"))
     for note in report.notes:
