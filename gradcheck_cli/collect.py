@@ -16,6 +16,7 @@ from gradcheck_cli.layers import LayerSpec, has_units
 from gradcheck_cli.probe import StepTape
 from gradcheck_cli.records import Finished, Measured, build_records
 from gradcheck_cli.reduce import (
+    STARVED_UNIT,
     dense_values,
     histograms_of,
     norm_dtype,
@@ -145,7 +146,9 @@ class Collector:
             grad = info.tensor.grad
             if grad is None:
                 continue
-            sample = reduce_gradient(local(grad), info.rows, self.amp_tiny)
+            # an embedding's rows are tokens: one looked up rarely is not a unit that cannot learn
+            starved = 0.0 if info.embedding else STARVED_UNIT
+            sample = reduce_gradient(local(grad), info.rows, self.amp_tiny, starved)
             record = ParamStep(sample.norm_sq, sample.zeros, sample.max_abs)
             if sample.underflow is not None:
                 record.underflow = sample.underflow

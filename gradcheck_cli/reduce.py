@@ -94,9 +94,21 @@ def prepare_sampling(tensors: Sequence[torch.Tensor], device: torch.device) -> N
         _bin_offsets(tuple(sampled), device)
 
 
-def reduce_gradient(grad: torch.Tensor, want_rows: bool, tiny: float | None = None) -> GradientSample:
+# A unit (row of dL/dW) whose gradient is below this fraction of its layer's RMS row gets no usable gradient:
+# it learns 1e5 times slower than the layer's typical unit, so where that unit moves 1e-3 of its norm per step it
+# moves 1e-8, nothing in any run (the reasoning of Thresholds.role_error). ReLU's dead units are exactly 0 and
+# pass any such test; the relative one also sees units behind activations that never reach exactly 0: GELU
+# with pre-activations always below about -5 (derivative Phi(x) + x phi(x) < 1e-5), SiLU below about -15,
+# saturated sigmoid/tanh.
+STARVED_UNIT = 1e-5
+
+
+def reduce_gradient(
+    grad: torch.Tensor, want_rows: bool, tiny: float | None = None, starved: float = 0.0
+) -> GradientSample:
     """Three passes over a dense gradient, no host sync, no gradient-sized temporaries:
-    row norms (which give the norm and the rows that got any gradient), min/max, and a count of nonzeros.
+    row norms (which give the norm and the rows that got a gradient: any, or above `starved` x the RMS row
+    when that is given), min/max, and a count of nonzeros.
 
     Norms are accumulated in float32 (half-precision sums of squares overflow at 65504).
     """
@@ -107,7 +119,8 @@ def reduce_gradient(grad: torch.Tensor, want_rows: bool, tiny: float | None = No
     if want_rows and grad.dim() >= 2:
         row_norms = torch.linalg.vector_norm(grad.reshape(grad.shape[0], -1), dim=1, dtype=norm_dtype(grad))
         norm_sq = row_norms.square().sum()
-        rows = row_norms != 0
+        floor = (norm_sq / row_norms.numel()).sqrt() * starved if starved else 0.0
+        rows = ~(row_norms <= floor)  # a NaN row (or a NaN floor) got a gradient: the numeric rule's finding
     else:
         norm_sq = torch.linalg.vector_norm(flat, dtype=norm_dtype(flat)).square()
     zeros = (flat.numel() - torch.count_nonzero(flat)).float()

@@ -398,6 +398,30 @@ class FunctionalDeadMLP(nn.Module):
         return self.head(x)
 
 
+class StarvedGeluMLP(nn.Module):
+    """A He-initialised 6-layer F.gelu MLP (critical, He et al. 2015) where 95% of layers.2's units have zero
+    incoming weights and a bias of -6: their pre-activation is -6 in every example, where GELU's derivative
+    Phi(x) + x phi(x) = -3.5e-8, against ~0.5-1 for an active unit. They get no usable gradient, yet none of it is
+    exactly 0 in float32: the rest of the layer is alive, so only a test relative to its own units sees them."""
+
+    def __init__(self, depth: int = 6, width: int = 128) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.head = nn.Linear(width, 10)
+        for layer in self.layers:
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+        with torch.no_grad():
+            starved = int(0.95 * width)
+            self.layers[2].weight[:starved] = 0.0
+            self.layers[2].bias[:starved] = -6.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = F.gelu(layer(x))
+        return self.head(x)
+
+
 def cases() -> list[Case]:
     small = images
     return [
@@ -486,6 +510,15 @@ def cases() -> list[Case]:
             vectors,
             False,
             "F.relu after biases of -4: units that never activate (see FunctionalDeadMLP)",
+            ("dead",),
+        ),
+        Case(
+            "starved-gelu",
+            "torch",
+            StarvedGeluMLP,
+            vectors,
+            False,
+            "95% of one F.gelu layer's units at -6, where GELU's derivative is -3.5e-8 (see StarvedGeluMLP)",
             ("dead",),
         ),
     ]

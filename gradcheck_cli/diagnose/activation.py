@@ -15,29 +15,26 @@ def activations(context: Context) -> list[Finding]:
             continue  # a tied tensor: its owner carries the verdict
         dead = layer.dead_fraction
         source = "ReLU units never activate over all batches"
-        # Rows of dL/dW = dL/dz x input^T that stay 0: units whose output gets no gradient (the activation after
-        # them never passes any, whatever form it takes: nn.ReLU, F.relu, torch.clamp) - unless the layer's
-        # input is all zeros itself, which zeroes every row and is the layer before it's finding.
+        fix = (
+            "dead ReLUs: initialise with nn.init.kaiming_normal_ and zero biases, lower the learning rate, or use "
+            "nn.LeakyReLU / nn.GELU"
+        )
+        # Rows of dL/dW = dL/dz x input^T that get no usable gradient (reduce.STARVED_UNIT): units the activation
+        # after them never passes a gradient through, whatever form it takes (nn.ReLU, F.relu, a clamp, GELU or
+        # SiLU deep in their negative tails) - unless the layer's input is all zeros itself, which zeroes every
+        # row and is the layer before it's finding.
         reads_something = (layer.input_zero_fraction or 0.0) < 1.0
         if dead is None and layer.zero_grad_unit_fraction is not None and not all_zero(layer) and reads_something:
-            dead, source = (
-                layer.zero_grad_unit_fraction,
-                "output units got an all-zero gradient in every step",
+            dead = layer.zero_grad_unit_fraction
+            source = "output units got no usable gradient in any step (below 1e-5 of the layer's typical unit)"
+            fix = (
+                "the activation after these units passes no gradient for any input they get (pre-activations far "
+                "in its flat region): check biases and initialisation (nn.init.kaiming_normal_, zero biases), "
+                "lower the learning rate, or normalise the pre-activations (nn.LayerNorm)"
             )
         severity = level(dead or 0.0, thresholds.dead_warning, thresholds.dead_error)
         if severity is not None and dead is not None:
-            findings.append(
-                Finding(
-                    layer.name,
-                    "dead",
-                    severity,
-                    "activation",
-                    f"{dead:.0%} of {source}",
-                    "dead ReLUs: initialise with nn.init.kaiming_normal_ and zero biases, lower the learning "
-                    "rate, or use nn.LeakyReLU / nn.GELU",
-                    dead,
-                )
-            )
+            findings.append(Finding(layer.name, "dead", severity, "activation", f"{dead:.0%} of {source}", fix, dead))
         saturated = layer.saturated_fraction
         severity = level(saturated or 0.0, thresholds.saturation_warning, thresholds.saturation_error)
         if severity is not None and saturated is not None:
