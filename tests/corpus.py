@@ -384,13 +384,13 @@ class FunctionalDeadMLP(nn.Module):
     """F.relu after layers whose biases are -4 (inputs N(0, 1), He weights): pre-activations ~ N(-4, 2) in
     layer 1, so P(active) = Phi(-2.8) = 0.002 per example; deeper layers get ~0 input and never activate."""
 
-    def __init__(self, depth: int = 6, width: int = 128) -> None:
+    def __init__(self, depth: int = 6, width: int = 128, bias: float = -4.0) -> None:
         super().__init__()
         self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
         self.head = nn.Linear(width, 10)
         for layer in self.layers:
             nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-            nn.init.constant_(layer.bias, -4.0)
+            nn.init.constant_(layer.bias, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -398,19 +398,14 @@ class FunctionalDeadMLP(nn.Module):
         return self.head(x)
 
 
-class StarvedGeluMLP(nn.Module):
+class StarvedGeluMLP(FunctionalDeadMLP):
     """A He-initialised 6-layer F.gelu MLP (critical, He et al. 2015) where 95% of layers.2's units have zero
     incoming weights and a bias of -6: their pre-activation is -6 in every example, where GELU's derivative
     Phi(x) + x phi(x) = -3.5e-8, against ~0.5-1 for an active unit. They get no usable gradient, yet none of it is
     exactly 0 in float32: the rest of the layer is alive, so only a test relative to its own units sees them."""
 
     def __init__(self, depth: int = 6, width: int = 128) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
-        self.head = nn.Linear(width, 10)
-        for layer in self.layers:
-            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-            nn.init.zeros_(layer.bias)
+        super().__init__(depth, width, bias=0.0)
         with torch.no_grad():
             starved = int(0.95 * width)
             self.layers[2].weight[:starved] = 0.0
