@@ -119,8 +119,9 @@ def prepare(
     file_loss: LossFunction | None = None,
 ) -> tuple[Setup, int | None, list[str]]:
     """The device, the batches (synthesised when none are given), the loss, the layers; lazy modules made."""
-    from gradcheck_cli.devices import resolve_device
+    from gradcheck_cli.devices import check_model, resolve_device
 
+    check_model(model)
     device = parallel.device if parallel is not None else resolve_device(model, options.device)
     if options.device is not None or parallel is not None:
         model.to(device)

@@ -308,18 +308,19 @@ def compare(
     with _errors(debug):
         from gradcheck_cli.compare import compare as compare_reports
         from gradcheck_cli.compare import load
+        from gradcheck_cli.files import to_stdout
+        from gradcheck_cli.outputs import stdout_console
         from gradcheck_cli.render import compare as render
         from gradcheck_cli.render import github
 
         comparison = compare_reports(load(base), load(new), factor, (str(base), str(new)))
-        if output_format == CompareFormat.json:
-            sys.stdout.write(comparison.to_json() + "\n")
-        elif output_format == CompareFormat.markdown:
-            sys.stdout.write(render.render_markdown(comparison))
-        else:
-            from gradcheck_cli.outputs import stdout_console
-
-            render.render_table(comparison, stdout_console())
+        with to_stdout():
+            if output_format == CompareFormat.json:
+                sys.stdout.write(comparison.to_json() + "\n")
+            elif output_format == CompareFormat.markdown:
+                sys.stdout.write(render.render_markdown(comparison))
+            else:
+                render.render_table(comparison, stdout_console())
         if github.enabled():
             for line in render.workflow_commands(comparison):
                 print(line, file=sys.stderr)

@@ -28,3 +28,28 @@ def resolve_device(model: nn.Module, device: str | torch.device | None) -> torch
         return torch.device("cuda" if wants_cuda(device) else "cpu")
     wants_cuda(device)
     return torch.device(device)
+
+
+def check_model(model: nn.Module) -> None:
+    """Refuse, with the reason, a model the passes cannot measure: one line instead of a traceback from deep in
+    the hooks or the statistics."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UserError(
+            f"the model is a TorchScript module ({type(model).__name__}): forward and backward hooks cannot be "
+            "registered on it",
+            "give gradcheck the nn.Module before torch.jit.script / torch.jit.trace",
+        )
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in named:
+            if tensor.is_meta:
+                raise UserError(
+                    f"{kind} {name or '(model)'} is on the meta device: it has a shape but no values",
+                    "materialise the model first (model.to_empty(device='cpu') and initialise it, or load "
+                    "weights with --weights)",
+                )
+            if tensor.is_complex():
+                raise UserError(
+                    f"{kind} {name or '(model)'} is complex ({str(tensor.dtype).removeprefix('torch.')}): "
+                    "gradcheck measures real-valued parameters",
+                    "keep complex values inside forward: real parameters viewed with torch.view_as_complex",
+                )

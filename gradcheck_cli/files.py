@@ -87,3 +87,48 @@ def default_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def to_stdout() -> Iterator[None]:
+    """Printing the report: a full disk (`> /dev/full`) or a closed pipe is one line and exit 2, not a
+    traceback, and the interpreter's own flush at exit then finds nothing left to fail on."""
+    import sys
+
+    try:
+        yield
+        sys.stdout.flush()
+    except OSError as error:
+        _discard_stdout()
+        reason = error.strerror or type(error).__name__
+        raise UserError(
+            f"cannot write the report to stdout ({reason})", "free space where stdout goes, or use --output FILE"
+        ) from None
+
+
+def _discard_stdout() -> None:
+    """Point file descriptor 1 at /dev/null, so that what is still buffered is flushed there."""
+    import sys
+
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+
+
+def input_file(path: Path, what: str, folder_hint: str) -> None:
+    """An input the run reads: it must exist and be a regular file. A FIFO, a socket or a device would be
+    consumed by the first read (a format sniff) and hang or fail on the second."""
+    import stat
+
+    if not path.exists():
+        raise UserError(f"{what} not found: {path}", "check the path")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory", folder_hint)
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise UserError(
+            f"{what} {path} is not a regular file (a pipe, socket or device): gradcheck reads inputs more than once",
+            "copy it to a regular file first",
+        )

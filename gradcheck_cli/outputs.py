@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gradcheck_cli.files import check_file_option, write_atomic, writing
+from gradcheck_cli.files import check_file_option, to_stdout, write_atomic, writing
 from gradcheck_cli.gate import Gate
 
 if TYPE_CHECKING:
@@ -64,12 +64,13 @@ class Outputs:
         gate = Gate.of(report, options.fail_on, options.fail_level)
         if not main_process():
             return gate.code  # under torchrun only rank 0 writes; every rank reaches the same verdict
-        if options.format == "table":
-            from gradcheck_cli.render import table
+        with to_stdout():
+            if options.format == "table":
+                from gradcheck_cli.render import table
 
-            table.render(report, gate, stdout_console())
-        else:
-            sys.stdout.write(render_text(report, options.format, gate))
+                table.render(report, gate, stdout_console())
+            else:
+                sys.stdout.write(render_text(report, options.format, gate))
         if options.output is not None:
             text = render_text(report, format_of(options.output), gate)
             with writing("--output", options.output):

@@ -10,8 +10,10 @@ import functools
 import hashlib
 import io
 import os
+import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -68,6 +70,9 @@ def catalogue() -> dict[str, bytes]:
         "forward_exit.py": _module("sys.exit(3)"),
         "no_tensor.py": _module("return None"),
         "frozen.py": HEADER + "model = nn.Linear(8, 2).requires_grad_(False)\n",
+        "scripted.py": HEADER + "model = torch.jit.script(nn.Sequential(nn.Linear(8, 16), nn.ReLU()))\n",
+        "on_meta.py": HEADER + "with torch.device('meta'):\n    " + MLP,
+        "complex.py": HEADER + "model = nn.Linear(8, 2).to(torch.complex64)\n",
         "oom_cuda.py": _module("raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')"),
         "oom_cpu.py": _module('raise RuntimeError("DefaultCPUAllocator: can\'t allocate memory: you tried 9 GB")'),
         "memory_error.py": _module("raise MemoryError()"),
@@ -187,6 +192,13 @@ CASES = {
     "loss raises": ("mlp.py --data randn:4,8 --loss loss_fns.py:broken", "the loss raised ValueError: loss broke"),
     "non-scalar loss": ("mlp.py --data randn:4,8 --loss loss_fns.py:per_sample", "returned shape (4,), not a scalar"),
     "no trainable parameters": ("frozen.py --data randn:4,8", "Linear has no trainable parameters"),
+    "TorchScript model": ("scripted.py --data randn:4,8", "is a TorchScript module (RecursiveScriptModule)"),
+    "meta-device parameters": ("on_meta.py --data randn:4,8", "parameter 0.weight is on the meta device"),
+    "meta model, weights lacking": (
+        "on_meta.py --data randn:4,8 --weights keys.safetensors --no-strict",
+        "has no values for 3 tensor(s) the model built on the meta device: 0.bias, 2.weight, 2.bias",
+    ),
+    "complex parameters": ("complex.py --data randn:4,8", "parameter weight is complex (complex64)"),
     # user code that tries to end the process: never its own exit code (0 would read as a pass, 1 as findings)
     "sys.exit(0) in --data": ("mlp.py --data data_fns.py:exit_zero", "data_fns.py:exit_zero() called sys.exit(0)"),
     "sys.exit('msg') in --data": (
@@ -577,3 +589,54 @@ def test_an_empty_batch_is_bad_input_not_a_nan_model() -> None:
     for batch in ((torch.randn(0, 8), torch.randint(0, 4, (0,))), torch.randn(0, 8)):
         with pytest.raises(gradcheck_cli.UserError, match="batch 1 holds 0 samples"):
             gradcheck_cli.analyze(model, batch)
+
+
+def test_a_meta_device_model_runs_once_its_weights_are_loaded(cli, user_folder: Path) -> None:
+    """Built on the meta device to be loaded (the big-model pattern): with every tensor in the weights file it
+    is the same model as mlp.py with those weights, so the same numbers."""
+    code, on_meta = cli.json("analyze", "on_meta.py", "--data", "data.safetensors", "--weights", "weights.safetensors")
+    assert code == 0
+    _, plain = cli.json("analyze", "mlp.py", "--data", "data.safetensors", "--weights", "weights.safetensors")
+    assert [layer["grad_norm"] for layer in on_meta["layers"]] == [layer["grad_norm"] for layer in plain["layers"]]
+
+
+def _gradcheck(*argv: str, cwd: Path, stdout: Any = subprocess.PIPE) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "gradcheck_cli", *argv]
+    return subprocess.run(command, cwd=cwd, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=120)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+@pytest.mark.parametrize(("name", "argv"), [("w.safetensors", ("--weights",)), ("d.safetensors", ("--data",))])
+def test_a_pipe_given_as_an_input_is_refused_not_read_until_it_hangs(tmp_path: Path, name: str, argv: tuple) -> None:
+    (tmp_path / "mlp.py").write_text(HEADER + MLP)
+    os.mkfifo(tmp_path / name)
+    result = _gradcheck("analyze", "mlp.py", *argv, name, cwd=tmp_path)  # before the fix: hung (timeout)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"error: {'weights' if 'weights' in argv[0] else 'data'} file {name} is not a regular file (a pipe, socket "
+        "or device): gradcheck reads inputs more than once: copy it to a regular file first"
+    )
+
+
+def test_a_pyproject_that_is_not_utf8_is_one_line(cli, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mlp.py").write_text(HEADER + MLP)
+    (tmp_path / "pyproject.toml").write_bytes(b"[tool.gradcheck]\nsteps = 2  # caf\xe9\n")
+    before = _snapshot(tmp_path)
+    result = cli("analyze", "mlp.py", "--data", "randn:4,8")
+    assert result.exit_code == 2
+    assert "not UTF-8 (byte 0xe9 at offset 33): save it as UTF-8" in _stderr_line(result)
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("fmt", ["table", "json"])
+def test_a_full_disk_on_stdout_is_one_line_and_exit_2(tmp_path: Path, fmt: str) -> None:
+    (tmp_path / "mlp.py").write_text(HEADER + MLP)
+    with open("/dev/full", "w") as full:
+        result = _gradcheck("analyze", "mlp.py", "--data", "randn:4,8", "--format", fmt, cwd=tmp_path, stdout=full)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: cannot write the report to stdout (No space left on device): free space where stdout goes, "
+        "or use --output FILE"
+    )

@@ -48,6 +48,11 @@ def find(start: Path | None = None) -> Config | None:
         try:
             with path.open("rb") as stream:
                 data = tomllib.load(stream)
+        except UnicodeDecodeError as error:  # TOML is UTF-8 by definition
+            raise UserError(
+                f"{path}: not UTF-8 (byte {error.object[error.start]:#04x} at offset {error.start})",
+                "save it as UTF-8, as TOML requires",
+            ) from None
         except (OSError, tomllib.TOMLDecodeError) as error:
             raise UserError(f"{path}: cannot read it ({error})", "fix the TOML or run from another folder") from None
         table = data.get("tool", {}).get("gradcheck")

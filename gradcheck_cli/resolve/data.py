@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from gradcheck_cli.batch import Batch
 from gradcheck_cli.errors import UserError, exited
+from gradcheck_cli.files import input_file
 from gradcheck_cli.resolve.modules import file_function, function_in
 from gradcheck_cli.resolve.specs import DataSpec
 
@@ -121,10 +122,7 @@ def _call(function: Callable[[], Any], where: str) -> Any:
 def _safetensors_batches(path: Path, count: int, batch_size: int) -> tuple[list[Batch], list[str]]:
     from safetensors.torch import load_file
 
-    if not path.exists():
-        raise UserError(f"data file not found: {path}", "check the path")
-    if path.is_dir():
-        raise UserError(f"{path} is a directory", "give the .safetensors file itself")
+    input_file(path, "data file", "give the .safetensors file itself")
     try:
         tensors = load_file(str(path))
     except Exception as exc:

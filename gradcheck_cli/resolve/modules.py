@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import Any
 
 from gradcheck_cli.errors import UserError, exited, first_line
+from gradcheck_cli.files import input_file
 from gradcheck_cli.resolve.specs import Target
 
 MODEL_FACTORIES = ("build_model", "get_model", "create_model")
@@ -101,10 +102,7 @@ def import_target(target: Target) -> ModuleType:
 
 def import_file(path: Path) -> ModuleType:
     """Run a .py file as a fresh module named after its path; its folder goes on sys.path for local imports."""
-    if not path.exists():
-        raise UserError(f"file not found: {path}", "check the path")
-    if path.is_dir():
-        raise UserError(f"{path} is a directory", "point to the .py file that defines the model")
+    input_file(path, "file", "point to the .py file that defines the model")
     if path.suffix != ".py":
         raise UserError(f"{path} is not a Python file", "give the .py file that defines the model")
     resolved = str(path.resolve())

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from gradcheck_cli.errors import UserError, first_line
+from gradcheck_cli.files import input_file
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar")
 
@@ -16,10 +17,7 @@ def load_weights(model: Any, path: Path, strict: bool = True, allow_pickle: bool
     safetensors files are parsed without running code. Pickle checkpoints can run arbitrary code when loaded,
     so they are refused unless allow_pickle, and even then read with torch.load(weights_only=True).
     """
-    if not path.exists():
-        raise UserError(f"weights file not found: {path}", "check the path")
-    if path.is_dir():
-        raise UserError(f"{path} is a directory", "give the .safetensors file itself")
+    input_file(path, "weights file", "give the .safetensors file itself")
     if path.suffix.lower() in PICKLE_SUFFIXES or _looks_like_pickle(path):
         if not allow_pickle:
             raise UserError(
@@ -79,6 +77,17 @@ def _apply_state(model: Any, state: dict[str, Any], path: Path, strict: bool) ->
     import torch
 
     own = model.state_dict()
+    meta = {key for key, tensor in own.items() if tensor.is_meta}
+    if meta:  # built on the meta device to be loaded: storage first, then every meta tensor must be in the file
+        absent = [key for key in own if key in meta and key not in state]
+        if absent:
+            raise UserError(
+                f"{path.name} has no values for {len(absent)} tensor(s) the model built on the meta device: "
+                f"{_names(absent)}",
+                "build the model on a real device, or give weights for every tensor",
+            )
+        model.to_empty(device="cpu")
+        own = model.state_dict()
     mismatched = [
         f"{key} {tuple(state[key].shape)} vs model {tuple(own[key].shape)}"
         for key in state
