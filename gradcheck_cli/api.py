@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradcheck_cli.batch import Batch
 from gradcheck_cli.collect import Collector
 from gradcheck_cli.diagnose import diagnose
 from gradcheck_cli.distributed import Combiner, Parallel, shard, wrap
@@ -132,18 +133,22 @@ def prepare(
         notes.append(f"no data given: random inputs {description}")
     else:
         prepared = collect_batches(batches, total)
-    empty = next((i for i, batch in enumerate(prepared) if batch.size == 0), None)
-    if empty is not None:  # a mean over no examples is NaN: that would read as a broken model
-        raise UserError(f"batch {empty + 1} holds 0 samples", "give every batch at least one example")
+    prepared = prepared.map(_not_empty)
     global_batch = prepared[0].size
     if parallel is not None:
-        prepared = [shard(batch, parallel) for batch in prepared]
+        prepared = prepared.map(lambda _, batch: shard(batch, parallel))
     rank, world = (parallel.rank, parallel.world_size) if parallel is not None else (0, 1)
     loss = loss_fn if isinstance(loss_fn, LossSelector) else LossSelector(loss_fn, file_loss, options.seed, rank, world)
     materialize_lazy(model, prepared[0].to(device))
     runner = wrap(model, parallel) if parallel is not None else model
     amp_dtype = AMP_DTYPES[options.amp] if options.amp is not None else None
     return Setup(model, runner, device, prepared, loss, discover_layers(model), amp_dtype), global_batch, notes
+
+
+def _not_empty(index: int, batch: Batch) -> Batch:
+    if batch.size == 0:  # a mean over no examples is NaN: that would read as a broken model
+        raise UserError(f"batch {index + 1} holds 0 samples", "give every batch at least one example")
+    return batch
 
 
 def _measure(

@@ -3,9 +3,9 @@ and return: one place for them all."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 if TYPE_CHECKING:
     import torch
@@ -66,3 +66,45 @@ class Batch:
         """Examples in the batch: the first dimension of the first tensor input."""
         first = first_tensor((self.args, self.kwargs))
         return int(first.shape[0]) if first is not None and first.dim() else None
+
+
+class Batches(Sequence[Batch]):
+    """`count` batches made as the steps ask for them, in order, so memory does not grow with --steps (a list
+    of 10^9 batches, even of one shared batch, is 8 GB of pointers). The first is kept: the replays and the
+    batch size read it again; the others are dropped once used."""
+
+    def __init__(self, count: int, source: Iterable[Batch]) -> None:
+        self._count = count
+        self._source = iter(source)
+        self._first: Batch | None = None
+        self._next = 0  # the index the source gives next
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> Batch: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Batch]: ...
+    def __getitem__(self, index: int | slice) -> Batch | Sequence[Batch]:
+        if isinstance(index, slice):
+            raise TypeError("Batches are made in order, one at a time: index them one by one")
+        if not 0 <= index < self._count:
+            raise IndexError(index)
+        if self._first is None:
+            self._first = self._pull()
+        if index == 0:
+            return self._first
+        if index < self._next - 1 or (index == self._next - 1 and index):
+            raise IndexError(f"batch {index} was already made and dropped (Batches are read in order)")
+        while self._next < index:
+            self._pull()  # a skipped batch: made, so that the ones after it are the same, and dropped
+        return self._pull()
+
+    def _pull(self) -> Batch:
+        self._next += 1
+        return next(self._source)
+
+    def map(self, function: Callable[[int, Batch], Batch]) -> Batches:
+        """The same batches with function(index, batch) applied to each as it is made."""
+        return Batches(self._count, (function(i, self[i]) for i in range(self._count)))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,7 +189,7 @@ class Setup:
     model: nn.Module  # the eager module: hooks go here
     runner: nn.Module  # what is called: the model, or its DDP wrapper
     device: torch.device
-    batches: list[Batch]  # train_steps + steps of them, on the host
+    batches: Sequence[Batch]  # train_steps + steps of them, on the host, made as the steps read them
     loss: LossSelector
     layers: list[LayerSpec]
     amp_dtype: torch.dtype | None

@@ -640,3 +640,52 @@ def test_a_full_disk_on_stdout_is_one_line_and_exit_2(tmp_path: Path, fmt: str) 
         "error: cannot write the report to stdout (No space left on device): free space where stdout goes, "
         "or use --output FILE"
     )
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        lambda: (torch.randn(4, 8), torch.randint(0, 4, (4,))),  # one batch, repeated
+        lambda: iter(lambda: torch.randn(4, 8), None),  # an endless generator of batches
+        lambda: [torch.randn(4, 8) for _ in range(3)],  # a list, cycled
+        lambda: None,  # synthesised for the first layer
+    ],
+    ids=["one batch", "endless iterator", "list", "synthesised"],
+)
+def test_batches_for_a_billion_steps_are_made_as_the_steps_read_them(data) -> None:
+    """Before, every batch was made up front: --steps 1000000000 took 20 GB before its first step."""
+    import tracemalloc
+
+    from gradcheck_cli.api import prepare
+    from gradcheck_cli.options import Options
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    tracemalloc.start()
+    try:
+        setup, size, _ = prepare(model, data(), "auto", Options(steps=10**9), None)
+        for step in range(5):
+            assert setup.batches[step].size in (4, 32)  # 32: --batch-size's default, for synthesised inputs
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(setup.batches) == 10**9 and size in (4, 32)
+    assert peak < 2**20  # a megabyte: the first batch and the one being read, not 10^9 of anything
+
+
+def test_a_random_data_spec_for_a_billion_steps_is_made_lazily() -> None:
+    import tracemalloc
+
+    from gradcheck_cli.resolve.data import load_data
+    from gradcheck_cli.resolve.specs import parse_data_spec
+
+    tracemalloc.start()
+    try:
+        batches, _ = load_data(parse_data_spec("randn:4,8"), 10**9, 32, seed=0)
+        first, second = batches[0].args[0], batches[1].args[0]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    generator = torch.Generator().manual_seed(0)  # the same draws as made up front before
+    assert torch.equal(first, torch.randn(4, 8, generator=generator))
+    assert torch.equal(second, torch.randn(4, 8, generator=generator))
+    assert peak < 2**20

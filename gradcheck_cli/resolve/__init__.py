@@ -17,14 +17,14 @@ from gradcheck_cli.resolve.specs import parse_data_spec, parse_loss_spec, parse_
 if TYPE_CHECKING:
     from torch import nn
 
-    from gradcheck_cli.batch import Batch
+    from gradcheck_cli.batch import Batches
     from gradcheck_cli.options import Options
 
 
 @dataclass(frozen=True)
 class Resolved:
     model: nn.Module
-    batches: list[Batch] | None  # None: let the passes synthesise inputs for the first layer
+    batches: Batches | None  # None: let the passes synthesise inputs for the first layer
     loss: str | Callable[..., Any]  # a named loss or the user's function
     file_loss: Callable[..., Any] | None  # the model file's loss_fn, which --loss auto prefers
     label: str  # TARGET as the report names it
@@ -56,7 +56,7 @@ def resolve(target: str, options: Options) -> Resolved:
     if options.weights:
         notes += load_weights(model, Path(options.weights), strict=options.strict, allow_pickle=options.allow_pickle)
     total = options.train_steps + options.steps
-    batches: list[Batch] | None
+    batches: Batches | None
     if data_spec is not None:
         batches, data_notes = load_data(data_spec, total, options.batch_size, options.seed)
         notes += data_notes

@@ -7,11 +7,11 @@ arguments (as model-hub models expect; its "labels", if any, also serve as targe
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gradcheck_cli.batch import Batch
+from gradcheck_cli.batch import Batch, Batches
 from gradcheck_cli.errors import UserError, exited
 from gradcheck_cli.files import input_file
 from gradcheck_cli.resolve.modules import file_function, function_in
@@ -67,36 +67,73 @@ def is_single_batch(obj: Any) -> bool:
     return isinstance(obj, torch.Tensor | Mapping | tuple | Batch)
 
 
-def collect_batches(obj: Any, count: int, origin: str = "the data", single: bool | None = None) -> list[Batch]:
-    """`count` batches from one batch or an iterable of batches (DataLoader, generator, list), cycling when the
-    iterable holds fewer; an infinite iterable is read only as far as needed. `single` overrides the guess."""
+def collect_batches(obj: Any, count: int, origin: str = "the data", single: bool | None = None) -> Batches:
+    """`count` batches from one batch or an iterable of batches (DataLoader, generator, list), read as the steps
+    ask for them and cycled when the iterable holds fewer; `single` overrides the guess. The first batch is read
+    here, so an empty or broken source fails before any pass."""
+    if isinstance(obj, Batches) and len(obj) >= count:
+        return obj
     if single if single is not None else is_single_batch(obj):
-        return [to_batch(obj)] * count
+        return Batches(count, itertools.repeat(to_batch(obj), count))
     if not isinstance(obj, Iterable):
         raise UserError(
             f"{origin} returned a {type(obj).__name__}",
             "return one batch (tensor, (inputs, targets) or dict) or an iterable of batches",
         )
-    taken = _call(lambda: list(itertools.islice(iter(obj), count)), f"reading batches from {origin}")
-    if not taken:
-        raise UserError(f"{origin} yielded no batches", "make sure the data source is not empty")
-    batches = [to_batch(b) for b in taken]
-    return [batches[i % len(batches)] for i in range(count)]
+    batches = Batches(count, _cycled(obj, f"reading batches from {origin}"))
+    try:
+        batches[0]
+    except StopIteration:
+        raise UserError(f"{origin} yielded no batches", "make sure the data source is not empty") from None
+    return batches
 
 
-def load_data(spec: DataSpec, count: int, batch_size: int, seed: int) -> tuple[list[Batch], list[str]]:
+# Batches kept for cycling a one-shot iterable (a generator) that ends before the steps do: enough to cycle any
+# data set a short check reads, bounded so that an endless generator read for 10^9 steps keeps no more.
+CYCLED = 256
+
+
+def _cycled(obj: Iterable[Any], where: str) -> Iterator[Batch]:
+    """The iterable's batches, then again: a re-iterable one (a list, a DataLoader) is iterated anew, a
+    one-shot one (a generator) cycles over the first CYCLED batches it gave."""
+    kept: list[Batch] = []
+    while True:
+        iterator = _call(lambda: iter(obj), where)
+        one_shot = iterator is obj
+        given = 0
+        for batch in _read(iterator, where):
+            given += 1
+            if one_shot and len(kept) < CYCLED:
+                kept.append(batch)
+            yield batch
+        if one_shot:
+            yield from itertools.cycle(kept) if kept else ()
+            return
+        if not given:
+            return
+
+
+def _read(iterator: Iterator[Any], where: str) -> Iterator[Batch]:
+    end = object()
+    while (item := _call(lambda: next(iterator, end), where)) is not end:
+        yield to_batch(item)
+
+
+def load_data(spec: DataSpec, count: int, batch_size: int, seed: int) -> tuple[Batches, list[str]]:
     """Batches for `count` steps from a --data spec; also notes for the report."""
     import torch
 
     if spec.kind in ("randn", "randint"):
         generator = torch.Generator().manual_seed(seed)
-        batches = []
-        for _ in range(count):
-            if spec.kind == "randn":
-                batches.append(Batch((torch.randn(spec.shape, generator=generator),)))
-            else:
-                batches.append(Batch((torch.randint(0, spec.high, spec.shape, generator=generator),)))
-        return batches, []
+
+        def random() -> Iterator[Batch]:
+            for _ in range(count):
+                if spec.kind == "randn":
+                    yield Batch((torch.randn(spec.shape, generator=generator),))
+                else:
+                    yield Batch((torch.randint(0, spec.high, spec.shape, generator=generator),))
+
+        return Batches(count, random()), []
     if spec.kind == "safetensors":
         return _safetensors_batches(Path(spec.path or ""), count, batch_size)
     assert spec.target is not None
@@ -119,7 +156,7 @@ def _call(function: Callable[[], Any], where: str) -> Any:
         ) from exc
 
 
-def _safetensors_batches(path: Path, count: int, batch_size: int) -> tuple[list[Batch], list[str]]:
+def _safetensors_batches(path: Path, count: int, batch_size: int) -> tuple[Batches, list[str]]:
     from safetensors.torch import load_file
 
     input_file(path, "data file", "give the .safetensors file itself")
@@ -146,11 +183,18 @@ def _safetensors_batches(path: Path, count: int, batch_size: int) -> tuple[list[
             "both need the same first dimension (one target per sample)",
         )
     total = inputs.shape[0]
-    batches = []
     starts = range(0, total, batch_size)
-    for start in itertools.islice(itertools.cycle(starts), count):
-        stop = min(start + batch_size, total)
-        batches.append(Batch((inputs[start:stop],), {}, None if targets is None else targets[start:stop]))
+    batches = Batches(
+        count,
+        (
+            Batch(
+                (inputs[start : start + batch_size],),
+                {},
+                None if targets is None else targets[start : start + batch_size],
+            )
+            for start in itertools.islice(itertools.cycle(starts), count)
+        ),
+    )
     notes = []
     ignored = sorted(set(tensors) - {"inputs", "targets"})
     if ignored:
@@ -160,7 +204,7 @@ def _safetensors_batches(path: Path, count: int, batch_size: int) -> tuple[list[
     return batches, notes
 
 
-def model_file_batches(module: Any, count: int) -> list[Batch] | None:
+def model_file_batches(module: Any, count: int) -> Batches | None:
     """Batches from the model file's get_batch() (one batch) or batches() (an iterable), if it defines one."""
     if module is None:
         return None
@@ -173,7 +217,7 @@ def model_file_batches(module: Any, count: int) -> list[Batch] | None:
     return None
 
 
-def synthetic_batches(model: nn.Module, count: int, batch_size: int, seed: int) -> tuple[list[Batch], str]:
+def synthetic_batches(model: nn.Module, count: int, batch_size: int, seed: int) -> tuple[Batches, str]:
     """Random inputs shaped for the model's first parameter layer, when that layer says what it takes.
 
     Returns the batches and a description for the report. Raises UserError when the first layer does not
@@ -218,4 +262,4 @@ def synthetic_batches(model: nn.Module, count: int, batch_size: int, seed: int) 
             f"cannot tell what input the model takes (its first layer is {kind})",
             "pass --data, e.g. --data randn:32,3,224,224, or define get_batch() in the model file",
         )
-    return [Batch((make(),)) for _ in range(count)], description
+    return Batches(count, (Batch((make(),)) for _ in range(count))), description
