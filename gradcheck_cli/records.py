@@ -42,9 +42,13 @@ class Finished:
 
 def build_records(measured: Measured, finished: Finished) -> tuple[list[Layer], list[ParameterRecord]]:
     params = [_param_record(measured, info) for info in measured.params]
+    owning: dict[int, list[ParamInfo]] = {}  # layer index -> its tensors, in parameter order (one pass, not n x m)
+    for info in measured.params:
+        for index in dict.fromkeys(info.layers):
+            owning.setdefault(index, []).append(info)
     layers = [
         dataclasses.replace(
-            _layer_record(measured, finished, spec, params),
+            _layer_record(measured, finished, spec, params, owning.get(spec.index, [])),
             feeds_norm=spec.index in finished.feeds_norm,
             value_histograms=finished.value_histograms.get(spec.index),
         )
@@ -77,9 +81,10 @@ def _param_record(measured: Measured, info: ParamInfo) -> ParameterRecord:
     )
 
 
-def _layer_record(measured: Measured, finished: Finished, spec: LayerSpec, params: list[ParameterRecord]) -> Layer:
+def _layer_record(
+    measured: Measured, finished: Finished, spec: LayerSpec, params: list[ParameterRecord], mine: list[ParamInfo]
+) -> Layer:
     """One layer's record: its trainable tensors' numbers combined, and what its hooks measured."""
-    mine = [info for info in measured.params if spec.index in info.layers]
     owned = [info for info in mine if info.layers[0] == spec.index]  # a tied tensor counts under its first owner
     alias_of = measured.layers[mine[0].layers[0]].name if mine and not owned else None
     trainable = [info for info in mine if info.tensor.requires_grad]

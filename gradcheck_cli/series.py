@@ -83,6 +83,30 @@ def safe_ratio(numerator: float | None, denominator: float | None) -> float | No
     return numerator / denominator
 
 
+# Pairs beyond which the median slope is taken over a sample of pairs: n(n-1)/2 grows as n^2 (10,000 layers are
+# 5e7 pairs, 8 s and 2 GB per fit). A uniform sample of 100,000 pairs puts the sample median within about
+# +-0.3% of the pairs (in rank, one standard error 0.5/sqrt(K)) of the true one, far inside the ~29% of
+# outlying points the estimator ignores; chains of up to 447 layers are fitted exactly.
+MAX_PAIRS = 100_000
+
+
+def _pairs(count: int) -> list[tuple[int, int]]:
+    """Every pair i < j of `count` points, or a fixed uniform sample of MAX_PAIRS of them (seeded by count:
+    the same chain always gets the same fit)."""
+    total = count * (count - 1) // 2
+    if total <= MAX_PAIRS:
+        return [(i, j) for i in range(count) for j in range(i + 1, count)]
+    import random
+
+    generator = random.Random(count)
+    pairs: list[tuple[int, int]] = []
+    while len(pairs) < MAX_PAIRS:
+        i, j = generator.randrange(count), generator.randrange(count)
+        if i != j:
+            pairs.append((min(i, j), max(i, j)))
+    return pairs
+
+
 def theil_sen_slope(xs: Sequence[float], ys: Sequence[float], groups: Sequence[object] | None = None) -> float | None:
     """Median of pairwise slopes: a line fit that ignores up to ~29% outlying points.
 
@@ -92,9 +116,7 @@ def theil_sen_slope(xs: Sequence[float], ys: Sequence[float], groups: Sequence[o
     at one resolution, see diagnose.signal) has one vote, however many layers it has.
     """
     if groups is None:
-        slopes = [
-            (ys[j] - ys[i]) / (xs[j] - xs[i]) for i in range(len(xs)) for j in range(i + 1, len(xs)) if xs[j] != xs[i]
-        ]
+        slopes = [(ys[j] - ys[i]) / (xs[j] - xs[i]) for i, j in _pairs(len(xs)) if xs[j] != xs[i]]
         return _middle(sorted(slopes))
     members: dict[object, list[int]] = {}
     for index, group in enumerate(groups):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import pytest
 
@@ -205,3 +206,29 @@ def test_balance_compares_a_layer_with_its_peers_in_other_blocks() -> None:
     assert found == {("h.2.attn", "vanishing", "warning", "update")}
     collapsed = [ratio(x, 1e-6) if x.name.endswith("attn") else x for x in layers]  # a role 200000x below
     assert {k[1:] for k in kinds(collapsed)} == {("vanishing", "error", "update")}
+
+
+def _median_of_all_slopes(xs: list[float], ys: list[float]) -> float:
+    slopes = sorted((ys[j] - ys[i]) / (xs[j] - xs[i]) for i in range(len(xs)) for j in range(i + 1, len(xs)))
+    middle = len(slopes) // 2
+    return slopes[middle] if len(slopes) % 2 else (slopes[middle - 1] + slopes[middle]) / 2
+
+
+@pytest.mark.parametrize("count", [40, 447, 1500])
+def test_the_slope_fit_is_exact_on_small_chains_and_sampled_within_a_hair_on_long_ones(count: int) -> None:
+    """Theil-Sen over every pair is O(n^2) (10,000 layers: 5e7 pairs, 2 GB); beyond 100,000 pairs it takes a
+    fixed sample of them. Reference: the median over all pairs, computed here."""
+    from gradcheck_cli.series import theil_sen_slope
+
+    generator = random.Random(count)
+    xs = [float(i) for i in range(count)]
+    ys = [-0.3 * x + generator.gauss(0.0, 5.0) + (400.0 if i % 5 == 0 else 0.0) for i, x in enumerate(xs)]
+    exact = _median_of_all_slopes(xs, ys)
+    fitted = theil_sen_slope(xs, ys)
+    assert fitted is not None
+    if count * (count - 1) // 2 <= 100_000:
+        assert fitted == exact
+    else:
+        assert fitted == pytest.approx(exact, rel=0.01)
+    assert fitted == pytest.approx(-0.3, rel=0.1)  # the outliers (every fifth point) do not move it
+    assert theil_sen_slope(xs, ys) == fitted  # the sample is fixed: the same chain, the same fit
