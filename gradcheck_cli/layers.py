@@ -77,18 +77,37 @@ class LayerSpec:
     params: tuple[tuple[str, nn.Parameter], ...]
 
 
+def type_name(module: nn.Module) -> str:
+    """The class a user wrote: torch.nn.utils.parametrize swaps a module's class for a generated subclass
+    (ParametrizedLinear), whose base is the user's."""
+    from torch.nn.utils import parametrize
+
+    cls = type(module)
+    return cls.__bases__[0].__name__ if parametrize.is_parametrized(module) and cls.__bases__ else cls.__name__
+
+
 def discover_layers(model: nn.Module) -> list[LayerSpec]:
     """Every module that directly owns parameters, in named_modules() order.
 
     A tensor shared by several modules (tied weights) is listed under each; its qualified name is the one
-    named_parameters() reports (the first place it is registered).
+    named_parameters() reports (the first place it is registered). A parametrized module (weight_norm,
+    spectral_norm, orthogonal: torch.nn.utils.parametrize) owns the tensors behind its parametrizations
+    (`parametrizations.weight.original*`): it is one layer with its real weight, and the parametrizations are
+    not layers of their own (what passes through them is dL/dW, not a signal).
     """
+    from torch.nn.utils import parametrize
+
     canonical: dict[int, str] = {}
     for name, param in model.named_parameters():
         canonical.setdefault(id(param), name)
     layers: list[LayerSpec] = []
     for name, module in model.named_modules():
-        own = [(canonical[id(p)], p) for p in module.parameters(recurse=False) if id(p) in canonical]
+        if ".parametrizations." in f".{name}.":
+            continue  # a parametrization (or its list) of the module above: part of that layer
+        tensors = list(module.parameters(recurse=False))
+        if parametrize.is_parametrized(module):
+            tensors += list(module.parametrizations.parameters())
+        own = [(canonical[id(p)], p) for p in tensors if id(p) in canonical]
         if own:
             layers.append(LayerSpec(len(layers), name, module, category_of(module), tuple(own)))
     return layers

@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from gradcheck_cli.layers import LayerSpec, is_matrix
+from gradcheck_cli.layers import LayerSpec, is_matrix, type_name
 from gradcheck_cli.report import Layer, ParameterRecord, ValueHistogram
 from gradcheck_cli.series import StepSeries, mean, safe_ratio
 from gradcheck_cli.steps import LayerSeries, ParamInfo, ParamSeries
@@ -114,7 +114,7 @@ def _layer_record(
             histogram = counts if histogram is None else [a + b for a, b in zip(histogram, counts, strict=True)]
     return Layer(
         name=spec.name,
-        type=type(spec.module).__name__,
+        type=type_name(spec.module),
         category=spec.category,
         params=sum(info.tensor.numel() for info in owned),
         trainable_params=numel,

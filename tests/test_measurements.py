@@ -276,3 +276,30 @@ def test_float64_models_give_the_float32_numbers_within_precision() -> None:
         for key in ("grad_norm", "weight_norm", "grad_to_weight", "output_grad_norm"):
             assert getattr(b, key) == pytest.approx(getattr(a, key), rel=1e-5), (a.name, key)
     assert [f.kind for f in double.findings] == [f.kind for f in single.findings]
+
+
+def test_a_parametrized_linear_is_one_layer_with_its_real_weight() -> None:
+    """weight_norm / spectral_norm / orthogonal keep the tensors that train under `parametrizations.weight`:
+    the Linear is one layer owning them, its ||g||/||W|| is over them (not its bias alone), and the
+    parametrization modules, which pass dL/dW rather than a signal, are no rows of their own."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        parametrizations.weight_norm(nn.Linear(8, 16)), nn.ReLU(),
+        parametrizations.spectral_norm(nn.Linear(16, 16)), nn.ReLU(),
+        parametrizations.orthogonal(nn.Linear(16, 16)), nn.ReLU(), nn.Linear(16, 4),
+    )  # fmt: skip
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    report = gradcheck_cli.analyze(model, (x, y), steps=1)
+    assert [(layer.name, layer.type) for layer in report.layers] == [
+        ("0", "Linear"), ("2", "Linear"), ("4", "Linear"), ("6", "Linear")
+    ]  # fmt: skip
+    assert "0.parametrizations.weight.original1" in report.layer("0").parameters
+    # autograd written out: the same loss, the matrix tensor that trains (weight_norm's direction v)
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    v = model[0].parametrizations.weight.original1
+    assert v.grad is not None
+    assert report.layer("0").grad_to_weight == pytest.approx(float(v.grad.norm() / v.detach().norm()), rel=1e-5)
+    assert sum(layer.params for layer in report.layers) == sum(p.numel() for p in model.parameters())
