@@ -1,7 +1,7 @@
 """The `gradcheck` command: a thin Typer skin over the Python API.
 
 Parses options, calls the API, renders, and maps outcomes to exit codes in one place:
-0 no failing finding, 1 a failing finding, 2 bad usage or input, 130 interrupted.
+0 no failing finding, 1 a failing finding, 2 bad usage or input, 130 interrupted, 143 terminated.
 torch is imported only inside commands, so `gradcheck --help` and `--version` start fast.
 """
 
@@ -12,7 +12,6 @@ import enum
 import inspect
 import sys
 import typing
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -21,9 +20,10 @@ import typer
 from typer.core import TyperGroup
 
 from gradcheck_cli._version import __version__
-from gradcheck_cli.errors import UserError, exited, is_out_of_memory
-from gradcheck_cli.gate import EXIT_FINDINGS, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from gradcheck_cli.errors import Terminated, UserError, exited, is_out_of_memory, raise_on_sigterm
+from gradcheck_cli.gate import EXIT_FINDINGS, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE
 from gradcheck_cli.options import Flag, Options, flags
+from gradcheck_cli.progress import with_progress
 
 if TYPE_CHECKING:
     from gradcheck_cli.report import Report
@@ -191,7 +191,7 @@ def _analyze(ctx: typer.Context, target: str, debug: bool, **values: Any) -> Non
             with contextlib.redirect_stdout(sys.stderr):  # the user's prints must not mix with the document
                 return analyze_target(target, options, progress)
 
-        report = _with_progress(run, options.quiet or options.format != "table")
+        report = with_progress(run, options.quiet or options.format != "table")
         config_path = ctx.meta.get("gradcheck.config")
         if config_path is not None:
             report.notes.insert(0, f"config: {config_path}")
@@ -257,7 +257,7 @@ def _demo(name: str | None, list_demos: bool, mnist: Path | None, debug: bool, *
             with contextlib.redirect_stdout(sys.stderr):
                 return run_demo(name, options, mnist, progress)
 
-        report = _with_progress(run, options.quiet or options.format != "table")
+        report = with_progress(run, options.quiet or options.format != "table")
         raise typer.Exit(outputs.emit(report))
 
 
@@ -357,51 +357,6 @@ def _freeze_imported_objects() -> None:
     gc.enable()
 
 
-def _with_progress(run: Callable[[Any], Report], quiet: bool) -> Report:
-    """Run with a progress bar on stderr when stderr is a terminal (never on stdout)."""
-    from gradcheck_cli.distributed import main_process
-
-    if quiet or not sys.stderr.isatty() or not main_process():
-        return _quietly(run, None)  # and without importing rich: JSON runs in CI start faster
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn
-
-    console = Console(stderr=True)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        console=console,
-        transient=True,
-    ) as bar:
-        tasks: dict[str, Any] = {}
-
-        def progress(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                label = "SGD steps" if phase == "train" else "forward/backward passes"
-                tasks[phase] = bar.add_task(label, total=total)
-            bar.update(tasks[phase], completed=done)
-
-        return _quietly(run, progress)
-
-
-def _quietly(run: Callable[[Any], Report], progress: Any) -> Report:
-    """Keep library warnings (torch's NumPy notice, hook internals) off the user's terminal; the model's own
-    warnings are summarised as report notes."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        report = run(progress)
-    seen = []
-    for warning in caught:
-        text = str(warning.message).splitlines()[0] if str(warning.message) else warning.category.__name__
-        if "NumPy" in text or text in seen:
-            continue
-        seen.append(text)
-    for text in seen[:3]:
-        report.notes.append(f"warning during the run: {text}")
-    return report
-
-
 @contextlib.contextmanager
 def _errors(debug: bool) -> Iterator[None]:
     """Map every failure to its exit code and one line on stderr; --debug adds the traceback."""
@@ -413,6 +368,8 @@ def _errors(debug: bool) -> Iterator[None]:
         _fail(f"error: {error.one_line()}", EXIT_USAGE, debug)
     except KeyboardInterrupt:
         _fail("interrupted", EXIT_INTERRUPTED, debug)
+    except Terminated:
+        _fail("terminated (SIGTERM); temporary files removed", EXIT_TERMINATED, debug)
     except SystemExit as error:  # gradcheck itself never exits inside a command: this is the user's code
         _fail(f"error: {exited(error, 'the model code').one_line()}", EXIT_USAGE, debug)
     except Exception as error:
@@ -444,6 +401,7 @@ def main() -> None:
     import gc
 
     gc.disable()
+    raise_on_sigterm()
     try:
         app()
     finally:

@@ -61,3 +61,20 @@ def first_line(exc: BaseException, empty: str | None = None) -> str:
     name) when it has none."""
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else (empty if empty is not None else type(exc).__name__)
+
+
+class Terminated(BaseException):
+    """SIGTERM (a CI job cancelled, torchrun stopping its workers), raised where the program is, so that every
+    `finally` and context manager runs: a half-written --save-grads or --output temporary file is removed, the
+    model restored. Not an Exception: user code that catches those must not swallow it."""
+
+
+def raise_on_sigterm() -> None:
+    """Turn SIGTERM into Terminated, unless something else already handles it (the caller's own handler)."""
+    import signal
+
+    def terminated(signum: int, frame: object) -> None:
+        raise Terminated
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, terminated)

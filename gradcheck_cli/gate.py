@@ -15,7 +15,7 @@ from gradcheck_cli.kinds import DEFAULT_FAIL_ON, KIND_BY_NAME, SEVERITIES
 if TYPE_CHECKING:
     from gradcheck_cli.report import Finding, Report
 
-EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
 
 @dataclass(frozen=True)

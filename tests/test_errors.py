@@ -10,8 +10,10 @@ import functools
 import hashlib
 import io
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -689,3 +691,39 @@ def test_a_random_data_spec_for_a_billion_steps_is_made_lazily() -> None:
     assert torch.equal(first, torch.randn(4, 8, generator=generator))
     assert torch.equal(second, torch.randn(4, 8, generator=generator))
     assert peak < 2**20
+
+
+SLOW = HEADER + (
+    "import time\n"
+    "class Slow(nn.Module):\n"
+    "    def __init__(self):\n"
+    "        super().__init__()\n"
+    "        self.fc = nn.Linear(8, 4)\n"
+    "    def forward(self, x):\n"
+    "        time.sleep(0.2)\n"
+    "        return self.fc(x)\n"
+    "model = Slow()\n"
+)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_during_save_grads_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """A cancelled CI job gets SIGTERM: the run stops with exit 143 and one line, and the temporary data file
+    of --save-grads is gone (before, SIGTERM killed the process with the file left behind)."""
+    (tmp_path / "slow.py").write_text(SLOW)
+    command = [sys.executable, "-m", "gradcheck_cli", "analyze", "slow.py", "--data", "randn:4,8", "--steps", "500"]
+    command += ["--save-grads", "g.safetensors", "--quiet"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.name.startswith(".g.safetensors.") for p in tmp_path.iterdir()):
+            assert process.poll() is None and time.monotonic() < deadline, "the run never started writing"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143
+    assert stderr.strip() == "terminated (SIGTERM); temporary files removed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slow.py"]
