@@ -28,6 +28,7 @@ from gradcheck_cli.gradsave import GradientWriter, check_path
 from gradcheck_cli.layers import discover_layers
 from gradcheck_cli.options import Options
 from gradcheck_cli.passes import AMP_DTYPES, Measurement, Plan, Progress, Setup, materialize_lazy, measure, unwrap
+from gradcheck_cli.reduce import released_caches
 from gradcheck_cli.report import Report
 from gradcheck_cli.resolve.data import collect_batches, synthetic_batches
 from gradcheck_cli.resolve.losses import LossFunction, LossSelector
@@ -87,7 +88,7 @@ def run(
             f"{type(model).__name__} has no trainable parameters",
             "nothing to check: unfreeze some parameters (requires_grad=True)",
         )
-    with _process_group(options) as parallel:
+    with _process_group(options) as parallel, released_caches():
         setup, global_batch, batch_notes = prepare(model, batches, loss_fn, options, parallel, file_loss)
         measurement, saved_notes = _measure(setup, options, parallel, progress)
         residual, confirmed_notes = _confirm(setup, measurement, options, parallel)

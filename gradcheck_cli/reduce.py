@@ -5,8 +5,9 @@ the work per tensor constant for the histograms and fractions.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -74,12 +75,23 @@ def sample(values: torch.Tensor, size: int = SAMPLE_SIZE) -> torch.Tensor:
     return flat.index_select(0, _sample_index(flat.numel(), size, flat.device))
 
 
-@functools.cache  # a few tensor sizes per model, each sampled every step
+@functools.cache  # a few tensor sizes per model, each sampled every step; emptied after each run
 def _sample_index(numel: int, size: int, device: torch.device) -> torch.Tensor:
     """Positions of size // SAMPLE_RUN runs of SAMPLE_RUN values, chosen uniformly among the aligned runs."""
     generator = torch.Generator().manual_seed(numel)
     runs = torch.randperm(numel // SAMPLE_RUN, generator=generator)[: size // SAMPLE_RUN].sort().values
     return (runs[:, None] * SAMPLE_RUN + torch.arange(SAMPLE_RUN)).reshape(-1).to(device)
+
+
+@contextlib.contextmanager
+def released_caches() -> Iterator[None]:
+    """One run's sampling indices (512 KiB per distinct tensor size) and bin offsets live as long as the run: a
+    notebook or a test session calling analyze() on many models must not keep every size it ever saw."""
+    try:
+        yield
+    finally:
+        _sample_index.cache_clear()
+        _bin_offsets.cache_clear()
 
 
 def prepare_sampling(tensors: Sequence[torch.Tensor], device: torch.device) -> None:
