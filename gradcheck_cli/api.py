@@ -27,7 +27,17 @@ from gradcheck_cli.errors import UserError
 from gradcheck_cli.gradsave import GradientWriter, check_path
 from gradcheck_cli.layers import discover_layers
 from gradcheck_cli.options import Options
-from gradcheck_cli.passes import AMP_DTYPES, Measurement, Plan, Progress, Setup, materialize_lazy, measure, unwrap
+from gradcheck_cli.passes import (
+    AMP_DTYPES,
+    Measurement,
+    Plan,
+    Progress,
+    Setup,
+    materialize_lazy,
+    measure,
+    seeded,
+    unwrap,
+)
 from gradcheck_cli.reduce import released_caches
 from gradcheck_cli.report import Report
 from gradcheck_cli.resolve.data import collect_batches, synthetic_batches
@@ -88,7 +98,8 @@ def run(
             f"{type(model).__name__} has no trainable parameters",
             "nothing to check: unfreeze some parameters (requires_grad=True)",
         )
-    with _process_group(options) as parallel, released_caches():
+    # grad on even when the caller is under torch.no_grad(): the passes are what measures the gradients
+    with _process_group(options) as parallel, released_caches(), torch.enable_grad():
         setup, global_batch, batch_notes = prepare(model, batches, loss_fn, options, parallel, file_loss)
         measurement, saved_notes = _measure(setup, options, parallel, progress)
         residual, confirmed_notes = _confirm(setup, measurement, options, parallel)
@@ -140,7 +151,8 @@ def prepare(
         prepared = prepared.map(lambda _, batch: shard(batch, parallel))
     rank, world = (parallel.rank, parallel.world_size) if parallel is not None else (0, 1)
     loss = loss_fn if isinstance(loss_fn, LossSelector) else LossSelector(loss_fn, file_loss, options.seed, rank, world)
-    materialize_lazy(model, prepared[0].to(device))
+    with seeded(options.seed, device):  # lazy parameters drawn from --seed, the caller's RNG left as it was
+        materialize_lazy(model, prepared[0].to(device))
     runner = wrap(model, parallel) if parallel is not None else model
     amp_dtype = AMP_DTYPES[options.amp] if options.amp is not None else None
     return Setup(model, runner, device, prepared, loss, discover_layers(model), amp_dtype), global_batch, notes

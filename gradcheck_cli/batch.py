@@ -13,7 +13,10 @@ if TYPE_CHECKING:
 
 def tensors_in(value: Any) -> Iterator[torch.Tensor]:
     """Every tensor in a nested value, depth first: the tensor itself, the items of a tuple or list (a
-    PackedSequence is a tuple), the values of a mapping (a model-hub ModelOutput is one)."""
+    PackedSequence is a tuple), the values of a mapping (a model-hub ModelOutput is one), the fields of a
+    dataclass instance in their declared order (an output class of one's own)."""
+    import dataclasses
+
     import torch
 
     if isinstance(value, torch.Tensor):
@@ -24,6 +27,9 @@ def tensors_in(value: Any) -> Iterator[torch.Tensor]:
     elif isinstance(value, list | tuple):
         for item in value:
             yield from tensors_in(item)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for item in dataclasses.fields(value):
+            yield from tensors_in(getattr(value, item.name))
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:

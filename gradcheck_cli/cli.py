@@ -110,12 +110,15 @@ def _load_config(ctx: typer.Context, name: str) -> None:
     by_name = {param.name: param for param in params}
     for param_name, value in values.items():
         try:
+            if isinstance(value, bool) and not getattr(by_name[param_name], "is_flag", False):
+                raise ValueError("true/false where a value is expected (TOML booleans are not numbers)")
             by_name[param_name].process_value(probe, value)
         except Exception as error:
             key = next(k for k, v in config.option_names(params).items() if v == param_name)
             message = getattr(error, "message", None) or str(error)
+            shown = str(value).lower() if isinstance(value, bool) else repr(value)  # as TOML writes it
             raise UserError(
-                f"{found.path}: [tool.gradcheck] {key} = {value!r}: {message}",
+                f"{found.path}: [tool.gradcheck] {key} = {shown}: {message}",
                 f"give what --{key} takes (gradcheck {name} --help)",
             ) from None
     ctx.default_map = {**(ctx.default_map or {}), name: values}

@@ -146,6 +146,13 @@ class Probe:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if not self._recording:
                 return
+            out = first_tensor(output)
+            if in_backward():
+                # torch.utils.checkpoint recomputing the forward during backward: not another call (its inputs
+                # were measured the first time), but the only output that gets a gradient (reentrant mode)
+                if out is not None and out.requires_grad and out.dtype.is_floating_point:
+                    out.register_hook(self._output_grad_hook(index, unit_dim))
+                return
             tape = self.tape
             if index not in tape.calls:
                 tape.calls[index] = 0
@@ -171,7 +178,6 @@ class Probe:
                 tape.input_numel[index] = tape.input_numel.get(index, 0) + values.numel()
                 if category in ("linear", "conv") and previous is not None and previous not in tape.saturated_numel:
                     self._record_squashed(previous, values)
-            out = first_tensor(output)
             self._last_output = weakref.ref(out) if out is not None else None
             if out is not None and out.requires_grad and out.dtype.is_floating_point:
                 out.register_hook(self._output_grad_hook(index, unit_dim))
@@ -206,7 +212,7 @@ class Probe:
 
         def hook(mod: nn.Module, args: Any) -> None:
             layer = self._last_layer
-            if not self._recording or layer is None:
+            if not self._recording or layer is None or in_backward():
                 return
             x = first_tensor(args)
             if x is None or not x.numel() or not x.dtype.is_floating_point:
@@ -284,3 +290,9 @@ def hook_count(model: nn.Module) -> int:
         ):
             total += len(getattr(module, attr, {}))
     return total
+
+
+def in_backward() -> bool:
+    """Whether autograd is running a backward pass right now (a checkpointed forward being recomputed)."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1

@@ -6,6 +6,7 @@ failing run every file is byte-identical and nothing was added (no __pycache__, 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import io
@@ -727,3 +728,91 @@ def test_sigterm_during_save_grads_leaves_no_temporary_file(tmp_path: Path) -> N
     assert process.returncode == 143
     assert stderr.strip() == "terminated (SIGTERM); temporary files removed"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slow.py"]
+
+
+# -- issue 14, case 16: the smaller ones -------------------------------------------------------------------
+
+
+def test_a_bf16_model_without_data_gets_bf16_inputs(cli, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bf16.py").write_text(
+        HEADER + "model = nn.Sequential(nn.Linear(8, 16), nn.ReLU()).to(torch.bfloat16)\n"
+    )
+    code, report = cli.json("analyze", "bf16.py")
+    assert code == 0
+    assert any("in bfloat16, the model's dtype" in note for note in report["notes"])
+
+
+def test_a_dataclass_output_without_logits_is_taken_by_its_first_tensor() -> None:
+    @dataclasses.dataclass
+    class Out:
+        scores: torch.Tensor
+        step: int = 0
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> Out:
+            return Out(self.fc(x))
+
+    torch.manual_seed(0)
+    model, x, y = Net(), torch.randn(6, 8), torch.randint(0, 4, (6,))
+    report = gradcheck_cli.analyze(model, (x, y), steps=1)
+    assert report.loss[0] == pytest.approx(float(nn.functional.cross_entropy(model.fc(x), y).detach()), rel=1e-6)
+
+
+def test_a_reentrant_checkpoint_is_one_call_with_the_gradient_autograd_gives() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.inner, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(checkpoint(self.inner, self.first(x), use_reentrant=True))
+
+    torch.manual_seed(0)
+    model, x, y = Net(), torch.randn(6, 8), torch.randint(0, 4, (6,))
+    report = gradcheck_cli.analyze(model, (x, y), steps=1)
+    assert report.layer("inner").calls == 1  # its forward ran again inside backward: not a second call
+    nn.functional.cross_entropy(model(x), y).backward()
+    expected = torch.cat([p.grad.reshape(-1) for p in model.inner.parameters()]).norm()
+    assert report.layer("inner").grad_norm == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_a_boolean_for_a_number_in_the_config_is_refused(cli, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mlp.py").write_text(HEADER + MLP)
+    (tmp_path / "pyproject.toml").write_text("[tool.gradcheck]\nsteps = true\n")
+    result = cli("analyze", "mlp.py", "--data", "randn:4,8")
+    assert result.exit_code == 2
+    assert "[tool.gradcheck] steps = true: true/false where a value is expected" in _stderr_line(result)
+    (tmp_path / "pyproject.toml").write_text("[tool.gradcheck]\neval = true\n")  # a flag takes a boolean
+    code, report = cli.json("analyze", "mlp.py", "--data", "randn:4,8")
+    assert code == 0 and report["mode"] == "eval"
+
+
+def test_analyze_works_under_no_grad_and_leaves_the_callers_grad_mode_and_rng() -> None:
+    x = torch.randn(4, 8)
+    model = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 2))  # materialised inside: draws numbers
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        report = gradcheck_cli.analyze(model, x, steps=1)
+        assert not torch.is_grad_enabled()
+    assert torch.equal(torch.rand(3), expected)  # the caller's RNG stream as if nothing had run
+    assert all(layer.grad_norm for layer in report.layers)
+
+
+def test_a_build_function_that_needs_arguments_says_how_to_pass_them(cli, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "deep.py").write_text(HEADER + "def build_model(depth, width):\n    return nn.Linear(8, 2)\n")
+    result = cli("analyze", "deep.py", "--data", "randn:4,8")
+    assert result.exit_code == 2
+    assert _stderr_line(result).endswith(
+        "def small_model(): return build_model(depth=..., width=...), and analyze FILE:small_model"
+    )

@@ -262,4 +262,9 @@ def synthetic_batches(model: nn.Module, count: int, batch_size: int, seed: int) 
             f"cannot tell what input the model takes (its first layer is {kind})",
             "pass --data, e.g. --data randn:32,3,224,224, or define get_batch() in the model file",
         )
+    weight = next(first.parameters(), None)
+    dtype = weight.dtype if weight is not None and weight.dtype.is_floating_point else None
+    if dtype is not None and dtype != torch.float32 and not isinstance(first, nn.Embedding | nn.EmbeddingBag):
+        description += f" in {str(dtype).removeprefix('torch.')}, the model's dtype"  # a bf16 model reads bf16
+        return Batches(count, (Batch((make().to(dtype),)) for _ in range(count))), description
     return Batches(count, (Batch((make(),)) for _ in range(count))), description

@@ -222,9 +222,11 @@ def instantiate(obj: Any, name: str) -> Any:
         )
     required = _required_arguments(obj)
     if required:
+        values = ", ".join(f"{argument}=..." for argument in required)
         raise UserError(
             f"{name}() needs arguments: {', '.join(required)}",
-            "add defaults, or write `def build_model(): return ...` and analyze that",
+            f"give them defaults, def {name}({values}), or add a function that passes them, "
+            f"def small_model(): return {name}({values}), and analyze FILE:small_model",
         )
     try:
         result = obj()
