@@ -78,12 +78,19 @@ class LayerSpec:
 
 
 def type_name(module: nn.Module) -> str:
-    """The class a user wrote: torch.nn.utils.parametrize swaps a module's class for a generated subclass
-    (ParametrizedLinear), whose base is the user's."""
+    """The class a user wrote, not an internal subclass: torch.nn.utils.parametrize swaps a module's class for
+    a generated ParametrizedLinear, and torch's own modules use private subclasses (MultiheadAttention's
+    out_proj is a NonDynamicallyQuantizableLinear): walk up to the first class torch.nn exports by name."""
     from torch.nn.utils import parametrize
 
     cls = type(module)
-    return cls.__bases__[0].__name__ if parametrize.is_parametrized(module) and cls.__bases__ else cls.__name__
+    if parametrize.is_parametrized(module) and cls.__bases__:
+        cls = cls.__bases__[0]
+    if cls.__module__.startswith("torch.") and getattr(nn, cls.__name__, None) is not cls:
+        public = next((base for base in cls.__mro__ if getattr(nn, base.__name__, None) is base), None)
+        if public is not None and public is not nn.Module:
+            return str(public.__name__)
+    return cls.__name__
 
 
 def discover_layers(model: nn.Module) -> list[LayerSpec]:

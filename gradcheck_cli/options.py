@@ -27,6 +27,7 @@ AMP_CHOICES = ("bf16", "fp16")
 PARALLEL_CHOICES = ("ddp", "fsdp")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 FORMAT_CHOICES = ("table", "json", "markdown", "junit")
+LAYERS_CHOICES = ("folded", "flagged", "all")
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,13 @@ class Options:
         help="table (for people), json, markdown (job summaries) or junit (XML).",
         choices=FORMAT_CHOICES,
     )
+    layers: str = option(
+        "folded",
+        "output",
+        "--layers",
+        help="Table rows: folded (repeated blocks in one row, flagged layers always alone), flagged, or all.",
+        choices=LAYERS_CHOICES,
+    )
     output: Path | None = option(
         None,
         "output",
@@ -159,7 +167,12 @@ class Options:
             raise UserError(f"train steps must be 0 or more, got {self.train_steps}", "use --train-steps 0 or more")
         if not math.isfinite(self.lr) or self.lr <= 0:
             raise UserError(f"learning rate must be a positive number, got {self.lr}", "use e.g. --lr 0.01")
-        for name, choices in (("amp", AMP_CHOICES), ("parallel", PARALLEL_CHOICES), ("format", FORMAT_CHOICES)):
+        for name, choices in (
+            ("amp", AMP_CHOICES),
+            ("parallel", PARALLEL_CHOICES),
+            ("format", FORMAT_CHOICES),
+            ("layers", LAYERS_CHOICES),
+        ):
             value = getattr(self, name)
             if value is not None and value not in choices:
                 raise UserError(f"unknown --{name} '{value}'", f"use {' or '.join(choices)}")

@@ -68,11 +68,11 @@ class Outputs:
             if options.format == "table":
                 from gradcheck_cli.render import table
 
-                table.render(report, gate, stdout_console())
+                table.render(report, gate, stdout_console(), options.layers)
             else:
                 sys.stdout.write(render_text(report, options.format, gate))
         if options.output is not None:
-            text = render_text(report, format_of(options.output), gate)
+            text = render_text(report, format_of(options.output), gate, options.layers)
             with writing("--output", options.output):
                 write_atomic(options.located(options.output), text)
         if options.plot is not None:

@@ -35,10 +35,11 @@ FORMATS = {
 OUTPUT_SUFFIXES = tuple(suffix for entry in FORMATS.values() for suffix in entry.suffixes)
 
 
-def render_text(report: Report, format: str, gate: Gate) -> str:
-    """The report as text in one of FORMATS."""
+def render_text(report: Report, format: str, gate: Gate, layers: str = "folded") -> str:
+    """The report as text in one of FORMATS; `layers` (--layers) chooses the rows of the text table."""
     entry = FORMATS[format]
-    text: str = getattr(importlib.import_module(entry.module), entry.function)(report, gate)
+    function = getattr(importlib.import_module(entry.module), entry.function)
+    text: str = function(report, gate, layers) if format == "text" else function(report, gate)
     return text
 
 

@@ -6,13 +6,13 @@ of its cell. A renderer may style a cell by the column's `role` (the name, the s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from gradcheck_cli.render.common import (
     count,
-    display_name,
     number,
     spark_axis,
     spark_window,
@@ -20,6 +20,7 @@ from gradcheck_cli.render.common import (
     spread,
     status_text,
 )
+from gradcheck_cli.render.rows import Row
 from gradcheck_cli.report import Finding, Layer, Report
 
 
@@ -37,27 +38,76 @@ class TableContext:
 
 @dataclass(frozen=True)
 class Column:
+    key: str  # how --layers and narrow terminals refer to it
     header: Callable[[TableContext], str]
-    cell: Callable[[Layer, TableContext], str]
+    cell: Callable[[Row, TableContext], str]
     justify: Literal["left", "right"] = "left"
     role: Literal["name", "value", "spark", "status"] = "value"
+    # lowest first: the order in which a narrow terminal leaves columns out; None: never left out
+    drop: int | None = None
+
+
+def numeric(read: Callable[[Layer], float | None]) -> Callable[[Row, TableContext], str]:
+    """One layer's number; for a folded row the range of its layers' numbers, never cut."""
+
+    def cell(row: Row, context: TableContext) -> str:
+        if not row.folded:
+            return number(read(row.first))
+        return number_range([read(layer) for layer in row.layers])
+
+    return cell
+
+
+def number_range(values: Sequence[float | None]) -> str:
+    """'1.2e-03' when the values agree to two digits, '1.2-4.5e-03' within one decade, else 'lo-hi' in full."""
+    known = [v for v in values if v is not None and math.isfinite(v)]
+    if len(known) < len(values) and not known:
+        return number(next((v for v in values if v is not None), None))
+    if not known:
+        return "-"
+    low, high = number(min(known)), number(max(known))
+    if low == high:
+        return low
+    if "e" in low and "e" in high and low.split("e")[1] == high.split("e")[1]:
+        return f"{low.split('e')[0]}–{high}"
+    return f"{low}–{high}"
+
+
+def _params(row: Row, context: TableContext) -> str:
+    if row.first.alias_of:
+        return "tied"
+    return count(sum(layer.params for layer in row.layers))
+
+
+def _spread(row: Row, context: TableContext) -> str:
+    values = [layer.grad_norm_spread for layer in row.layers if layer.grad_norm_spread is not None]
+    return spread(max(values) if values else None)
+
+
+def _spark(row: Row, context: TableContext) -> str:
+    histograms = [layer.histogram for layer in row.layers if layer.histogram]
+    merged = [sum(counts) for counts in zip(*histograms, strict=True)] if histograms else None
+    return sparkline(merged, context.window)
+
+
+def _status(row: Row, context: TableContext) -> str:
+    text = status_text(row.first, context.findings)
+    return f"{text} ×{len(row.layers)}" if row.folded else text
 
 
 COLUMNS = (
-    Column(lambda c: "layer", lambda layer, c: display_name(layer), role="name"),
-    Column(lambda c: "type", lambda layer, c: layer.type),
-    Column(lambda c: "params", lambda layer, c: "tied" if layer.alias_of else count(layer.params), "right"),
-    Column(lambda c: "‖g‖", lambda layer, c: number(layer.grad_norm_median), "right"),
-    Column(lambda c: "spread", lambda layer, c: spread(layer.grad_norm_spread), "right"),
-    Column(lambda c: "‖g‖/‖W‖", lambda layer, c: number(layer.grad_to_weight), "right"),
-    Column(lambda c: "‖dL/dz‖", lambda layer, c: number(layer.output_grad_norm_median), "right"),
-    Column(
-        lambda c: spark_axis(c.window) or "|g| histogram",
-        lambda layer, c: sparkline(layer.histogram, c.window),
-        role="spark",
-    ),
-    Column(lambda c: "status", lambda layer, c: status_text(layer, c.findings), role="status"),
+    Column("layer", lambda c: "layer", lambda row, c: row.name, role="name"),
+    Column("type", lambda c: "type", lambda row, c: row.first.type, drop=2),
+    Column("params", lambda c: "params", _params, "right", drop=3),
+    Column("grad", lambda c: "‖g‖", numeric(lambda layer: layer.grad_norm_median), "right"),
+    Column("spread", lambda c: "spread", _spread, "right", drop=1),
+    Column("ratio", lambda c: "‖g‖/‖W‖", numeric(lambda layer: layer.grad_to_weight), "right"),
+    Column("dz", lambda c: "‖dL/dz‖", numeric(lambda layer: layer.output_grad_norm_median), "right"),
+    Column("histogram", lambda c: spark_axis(c.window) or "|g| histogram", _spark, role="spark", drop=0),
+    Column("status", lambda c: "status", _status, role="status"),
 )
+# what a note names when columns are left out
+COLUMN_LABELS = {"type": "type", "params": "params", "spread": "spread", "histogram": "|g| histogram"}
 
 
 def in_forward_order(layers: Sequence[Layer]) -> list[Layer]:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from gradcheck_cli.gate import Gate
-from gradcheck_cli.render.columns import COLUMNS, TableContext, in_forward_order
+from gradcheck_cli.render.columns import COLUMNS, TableContext
 from gradcheck_cli.render.common import coverage_line, display_name, grouped, signal_line, update_line, verdict_line
+from gradcheck_cli.render.rows import rows
 from gradcheck_cli.report import Report
 
 ICON = {"error": "❌", "warning": "⚠️"}
@@ -38,8 +39,8 @@ def render(report: Report, gate: Gate) -> str:
         "| " + " | ".join(_cell(column.header(context)) for column in COLUMNS) + " |",
         "|" + "|".join("---:" if column.justify == "right" else "---" for column in COLUMNS) + "|",
     ]
-    for layer in in_forward_order(report.layers):
-        cells = [_decorated(column.cell(layer, context), column.role, layer.severity) for column in COLUMNS]
+    for row in rows(report.layers, "all"):
+        cells = [_decorated(column.cell(row, context), column.role, row.first.severity) for column in COLUMNS]
         lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
     if report.findings:
         lines += ["", "### Findings", ""]

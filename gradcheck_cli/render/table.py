@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
 from gradcheck_cli.gate import Gate
-from gradcheck_cli.render.columns import COLUMNS, TableContext, in_forward_order
+from gradcheck_cli.render.columns import COLUMN_LABELS, COLUMNS, TableContext
 from gradcheck_cli.render.common import (
     coverage_line,
     display_name,
@@ -19,6 +20,7 @@ from gradcheck_cli.render.common import (
     update_line,
     verdict_line,
 )
+from gradcheck_cli.render.rows import common_prefix, rows, shorten
 from gradcheck_cli.report import Report
 
 PIPED_WIDTH = 160  # CI logs and files have no terminal width; the table needs ~130 columns
@@ -32,8 +34,9 @@ STATUS_STYLE = {
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow"}
 
 
-def build(report: Report, gate: Gate) -> RenderableType:
-    """The whole terminal report: header, per-layer table, findings with fixes, verdict line."""
+def build(report: Report, gate: Gate, layers: str = "folded", width: int = PIPED_WIDTH) -> RenderableType:
+    """The whole terminal report: header, per-layer table, findings with fixes, verdict line; the table's
+    rows as --layers says, its columns those that fit in `width` (numbers are never cut)."""
     header = Text()
     header.append(f"gradcheck: {report.model}", style="bold")
     header.append(
@@ -43,22 +46,9 @@ def build(report: Report, gate: Gate) -> RenderableType:
     )
     losses = ", ".join(f"{v:.4g}" for v in report.loss)
     header.append(f"\nloss per step: {losses}", style="dim")
-
-    context = TableContext.of(report)
-    table = Table(show_edge=False, header_style="bold", pad_edge=False, expand=False)
-    for column in COLUMNS:
-        table.add_column(
-            column.header(context),
-            justify=column.justify,
-            overflow="fold" if column.role == "name" else "ellipsis",
-            no_wrap=column.role in ("spark", "status"),
-        )
-    for layer in in_forward_order(report.layers):
-        style = SEVERITY_STYLE.get(layer.severity or "", STATUS_STYLE.get(layer.status, ""))
-        cells = [column.cell(layer, context) for column in COLUMNS]
-        table.add_row(*[_styled(text, column.role, style) for text, column in zip(cells, COLUMNS, strict=True)])
-
+    table, table_notes = _table(report, layers, width)
     parts: list[RenderableType] = [header, Text(""), table, Text("")]
+    parts += [Text(note, style="dim") for note in table_notes]
     parts.append(Text(signal_line(report), style="dim"))
     parts.append(Text(update_line(report), style="dim"))
     coverage = coverage_line(report)
@@ -114,13 +104,64 @@ def _styled(text: str, role: str, status_style: str) -> Text | str:
     return text
 
 
-def render(report: Report, gate: Gate, console: Console) -> None:
-    console.print(build(report, gate))
+def render(report: Report, gate: Gate, console: Console, layers: str = "folded") -> None:
+    console.print(build(report, gate, layers, console.width))
 
 
-def render_text(report: Report, gate: Gate) -> str:
+def render_text(report: Report, gate: Gate, layers: str = "folded") -> str:
     """The table as plain text, without colour, at the width of a CI log: for --output FILE.txt."""
     with open(os.devnull, "w") as devnull:
         console = Console(record=True, width=PIPED_WIDTH, file=devnull, color_system=None)
-        render(report, gate, console)
+        render(report, gate, console, layers)
     return console.export_text()
+
+
+# -- the table: rows, then the columns that fit ----------------------------------------------------------
+
+NAME_MIN = 16  # shortest a layer name is cut to (with a middle ellipsis) before the table may overflow
+
+
+def _table(report: Report, layers: str, width: int) -> tuple[Table, list[str]]:
+    context = TableContext.of(report)
+    chosen = rows(report.layers, layers)
+    notes = []
+    prefix = common_prefix([row.name for row in chosen])
+    if prefix:
+        notes.append(f"layer names below {prefix.rstrip('.')}: shown without that prefix")
+    headers = {column.key: column.header(context) for column in COLUMNS}
+    cells = {column.key: [column.cell(row, context) for row in chosen] for column in COLUMNS}
+    cells["layer"] = [row.name[len(prefix) :] for row in chosen]
+    shown = list(COLUMNS)
+    widths = {key: max([len(headers[key]), *map(len, values)]) for key, values in cells.items()}
+
+    def total() -> int:  # cells plus one space of padding each side between columns and a rule
+        return sum(widths[column.key] for column in shown) + 3 * (len(shown) - 1)
+
+    for column in sorted((c for c in COLUMNS if c.drop is not None), key=lambda c: c.drop or 0):
+        if total() <= width:
+            break
+        shown.remove(column)
+    if total() > width:
+        room = max(NAME_MIN, width - (total() - widths["layer"]))
+        cells["layer"] = [shorten(name, room) for name in cells["layer"]]
+        widths["layer"] = max([len(headers["layer"]), *map(len, cells["layer"])])
+    left_out = [COLUMN_LABELS[column.key] for column in COLUMNS if column not in shown]
+    if left_out:
+        notes.append(f"left out to fit {width} columns: {', '.join(left_out)} (a wider terminal shows them)")
+    if layers == "folded" and any(row.folded for row in chosen):
+        folded = sum(len(row.layers) for row in chosen if row.folded)
+        notes.append(f"{folded} layers folded into rows that differ only by numbers (--layers all shows each)")
+    if layers == "flagged":
+        hidden = len(report.layers) - len(chosen)
+        notes.append(f"{hidden} layer(s) without findings not shown (--layers all shows them)")
+    table = Table(show_edge=False, header_style="bold", pad_edge=False, expand=False)
+    for column in shown:
+        # never "ellipsis" for a number: fold it instead (only a name may be cut, and shorten() cuts it first)
+        overflow: Literal["ellipsis", "fold"] = "ellipsis" if column.role == "name" else "fold"
+        table.add_column(
+            headers[column.key], justify=column.justify, no_wrap=True, overflow=overflow, min_width=widths[column.key]
+        )
+    for index, row in enumerate(chosen):
+        style = SEVERITY_STYLE.get(row.first.severity or "", STATUS_STYLE.get(row.first.status, ""))
+        table.add_row(*[_styled(cells[column.key][index], column.role, style) for column in shown])
+    return table, notes

@@ -1,0 +1,135 @@
+"""Which rows the table shows (--layers folded|flagged|all), and names that fit without losing what tells
+them apart. Pure functions over the report's layers: the Rich table reads them, and so can any renderer.
+
+Folding: layers whose names differ only by numbers (`encoder.layer.{0..11}.attention.self.query`,
+`denseblock{1..4}.denselayer{1..24}.conv1`), of one type and one status, are one row with the range of their
+numbers, like torchinfo's depth setting. A layer with a finding is never folded: it always has a row of its own.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gradcheck_cli.report import Layer
+
+NUMBER = re.compile(r"\d+")
+# Past this many layers every repeated name folds, even a chain's positions (hidden.0 .. hidden.39)
+FOLD_ANY_ABOVE = 30
+DOT = re.compile(r"\.(?![^{]*\})")  # a dot between name components, not one inside a folded range {0..11}
+
+
+def components(name: str) -> list[str]:
+    return DOT.split(name)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: a layer, or several folded into one (`name` then shows their numbers as ranges)."""
+
+    name: str
+    layers: tuple[Layer, ...]
+
+    @property
+    def folded(self) -> bool:
+        return len(self.layers) > 1
+
+    @property
+    def first(self) -> Layer:
+        return self.layers[0]
+
+
+def flagged(layer: Layer) -> bool:
+    """Whether a layer has a finding (its status carries a severity)."""
+    return layer.severity is not None
+
+
+def rows(layers: Sequence[Layer], mode: str = "folded") -> list[Row]:
+    """The rows for --layers `mode`, in forward order (a folded row sits where its first layer ran)."""
+    ordered = sorted(layers, key=lambda layer: (layer.forward_index is None, layer.forward_index or 0))
+    if mode == "all":
+        return [Row(_name(layer), (layer,)) for layer in ordered]
+    if mode == "flagged":
+        return [Row(_name(layer), (layer,)) for layer in ordered if flagged(layer)]
+    long = len(ordered) > FOLD_ANY_ABOVE
+    groups: dict[tuple[str, str, str], list[Layer]] = {}
+    for layer in ordered:
+        groups.setdefault(_fold_key(layer, long), []).append(layer)
+    result = []
+    for layer in ordered:
+        key = _fold_key(layer, long)
+        members = groups.get(key, [layer])
+        if len(members) < 2:
+            result.append(Row(_name(layer), (layer,)))
+        elif members[0] is layer:
+            result.append(Row(_pattern(members), tuple(members)))
+    return result
+
+
+def _fold_key(layer: Layer, long: bool) -> tuple[str, str, str]:
+    """Layers with the same key fold: the name with its numbers taken out, the type, the status. A flagged
+    layer's key is its own name, so it stays alone; so is a layer whose only number is its last component
+    (`hidden.3`, a Sequential's `4`: a position in a chain, whose per-depth numbers are the point) unless the
+    table is long."""
+    pattern = NUMBER.sub("#", layer.name)
+    chain_position = len(NUMBER.findall(layer.name)) == 1 and NUMBER.fullmatch(components(layer.name)[-1])
+    if flagged(layer) or pattern == layer.name or (chain_position and not long):
+        return (f"\0{layer.name}", layer.type, layer.status)
+    return (pattern, layer.type, layer.status)
+
+
+def _name(layer: Layer) -> str:
+    return layer.name or "(model)"
+
+
+def _pattern(members: Sequence[Layer]) -> str:
+    """The members' common name, each number that differs written as its set: {0..11}, {1,3}, {0..4,6..11}."""
+    parts = NUMBER.split(members[0].name)
+    numbers = [[int(found) for found in NUMBER.findall(layer.name)] for layer in members]
+    text = parts[0]
+    for slot, tail in enumerate(parts[1:]):
+        values = sorted({found[slot] for found in numbers})
+        text += str(values[0]) if len(values) == 1 else "{" + _ranges(values) + "}"
+        text += tail
+    return text
+
+
+def _ranges(values: Sequence[int]) -> str:
+    runs: list[list[int]] = []
+    for value in values:
+        if runs and value == runs[-1][1] + 1:
+            runs[-1][1] = value
+        else:
+            runs.append([value, value])
+    return ",".join(str(a) if a == b else (f"{a},{b}" if b == a + 1 else f"{a}..{b}") for a, b in runs)
+
+
+def common_prefix(names: Sequence[str]) -> str:
+    """The leading dotted components every name shares (`bert.encoder.`), to be shown once; "" if none, or if
+    stripping it would leave a name empty."""
+    if len(names) < 2:
+        return ""
+    split = [components(name) for name in names]
+    shared = 0
+    while all(len(parts) > shared + 1 for parts in split) and len({parts[shared] for parts in split}) == 1:
+        shared += 1
+    return ".".join(split[0][:shared]) + "." if shared else ""
+
+
+def shorten(name: str, width: int) -> str:
+    """A name in at most `width` characters: the head and as much of the tail as fits, with a middle
+    ellipsis; the tail is what tells layers apart (`...attention.self.query`)."""
+    if len(name) <= width:
+        return name
+    parts = components(name)
+    head = parts[0]
+    tail = ""
+    for part in reversed(parts[1:]):
+        candidate = f"{part}.{tail}" if tail else part
+        if len(head) + 3 + len(candidate) > width:
+            break
+        tail = candidate
+    if tail:
+        return f"{head}.….{tail}"
+    return name[: max(1, width // 2 - 1)] + "…" + name[-(width - width // 2) :]
