@@ -59,7 +59,7 @@ def numeric(read: Callable[[Layer], float | None]) -> Callable[[Row, TableContex
 
 
 def number_range(values: Sequence[float | None]) -> str:
-    """'1.2e-03' when the values agree to two digits, '1.2-4.5e-03' within one decade, else 'lo-hi' in full."""
+    """'1.2e-03' when the values agree to two digits, '1.2–4.5e-3' within one decade, else '6.9e-2–1.8e-1'."""
     known = [v for v in values if v is not None and math.isfinite(v)]
     if len(known) < len(values) and not known:
         return number(next((v for v in values if v is not None), None))
@@ -68,9 +68,17 @@ def number_range(values: Sequence[float | None]) -> str:
     low, high = number(min(known)), number(max(known))
     if low == high:
         return low
+    low, high = _short_exponent(low), _short_exponent(high)  # 1.2e-03 -> 1.2e-3: a range is two numbers wide
     if "e" in low and "e" in high and low.split("e")[1] == high.split("e")[1]:
         return f"{low.split('e')[0]}–{high}"
     return f"{low}–{high}"
+
+
+def _short_exponent(text: str) -> str:
+    if "e" not in text:
+        return text
+    mantissa, exponent = text.split("e")
+    return f"{mantissa}e{int(exponent)}"
 
 
 def _params(row: Row, context: TableContext) -> str:

@@ -22,9 +22,9 @@ from gradcheck_cli.errors import UserError
 from gradcheck_cli.files import check_file_option, replace_atomic
 from gradcheck_cli.gate import Gate
 from gradcheck_cli.render.columns import in_forward_order
-from gradcheck_cli.render.common import display_name, spark_window, status_text, verdict_line
+from gradcheck_cli.render.common import display_name, verdict_line
+from gradcheck_cli.render.plot_histograms import COLOR, STEP_COLOR, heat_map, severity, small_multiples
 from gradcheck_cli.report import Finding, Layer, Report
-from gradcheck_cli.series import histogram_edges
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -35,10 +35,7 @@ SMALL_MULTIPLES = 16  # layers up to which each gets its own histogram row
 MAX_TICK_LABELS = 40  # x labels beyond this are thinned to every k-th layer
 MIN_DECADES = 2.0  # the least range a log axis of the views shows
 MAX_HEIGHT = 14.0  # inches; deeper models get thinner heat-map rows
-MAX_ROW_LABELS = 100  # heat-map row labels beyond this are thinned to every k-th layer
 
-COLOR = {"ok": "#3b75af", "warning": "#f28e2b", "error": "#d62728", "inactive": "#b0b0b0"}
-STEP_COLOR = "#9ab7d3"
 INSTALL_HINT = 'pip install "gradcheck-cli[plot]"'
 
 
@@ -86,9 +83,9 @@ def build(report: Report, gate: Gate) -> Figure:
     if not ordered:
         return figure
     if small:
-        _small_multiples(right, report, ordered, has_values)
+        small_multiples(right, report, ordered, has_values)
     else:
-        _heat_map(right, report, ordered)
+        heat_map(right, report, ordered)
     return figure
 
 
@@ -101,14 +98,35 @@ def _in_views(report: Report, layer: Layer) -> bool:
     return not compared or layer.name in compared or layer.severity is not None
 
 
-def _severity(layer: Layer) -> str:
-    if layer.severity:
-        return layer.severity
-    return "inactive" if layer.status in ("frozen", "unused", "gated", "unjudged") else "ok"
-
-
 def _view_findings(report: Report, layer: Layer, views: Sequence[str]) -> list[Finding]:
     return [f for f in report.findings if f.layer == layer.name and f.view in views]
+
+
+def _viewseverity(report: Report, layer: Layer, views: Sequence[str]) -> str:
+    """A point's colour in one view: that view's finding on the layer, not the layer's overall status (a
+    layer flagged by the signal view sits in the update view as it measured there)."""
+    severities = {f.severity for f in _view_findings(report, layer, views)}
+    if severities:
+        return "error" if "error" in severities else "warning"
+    return "inactive" if severity(layer) == "inactive" else "ok"
+
+
+def _trend_line(axes: Axes, report: Report, layers: Sequence[Layer]) -> None:
+    """The fitted per-layer gain the signal verdict rests on, through the chain's median points."""
+    gain, chain = report.signal.gain_per_layer, report.signal.chain
+    position = {layer.name: x for x, layer in enumerate(layers)}
+    points = [
+        (k, position[name], y)
+        for k, name in enumerate(chain)
+        if name in position and (y := layers[position[name]].output_grad_per_position) is not None and _positive(y)
+    ]
+    if gain is None or len(points) < 2:
+        return
+    slope = -math.log10(gain)  # log10 ||dL/dz|| per chain position, toward the output
+    offset = sorted(math.log10(y) - slope * k for k, _, y in points)[len(points) // 2]
+    xs = [x for _, x, _ in points]
+    ys = [10 ** (offset + slope * k) for k, _, _ in points]
+    axes.plot(xs, ys, color="#222222", linestyle="--", linewidth=1.1, zorder=2, label=f"fit: ×{gain:.3g} per layer")
 
 
 def _draw_view(
@@ -151,7 +169,7 @@ def _draw_view(
         ys = [y for _, y, _ in points]
         axes.plot(xs, ys, color="#777777", linewidth=1, zorder=1)
         for x, y, layer in points:
-            color = COLOR[_severity(layer)]
+            color = COLOR[_viewseverity(report, layer, views)]
             axes.scatter(
                 x, y, s=42, zorder=3, color="white" if hollow(layer) else color, edgecolors=color, linewidths=1.2
             )
@@ -166,7 +184,8 @@ def _draw_view(
         axes.set_yticks([], minor=True)
     floor = blended_transform_factory(axes.transData, axes.transAxes)
     for x, layer in zeros:
-        axes.scatter(x, 0.03, s=46, marker="v", color=COLOR[_severity(layer)], transform=floor, zorder=3, clip_on=False)
+        color = COLOR[_viewseverity(report, layer, views)]
+        axes.scatter(x, 0.03, s=46, marker="v", color=color, transform=floor, zorder=3, clip_on=False)
         axes.annotate("0", (x, 0.03), xycoords=floor, xytext=(5, -3), textcoords="offset points", fontsize=7.5)
     _label_runs(
         axes, report, views, [(x, y, layer) for x, y, layer in points] + [(x, None, layer) for x, layer in zeros]
@@ -211,6 +230,7 @@ def _signal_view(axes: Axes, report: Report, layers: Sequence[Layer]) -> None:
         ("signal", "activation", "numeric", "usage"),
         report.signal.chain,
     )
+    _trend_line(axes, report, layers)
     signal = report.signal
     if signal.gain_per_layer is not None and signal.total_factor is not None:
         trend = (
@@ -241,10 +261,11 @@ def _update_view(axes: Axes, report: Report, layers: Sequence[Layer]) -> None:
         marker = Line2D([], [], marker="o", linestyle="", markerfacecolor="white", color=COLOR["ok"], markersize=7)
         axes.legend(
             [marker],
-            ["feeds a norm layer: scale-invariant, not judged"],
+            ["feeds a norm layer:\nscale-invariant,\nnot judged"],
             fontsize=7.5,
             loc="upper left",
-            framealpha=0.8,
+            bbox_to_anchor=(1.005, 1.0),
+            borderaxespad=0,
         )
     median = report.update.median_grad_to_weight
     if _positive(median):
@@ -295,7 +316,9 @@ def _legend(axes: Axes) -> None:
     ]
     handles.append(Line2D([], [], marker="o", linestyle="", color=STEP_COLOR, label="single steps", markersize=4))
     handles.append(Line2D([], [], marker="v", linestyle="", color="#555555", label="exactly 0", markersize=6))
-    axes.legend(handles=handles, fontsize=7.5, loc="best", framealpha=0.8)
+    handles += [line for line in axes.get_lines() if str(line.get_label()).startswith("fit:")]
+    # beside the axes, never over the points
+    axes.legend(handles=handles, fontsize=7.5, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0)
 
 
 def _layer_ticks(axes: Axes, layers: Sequence[Layer]) -> None:
@@ -305,131 +328,7 @@ def _layer_ticks(axes: Axes, layers: Sequence[Layer]) -> None:
     size = 8 if len(positions) <= 20 else 6.5
     labels = axes.set_xticklabels([display_name(layers[i]) for i in positions], rotation=60, ha="right", fontsize=size)
     for label, i in zip(labels, positions, strict=True):
-        label.set_color(COLOR[_severity(layers[i])] if layers[i].severity else "black")
-
-
-# -- right: histograms ------------------------------------------------------------------------------------
-
-
-def _edges(report: Report) -> list[float]:
-    if report.histogram_edges:
-        return list(report.histogram_edges)
-    return histogram_edges()  # a report from before edges were written into it
-
-
-def _window(report: Report, layers: Sequence[Layer]) -> tuple[int, int] | None:
-    window = spark_window(layers)
-    if window is None:
-        return None
-    bins = len(_edges(report)) - 1
-    return max(0, window[0] - 1), min(bins - 1, window[1] + 1)
-
-
-def _small_multiples(figure: Any, report: Report, layers: Sequence[Layer], has_values: bool) -> None:
-    columns = 2 if has_values else 1
-    grid = figure.subplots(len(layers), columns, squeeze=False)
-    for row in grid[1:]:
-        row[0].sharex(grid[0][0])  # one log10 |g| axis for all; the value histograms each keep their own
-    edges = _edges(report)
-    window = _window(report, layers)
-    for row, layer in enumerate(layers):
-        color = COLOR[_severity(layer)]
-        axes = grid[row][0]
-        if layer.histogram and sum(layer.histogram) and window is not None:
-            low, high = window
-            counts = layer.histogram[low : high + 1]
-            total = sum(counts)
-            axes.stairs([c / total for c in counts], edges[low : high + 2], fill=True, color=color, alpha=0.75)
-        else:
-            _empty(axes, _why_empty(layer))
-        _row_style(axes, layer, label=True, status=status_text(layer, report.findings))
-        if row < len(layers) - 1:
-            axes.tick_params(axis="x", labelbottom=False)
-        if has_values:
-            _value_row(grid[row][1], layer, color)
-    if window is not None:
-        grid[-1][0].set_xlabel("log10 |g|   (all steps; zeros not shown)")
-    grid[0][0].set_title("gradient magnitudes, one axis for all layers", fontsize=10, loc="left")
-    if has_values:
-        grid[0][1].set_title("gradient values per step (the tutorial's histograms)", fontsize=10, loc="left")
-        grid[-1][1].set_xlabel("g   (own axis per layer; log counts; darker = later step)")
-
-
-def _value_row(axes: Axes, layer: Layer, color: str) -> None:
-    histograms = [h for h in layer.value_histograms or () if math.isfinite(h.limit) and h.limit > 0]
-    if not histograms:
-        _empty(axes, _why_empty(layer))
-    for index, histogram in enumerate(histograms):
-        shade = 0.35 + 0.65 * (index + 1) / len(histograms)
-        axes.stairs([c + 1 for c in histogram.counts], histogram.edges(), color=color, alpha=shade, linewidth=1.0)
-    if histograms:
-        axes.set_yscale("log")  # heavy tails and a spike at 0 both stay visible (counts + 1, so 0 shows)
-        limit = max(h.limit for h in histograms)
-        axes.set_xlim(-limit, limit)
-        axes.tick_params(axis="x", labelbottom=True, labelsize=6.5)
-        axes.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
-        axes.xaxis.get_offset_text().set_fontsize(6.5)
-    _row_style(axes, layer, label=False)
-
-
-def _why_empty(layer: Layer) -> str:
-    if layer.frozen:
-        return "frozen: no gradient"
-    if layer.grad_norm is None:
-        return "no gradient"
-    if layer.nonfinite:
-        return "NaN/Inf gradients"
-    if layer.grad_norm == 0:
-        return "every gradient exactly 0"
-    return "no histogram"
-
-
-def _empty(axes: Axes, text: str) -> None:
-    axes.text(0.5, 0.35, text, transform=axes.transAxes, ha="center", va="center", fontsize=7.5, color="#555555")
-    axes.tick_params(axis="x", labelbottom=False)
-
-
-def _row_style(axes: Axes, layer: Layer, label: bool, status: str = "") -> None:
-    axes.set_yticks([])
-    for side in ("top", "right", "left"):
-        axes.spines[side].set_visible(False)
-    if label:
-        axes.set_ylabel(
-            display_name(layer) + (f"\n{status}" if status and layer.status != "ok" else ""),
-            rotation=0,
-            ha="right",
-            va="center",
-            fontsize=8,
-            color=COLOR[_severity(layer)] if layer.severity else "black",
-        )
-
-
-def _heat_map(figure: Any, report: Report, layers: Sequence[Layer]) -> None:
-    axes = figure.subplots(1, 1)
-    edges = _edges(report)
-    window = _window(report, layers)
-    if window is None:
-        axes.text(0.5, 0.5, "no gradient histograms", transform=axes.transAxes, ha="center")
-        return
-    low, high = window
-    image = []
-    for layer in layers:
-        counts = list(layer.histogram[low : high + 1]) if layer.histogram else [0] * (high - low + 1)
-        total = sum(counts)
-        image.append([c / total if total else math.nan for c in counts])
-    mesh = axes.pcolormesh(edges[low : high + 2], range(len(layers) + 1), image, cmap="magma_r", shading="flat")
-    axes.invert_yaxis()
-    every = max(1, math.ceil(len(layers) / MAX_ROW_LABELS))
-    shown = list(range(0, len(layers), every))
-    axes.set_yticks([i + 0.5 for i in shown])
-    size = min(8.0, max(4.5, 260 / len(shown)))
-    labels = axes.set_yticklabels([display_name(layers[i]) for i in shown], fontsize=size)
-    for label, i in zip(labels, shown, strict=True):
-        if layers[i].severity:
-            label.set_color(COLOR[layers[i].severity or "ok"])
-    axes.set_xlabel("log10 |g|   (all steps; zeros not shown)")
-    axes.set_title("gradient magnitudes per layer (forward order, top = input)", fontsize=10, loc="left")
-    figure.colorbar(mesh, ax=axes, label="fraction of the layer's gradient values", shrink=0.6)
+        label.set_color(COLOR[severity(layers[i])] if layers[i].severity else "black")
 
 
 def _positive(value: float | None) -> bool:

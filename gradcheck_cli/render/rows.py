@@ -118,18 +118,20 @@ def common_prefix(names: Sequence[str]) -> str:
 
 
 def shorten(name: str, width: int) -> str:
-    """A name in at most `width` characters: the head and as much of the tail as fits, with a middle
-    ellipsis; the tail is what tells layers apart (`...attention.self.query`)."""
+    """A name in at most `width` characters that still tells rows apart: the components before the last are
+    abbreviated to their first letter from the left (`bert.encoder.layer.{0..11}.attention.query` ->
+    `b.e.l.{0..11}.a.query`), keeping every index and range; if that is not enough, the leading components
+    give way to an ellipsis (`….{0..4,6..11}.intermediate`); only then is the head cut (`…6..11}.intermediate`)."""
     if len(name) <= width:
         return name
     parts = components(name)
-    head = parts[0]
-    tail = ""
-    for part in reversed(parts[1:]):
-        candidate = f"{part}.{tail}" if tail else part
-        if len(head) + 3 + len(candidate) > width:
-            break
-        tail = candidate
-    if tail:
-        return f"{head}.….{tail}"
-    return name[: max(1, width // 2 - 1)] + "…" + name[-(width - width // 2) :]
+    for index in range(len(parts) - 1):
+        if not (NUMBER.search(parts[index]) or "{" in parts[index]):
+            parts[index] = parts[index][0]
+            if len(".".join(parts)) <= width:
+                return ".".join(parts)
+    for start in range(1, len(parts) - 1):
+        shortened = "….".join(["", ".".join(parts[start:])])
+        if len(shortened) <= width:
+            return shortened
+    return "…" + ".".join(parts)[-(width - 1) :]
