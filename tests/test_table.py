@@ -235,3 +235,39 @@ def test_in_a_real_80_column_terminal(tmp_path: Path) -> None:
     assert all(len(line) <= 80 for line in text.splitlines()), text
     body = _table_rows(text)
     assert len(body) <= 12 and not any(CUT_NUMBER.search(line) for line in body), text
+
+
+BLOCKS = """
+import torch
+from torch import nn
+
+class Net(nn.Module):
+    # four blocks of two orthogonal linear maps: gain exactly 1 everywhere, so nothing is flagged and all fold
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(a=nn.Linear(8, 8), b=nn.Linear(8, 8))) for _ in range(4))
+        for block in self.blocks:
+            for layer in block.values():
+                nn.init.orthogonal_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block["b"](block["a"](x))
+        return x
+
+model = Net()
+"""
+
+
+def test_layers_is_a_flag_and_a_config_key(cli, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "blocks.py").write_text(BLOCKS)
+    folded = cli("analyze", "blocks.py", "--data", "randn:16,8")
+    assert folded.exit_code == 0 and "blocks.{0..3}.a " in folded.stdout and "blocks.{0..3}.b " in folded.stdout
+    every = cli("analyze", "blocks.py", "--data", "randn:16,8", "--layers", "all")
+    assert all(f"blocks.{i}.a " in every.stdout for i in range(4))
+    (tmp_path / "pyproject.toml").write_text('[tool.gradcheck]\nlayers = "all"\n')
+    assert "blocks.3.b " in cli("analyze", "blocks.py", "--data", "randn:16,8").stdout
+    bad = cli("analyze", "blocks.py", "--data", "randn:16,8", "--layers", "some")
+    assert bad.exit_code == 2 and "'some' is not one of" in bad.stderr

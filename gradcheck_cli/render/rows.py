@@ -114,6 +114,9 @@ def common_prefix(names: Sequence[str]) -> str:
     shared = 0
     while all(len(parts) > shared + 1 for parts in split) and len({parts[shared] for parts in split}) == 1:
         shared += 1
+    # a name should not start with a bare index or a folded range (`3.a`, `{0..3}.a`): keep what they index
+    while shared and any("{" in parts[shared - 1] or parts[shared][:1] in "{0123456789" for parts in split):
+        shared -= 1
     return ".".join(split[0][:shared]) + "." if shared else ""
 
 
