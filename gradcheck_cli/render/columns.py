@@ -61,10 +61,8 @@ def numeric(read: Callable[[Layer], float | None]) -> Callable[[Row, TableContex
 def number_range(values: Sequence[float | None]) -> str:
     """'1.2e-03' when the values agree to two digits, '1.2–4.5e-3' within one decade, else '6.9e-2–1.8e-1'."""
     known = [v for v in values if v is not None and math.isfinite(v)]
-    if len(known) < len(values) and not known:
+    if not known:  # nan or inf as number() writes them; "-" when there is no value at all
         return number(next((v for v in values if v is not None), None))
-    if not known:
-        return "-"
     low, high = number(min(known)), number(max(known))
     if low == high:
         return low
@@ -116,8 +114,3 @@ COLUMNS = (
 )
 # what a note names when columns are left out
 COLUMN_LABELS = {"type": "type", "params": "params", "spread": "spread", "histogram": "|g| histogram"}
-
-
-def in_forward_order(layers: Sequence[Layer]) -> list[Layer]:
-    """Rows in the order the layers first ran; layers that never ran last."""
-    return sorted(layers, key=lambda layer: (layer.forward_index is None, layer.forward_index or 0))

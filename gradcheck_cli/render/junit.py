@@ -13,8 +13,8 @@ import re
 import xml.etree.ElementTree as ET
 
 from gradcheck_cli.gate import Gate
-from gradcheck_cli.render.columns import in_forward_order
 from gradcheck_cli.render.common import display_name, status_text
+from gradcheck_cli.render.rows import in_forward_order
 from gradcheck_cli.report import Finding, Report
 
 # XML 1.0 cannot hold most control characters, not even escaped.

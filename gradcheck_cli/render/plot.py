@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 from gradcheck_cli.errors import UserError
 from gradcheck_cli.files import check_file_option, replace_atomic
 from gradcheck_cli.gate import Gate
-from gradcheck_cli.render.columns import in_forward_order
 from gradcheck_cli.render.common import display_name, verdict_line
 from gradcheck_cli.render.plot_histograms import COLOR, STEP_COLOR, heat_map, severity, small_multiples
+from gradcheck_cli.render.rows import in_forward_order
 from gradcheck_cli.report import Finding, Layer, Report
 
 if TYPE_CHECKING:

@@ -45,9 +45,14 @@ def flagged(layer: Layer) -> bool:
     return layer.severity is not None
 
 
+def in_forward_order(layers: Sequence[Layer]) -> list[Layer]:
+    """Layers in the order they first ran; layers that never ran last."""
+    return sorted(layers, key=lambda layer: (layer.forward_index is None, layer.forward_index or 0))
+
+
 def rows(layers: Sequence[Layer], mode: str = "folded") -> list[Row]:
     """The rows for --layers `mode`, in forward order (a folded row sits where its first layer ran)."""
-    ordered = sorted(layers, key=lambda layer: (layer.forward_index is None, layer.forward_index or 0))
+    ordered = in_forward_order(layers)
     if mode == "all":
         return [Row(_name(layer), (layer,)) for layer in ordered]
     if mode == "flagged":
