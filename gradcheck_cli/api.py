@@ -26,6 +26,7 @@ from gradcheck_cli.distributed import Combiner, Parallel, shard, wrap
 from gradcheck_cli.errors import UserError
 from gradcheck_cli.gradsave import GradientWriter, check_path
 from gradcheck_cli.layers import discover_layers
+from gradcheck_cli.optimizers import OptimizerSource
 from gradcheck_cli.options import Options
 from gradcheck_cli.passes import (
     AMP_DTYPES,
@@ -33,6 +34,7 @@ from gradcheck_cli.passes import (
     Plan,
     Progress,
     Setup,
+    TrainPlan,
     materialize_lazy,
     measure,
     seeded,
@@ -89,9 +91,10 @@ def run(
     notes: Sequence[str] = (),
     progress: Progress | None = None,
     file_loss: LossFunction | None = None,
+    optimizer: OptimizerSource | None = None,
 ) -> Report:
     """analyze() with resolved options, and what analyze_target adds: the TARGET label, notes, a progress
-    callback, the model file's loss_fn."""
+    callback, the model file's loss_fn and optimizer."""
     model, unwrap_notes = unwrap(model)
     if not any(p.requires_grad for p in model.parameters()):
         raise UserError(
@@ -101,7 +104,11 @@ def run(
     # grad on even when the caller is under torch.no_grad(): the passes are what measures the gradients
     with _process_group(options) as parallel, released_caches(), torch.enable_grad():
         setup, global_batch, batch_notes = prepare(model, batches, loss_fn, options, parallel, file_loss)
-        measurement, saved_notes = _measure(setup, options, parallel, progress)
+        if optimizer is None:
+            from gradcheck_cli.resolve import optimizer_source
+
+            optimizer = optimizer_source(options.optimizer)
+        measurement, saved_notes = _measure(setup, options, parallel, progress, optimizer)
         residual, confirmed_notes = _confirm(setup, measurement, options, parallel)
     report = _report(setup, measurement, options, parallel, residual)
     report.target, report.batch_size = target, global_batch
@@ -165,26 +172,42 @@ def _not_empty(index: int, batch: Batch) -> Batch:
 
 
 def _measure(
-    setup: Setup, options: Options, parallel: Parallel | None, progress: Progress | None
+    setup: Setup, options: Options, parallel: Parallel | None, progress: Progress | None, optimizer: OptimizerSource
 ) -> tuple[Measurement, list[str]]:
+    from gradcheck_cli.watch import bad_step_note, check_savable
+
     combiner = _combiner(parallel)
     tiny = torch.finfo(setup.amp_dtype).tiny if setup.amp_dtype is not None else None
     collector = Collector(setup.layers, combiner, tiny, options.wants_value_histograms)
+    bad = options.save_bad_batch
+    if bad is not None and options.train_steps:
+        check_savable(setup.batches[0])
+    training = TrainPlan(
+        options.train_steps,
+        optimizer,
+        options.lr,
+        options.weight_decay,
+        options.clip,
+        (bad, options.located(bad)) if bad is not None else None,
+    )
     plan = Plan(
         options.steps,
-        options.train_steps,
-        options.lr,
+        training,
         options.seed,
         options.eval_mode,
         _gradient_writer(options, setup.model),
         progress,
     )
-    measurement = measure(setup, plan, collector)
+    measurement = measure(setup, plan, collector, combiner)
+    notes = []
+    if measurement.training is not None:
+        note = bad_step_note(measurement.training)
+        notes += [note] if note else []
     writer = plan.grad_writer
-    if writer is None:
-        return measurement, []
-    size = writer.bytes_written / 1e6
-    return measurement, [f"gradients saved: {writer.path} ({len(writer.header)} tensors, {size:.3g} MB)"]
+    if writer is not None:
+        size = writer.bytes_written / 1e6
+        notes.append(f"gradients saved: {writer.path} ({len(writer.header)} tensors, {size:.3g} MB)")
+    return measurement, notes
 
 
 def _confirm(
@@ -236,6 +259,7 @@ def _report(
         lr=options.lr,
         amp=options.amp,
         residual=residual,
+        training_run=measurement.training,
     )
     return Report(
         torch_version=torch.__version__,
@@ -249,6 +273,7 @@ def _report(
         loss_name=setup.loss.choice.name if setup.loss.choice else "",
         loss=[v for v in measurement.loss if v is not None],
         train_loss=measurement.train_loss,
+        training=measurement.training,
         thresholds=thresholds.as_dict(),
         signal=verdict.signal,
         update=verdict.update,
@@ -304,4 +329,5 @@ def analyze_target(
             notes=resolved.notes,
             progress=progress,
             file_loss=resolved.file_loss,
+            optimizer=resolved.optimizer,
         )

@@ -68,8 +68,15 @@ class GradientWriter:
     On a clean exit the file appears at `path`; on an exception nothing does.
     """
 
-    def __init__(self, path: Path, metadata: dict[str, str] | None = None, target: Path | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        metadata: dict[str, str] | None = None,
+        target: Path | None = None,
+        option: str = "--save-grads",
+    ) -> None:
         self.path = path  # as the user gave it, for messages
+        self.option = option  # the flag that asked for the file, for messages
         self.target = target or path  # where it is written (resolved before any user code ran)
         self.metadata = dict(metadata or {})
         self.header: dict[str, dict[str, object]] = {}
@@ -88,7 +95,7 @@ class GradientWriter:
 
     def _disk(self) -> contextlib.AbstractContextManager[None]:
         """A full disk or a read-only folder is the user's to fix: one line, exit 2."""
-        return writing("--save-grads", self.path)
+        return writing(self.option, self.path)
 
     def add_step(self, step: int, layers: list[LayerSpec], unscale: float = 1.0) -> None:
         """Append every trainable parameter's current .grad, once per tensor, under its first owning layer.
@@ -110,12 +117,13 @@ class GradientWriter:
                     else qualified
                 )
                 key = f"step{step}/{layer_label(spec.name)}/{local}"
-                self._add(key, param.grad if unscale == 1.0 else param.grad * unscale)
+                self.add(key, param.grad if unscale == 1.0 else param.grad * unscale)
                 self.metadata[key] = json.dumps(
                     {"step": step, "layer": spec.name, "parameter": qualified, "layers": owners[id(param)]}
                 )
 
-    def _add(self, key: str, grad: torch.Tensor) -> None:
+    def add(self, key: str, grad: torch.Tensor) -> None:
+        """Append one tensor under `key` (copied to the CPU, as its exact bytes)."""
         assert self._data is not None, "use GradientWriter as a context manager"
         tensor = grad.detach()
         if tensor.is_sparse:

@@ -41,6 +41,6 @@ STATUSES = ("ok", "frozen", "gated", *KINDS)
 # Lowest first: --fail-level warning fails on both.
 SEVERITIES = ("warning", "error")
 # Which view of the gradients raised a finding.
-VIEWS = ("signal", "update", "numeric", "activation", "usage", "time")
+VIEWS = ("signal", "update", "numeric", "activation", "usage", "time", "training")
 # What kind of layer a module is (layers.category_of), for the rules that treat kinds differently.
 CATEGORIES = ("linear", "conv", "embedding", "norm", "recurrent", "attention", "other")

@@ -28,6 +28,7 @@ PARALLEL_CHOICES = ("ddp", "fsdp")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 FORMAT_CHOICES = ("table", "json", "markdown", "junit")
 LAYERS_CHOICES = ("folded", "flagged", "all")
+OPTIMIZER_CHOICES = ("sgd", "momentum", "adam", "adamw")
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,30 @@ class Options:
     # -- the passes --
     steps: int = option(3, "run", "--steps", help="Batches to measure: one forward and backward each.")
     train_steps: int = option(
-        0, "run", "--train-steps", help="Plain SGD steps to take before measuring (0: measure at init)."
+        0,
+        "run",
+        "--train-steps",
+        help="Optimizer steps to take, and watch, before measuring (0: measure at init).",
     )
-    lr: float = option(
-        0.01, "run", "--lr", help="SGD learning rate for --train-steps; also scales the update-size check."
+    optimizer: str | None = option(
+        None,
+        "run",
+        "--optimizer",
+        help="--train-steps' optimizer: sgd, momentum, adam, adamw or FILE.py:FN (default: the model file's "
+        "build_optimizer, else sgd).",
+    )
+    lr: float = option(0.01, "run", "--lr", help="Learning rate for --train-steps; also scales the update-size check.")
+    weight_decay: float | None = option(
+        None, "run", "--weight-decay", help="Weight decay for --optimizer (default: the optimizer's own)."
+    )
+    clip: float | None = option(
+        None, "run", "--clip", help="--train-steps: clip the gradient norm to NORM (clip_grad_norm_)."
+    )
+    save_bad_batch: Path | None = option(
+        None,
+        "run",
+        "--save-bad-batch",
+        help="--train-steps: save the batch whose step gave NaN/Inf (and the weights before it) to FILE.safetensors.",
     )
     seed: int = option(0, "run", "--seed", help="Seed for random data, dropout and projections.")
     device: str | None = option(
@@ -167,6 +188,16 @@ class Options:
             raise UserError(f"train steps must be 0 or more, got {self.train_steps}", "use --train-steps 0 or more")
         if not math.isfinite(self.lr) or self.lr <= 0:
             raise UserError(f"learning rate must be a positive number, got {self.lr}", "use e.g. --lr 0.01")
+        if self.weight_decay is not None and not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UserError(
+                f"--weight-decay must be 0 or more, got {self.weight_decay}", "use e.g. --weight-decay 0.01"
+            )
+        if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0):
+            raise UserError(f"--clip must be a positive norm, got {self.clip}", "use e.g. --clip 1.0")
+        if self.optimizer is not None and self.optimizer not in OPTIMIZER_CHOICES and ":" not in self.optimizer:
+            raise UserError(
+                f"unknown --optimizer '{self.optimizer}'", f"use {', '.join(OPTIMIZER_CHOICES)} or FILE.py:FN"
+            )
         for name, choices in (
             ("amp", AMP_CHOICES),
             ("parallel", PARALLEL_CHOICES),

@@ -1,14 +1,17 @@
-"""Run the passes: forward and backward as training would run them (autocast, fp16 loss scaling, SGD steps
-before measuring), with every failure of the user's code turned into a one-line error naming where it
+"""Run the passes: forward and backward as training would run them (autocast, fp16 loss scaling, a watched
+training run before measuring), with every failure of the user's code turned into a one-line error naming where it
 happened. The measured loop itself is `measure`: hooks on, one collector transfer per step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,12 +19,15 @@ from torch import nn
 
 from gradcheck_cli.batch import Batch
 from gradcheck_cli.collect import Collector
+from gradcheck_cli.distributed import Combiner
 from gradcheck_cli.errors import ModelRunError, UserError, exited, first_line, is_out_of_memory
 from gradcheck_cli.gradsave import GradientWriter
 from gradcheck_cli.layers import LayerSpec
+from gradcheck_cli.optimizers import OptimizerSource
 from gradcheck_cli.probe import Probe
-from gradcheck_cli.report import Layer, NanOrigin, ParameterRecord
+from gradcheck_cli.report import Layer, NanOrigin, ParameterRecord, Training, TrainingLayer
 from gradcheck_cli.resolve.losses import LossSelector
+from gradcheck_cli.series import median
 from gradcheck_cli.tracing import locate_failure, trace_nonfinite
 
 Progress = Callable[[str, int, int], None]
@@ -67,22 +73,6 @@ class Passes:
             value = _loss(self.loss, forward(self.runner, batch), batch)
         _backward(self.scaler.scale(value) if self.scaler is not None else value)
         return value
-
-    def sgd_step(self, model: nn.Module, batch: Batch, lr: float) -> float:
-        """One plain SGD step (p -= lr * grad), as the tutorial trains, without hooks; fp16 steps that
-        overflow are skipped and the scale halved, as GradScaler does."""
-        clear_grads(model)
-        value = self.forward_backward(batch)
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if self.scaler is not None and not all(bool(torch.isfinite(g).all()) for g in grads):
-            if self.can_back_off():
-                self.back_off()
-            return float(value.detach())
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.grad is not None:
-                    param.add_(param.grad, alpha=-lr / self.scale)
-        return float(value.detach())
 
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, list[str]]:
@@ -206,6 +196,19 @@ class Measurement:
     nan_origin: NanOrigin | None
     loss_scale: float | None
     skipped_steps: int
+    training: Training | None = None
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """The watched training run before the measured passes (watch.py)."""
+
+    steps: int
+    optimizer: OptimizerSource
+    lr: float
+    weight_decay: float | None = None
+    clip: float | None = None
+    save_bad_batch: tuple[Path, Path] | None = None  # (as the user gave it, where it is written)
 
 
 @dataclass(frozen=True)
@@ -213,23 +216,27 @@ class Plan:
     """How many passes of which kind, and what to keep from them."""
 
     steps: int
-    train_steps: int
-    lr: float
+    training: TrainPlan
     seed: int
     eval_mode: bool
     grad_writer: GradientWriter | None = None
     progress: Progress | None = None
 
+    @property
+    def train_steps(self) -> int:
+        return self.training.steps
 
-def measure(setup: Setup, plan: Plan, collector: Collector) -> Measurement:
-    """Train (plain SGD, no hooks) if asked, then measure `plan.steps` passes with hooks; replay a batch that
-    gave NaN/Inf to find where it started. The model is restored afterwards (restore.Restorer)."""
+
+def measure(setup: Setup, plan: Plan, collector: Collector, combiner: Combiner) -> Measurement:
+    """Train (the watched run, watch.py) if asked, then measure `plan.steps` passes with hooks; replay a batch
+    that gave NaN/Inf to find where it started. The model is restored afterwards (restore.Restorer), and the
+    optimizer's state dropped."""
     from gradcheck_cli.restore import Restorer
 
     model = setup.model
     passes = Passes(setup.runner, setup.loss, setup.device, setup.amp_dtype)
     probe = Probe(model, setup.layers, amp_tiny=collector.amp_tiny)
-    train_loss: list[float] = []
+    training = None
     nan_origin = None
     with (
         seeded(plan.seed, setup.device),
@@ -237,10 +244,8 @@ def measure(setup: Setup, plan: Plan, collector: Collector) -> Measurement:
         plan.grad_writer or contextlib.nullcontext(),
     ):
         model.train(not plan.eval_mode)
-        for step in range(plan.train_steps):
-            train_loss.append(passes.sgd_step(model, setup.batches[step].to(setup.device), plan.lr))
-            if plan.progress:
-                plan.progress("train", step + 1, plan.train_steps)
+        if plan.train_steps:
+            training = _train(setup, passes, plan, combiner)
         collector.prepare()
         first_bad: tuple[Batch, Any] | None = None
         with probe:
@@ -262,9 +267,68 @@ def measure(setup: Setup, plan: Plan, collector: Collector) -> Measurement:
                 nan_origin = trace_nonfinite(model, setup.runner, batch, setup.loss)
         clear_grads(model)
     loss_scale = collector.loss_scale if setup.amp_dtype == torch.float16 else None
+    if training is not None:
+        layers = [
+            dataclasses.replace(layer, update_ratio=_median_update(training.layer(layer.name))) for layer in layers
+        ]
+    train_loss = list(training.loss) if training is not None else []
     return Measurement(
-        layers, parameters, collector.loss.values, train_loss, nan_origin, loss_scale, collector.skipped_steps
+        layers,
+        parameters,
+        collector.loss.values,
+        train_loss,
+        nan_origin,
+        loss_scale,
+        collector.skipped_steps,
+        training,
     )
+
+
+def _train(setup: Setup, passes: Passes, plan: Plan, combiner: Combiner) -> Training:
+    """The watched steps (watch.Watch); a step that diverges ends them, replayed to find where it started."""
+    from gradcheck_cli.optimizers import build
+    from gradcheck_cli.watch import Watch, save_bad_batch
+
+    spec = plan.training
+    watch = Watch(
+        setup.model,
+        setup.layers,
+        build(spec.optimizer, setup.model, spec.lr, spec.weight_decay),
+        spec.clip,
+        combiner,
+        passes.scaler,
+    )
+    nan_step, origin, saved = None, None, None
+    for step in range(spec.steps):
+        host_batch = setup.batches[step]
+        batch = host_batch.to(setup.device)
+        rng = torch.random.get_rng_state()
+        if not watch.step(functools.partial(passes.forward_backward, batch)):
+            nan_step = step
+            torch.random.set_rng_state(rng)  # the same dropout masks as the step that diverged
+            with passes.autocast():
+                origin = trace_nonfinite(setup.model, setup.runner, batch, setup.loss)
+            if spec.save_bad_batch is not None:
+                shown, target = spec.save_bad_batch
+                saved = save_bad_batch(target, shown, host_batch, setup.model)
+            break
+        if plan.progress:
+            plan.progress("train", step + 1, spec.steps)
+    clear_grads(setup.model)
+    return watch.result(nan_step, origin, saved, spec.clip)  # the optimizer and its state go with `watch`
+
+
+def _median_update(layer: TrainingLayer | None) -> float | None:
+    """A layer's typical watched update: the median over the steps that made one. A weight that starts at
+    zero (a zero-initialised head) has no relative update at its first step, and at its second it changes by
+    about its whole norm as it grows from nothing: the steps until it has a norm of its own are left out."""
+    if layer is None:
+        return None
+    ratios = list(layer.update_ratio)
+    if ratios and ratios[0] is None:
+        grown = next((i for i, r in enumerate(ratios) if r is not None), len(ratios))
+        ratios = ratios[grown + 1 :]
+    return median(r for r in ratios if r is not None and math.isfinite(r))
 
 
 def _measured_step(passes: Passes, probe: Probe, collector: Collector, batch: Batch, rng: torch.Tensor) -> float:

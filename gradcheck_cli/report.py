@@ -128,6 +128,8 @@ class Layer:
     # the views that compared this layer with others (signal, update, time): empty for a weight layer means it
     # was checked numerically (NaN, all-zero) but nothing could say whether its gradient is too small or large
     views: tuple[str, ...] = ()
+    # --train-steps: median over the watched steps of ||dW||/||W||, the update the optimizer made (watch.py)
+    update_ratio: float | None = None
     status: str = "ok"
     severity: str | None = None
 
@@ -154,6 +156,9 @@ class UpdateSummary:
 
     layers: tuple[str, ...]
     median_grad_to_weight: float | None
+    # what the view compared: "grad_to_weight" (||g||/||W||), or after --train-steps "update_ratio", the
+    # median ||dW||/||W|| the watched optimizer steps made (median_grad_to_weight is then that quantity's median)
+    quantity: str = "grad_to_weight"
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,44 @@ class NanOrigin:
     phase: str  # "input" | "forward" | "loss" | "backward"
     module: str | None
     detail: str
+
+
+@dataclass(frozen=True)
+class TrainingLayer:
+    """One layer over the watched training steps (--train-steps), one value per step."""
+
+    name: str
+    grad_norm: tuple[float | None, ...]  # ||g|| before clipping
+    # ||W_after - W_before|| / ||W_before|| over its weight tensors: the update the optimizer actually made
+    update_ratio: tuple[float | None, ...]
+    # its output units (weight rows) with no usable gradient in that step (reduce.STARVED_UNIT)
+    dead_fraction: tuple[float | None, ...]
+    # of the sampled weight values with a nonzero gradient, those the step left unchanged: updates below the
+    # precision of the weights' dtype
+    stalled_fraction: tuple[float | None, ...]
+    nonfinite: tuple[int, ...]  # NaN/Inf gradient values (counted in steps whose gradient norm is not finite)
+
+
+@dataclass(frozen=True)
+class Training:
+    """The watched training run before the measured passes (--train-steps), one value per step taken."""
+
+    optimizer: str  # what stepped, with its settings: "adamw (lr 0.001, weight decay 0.01)"
+    clip: float | None  # --clip's max norm
+    steps: int  # steps taken: fewer than asked when one diverged
+    loss: tuple[float, ...]
+    grad_norm: tuple[float, ...]  # global gradient norm before clipping
+    clipped: tuple[bool, ...]  # whether --clip scaled the gradients
+    loss_scale: tuple[float, ...] | None  # fp16: GradScaler's scale in that step
+    skipped: tuple[bool, ...]  # fp16: the scaler skipped the update (gradients overflowed)
+    lr: tuple[float, ...]  # the learning rate of the first parameter group (a scheduler moves it)
+    layers: tuple[TrainingLayer, ...]
+    nan_step: int | None = None  # the step (0-based) whose loss or gradients were not finite; the run stopped
+    nan_origin: NanOrigin | None = None  # where that step's NaN/Inf started (its batch replayed)
+    bad_batch: str | None = None  # --save-bad-batch: where that batch was saved
+
+    def layer(self, name: str) -> TrainingLayer | None:
+        return next((layer for layer in self.layers if layer.name == name), None)
 
 
 @dataclass(kw_only=True)
@@ -186,6 +229,7 @@ class Report:
     loss_name: str = ""
     loss: list[float]
     train_loss: list[float] = field(default_factory=list)
+    training: Training | None = None  # --train-steps: the watched run, step by step
     thresholds: dict[str, float]
     signal: SignalSummary
     update: UpdateSummary

@@ -57,7 +57,7 @@ class Step(Generic[V]):
     """Everything one step measured: the loss, per parameter (by ParamInfo.index), per layer (by index)."""
 
     loss: V = combined(LOCAL_SUM)
-    params: dict[int, ParamStep[V]] = field(default_factory=dict)
+    params: dict[int, Any] = field(default_factory=dict)  # ParamStep[V] (watched training: TrainParamStep[V])
     layers: dict[int, LayerStep[V]] = field(default_factory=dict)
 
 
@@ -68,7 +68,9 @@ def transfer(step: Step[torch.Tensor], combiner: Combiner, device: torch.device)
     """The step's numbers on the host: one stacked vector per combining policy, combined across processes,
     copied with one transfer (the step's single host synchronisation)."""
     host: Step[float] = Step(
-        loss=0.0, params={i: ParamStep() for i in step.params}, layers={i: LayerStep() for i in step.layers}
+        loss=0.0,
+        params={i: type(record)() for i, record in step.params.items()},  # ParamStep, or watch.TrainParamStep
+        layers={i: LayerStep() for i in step.layers},
     )
     pairs: list[tuple[Any, Any]] = [(step, host)]
     pairs += [(record, host.params[i]) for i, record in step.params.items()]

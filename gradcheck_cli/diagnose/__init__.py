@@ -7,6 +7,7 @@ from a Context (the layers and the run's settings) to findings, registered in RU
 - views: the signal view (signal.py: how ||dL/dz|| changes along the forward order) and the update view
   (update.py: each weight layer's ||g||/||W||), kept when they hold on most batches (views.py);
 - time: the gradient reaching each time step of a recurrent layer (time.py);
+- training: what the watched optimizer steps of --train-steps showed over time (training.py);
 - activation: dead ReLU units, saturated sigmoid/tanh inputs; usage: parameters that got no gradient
   (activation.py).
 
@@ -26,16 +27,17 @@ from gradcheck_cli.diagnose.numeric import numeric, underflow
 from gradcheck_cli.diagnose.signal import signal_view
 from gradcheck_cli.diagnose.thresholds import Thresholds
 from gradcheck_cli.diagnose.time import through_time
+from gradcheck_cli.diagnose.training import training
 from gradcheck_cli.diagnose.update import expects_comparison, peer_group, update_view
 from gradcheck_cli.diagnose.views import MODEL_LAYER, unjudged, views
 from gradcheck_cli.kinds import STATUS_ORDER
-from gradcheck_cli.report import Finding, Layer, NanOrigin, SignalSummary, UpdateSummary
+from gradcheck_cli.report import Finding, Layer, NanOrigin, SignalSummary, Training, UpdateSummary
 
 __all__ = ["LOSS_LAYER", "MODEL_LAYER", "RULES", "Context", "Thresholds", "Verdict", "diagnose", "peer_group"]
 
 Rule = Callable[[Context], list[Finding]]
 # Every rule, in the order their findings are gathered (then sorted by _ordered).
-RULES: tuple[Rule, ...] = (numeric, views, through_time, activations, usage, underflow, unjudged)
+RULES: tuple[Rule, ...] = (numeric, views, through_time, activations, usage, underflow, unjudged, training)
 
 
 @dataclass(frozen=True)
@@ -56,12 +58,13 @@ def diagnose(
     lr: float = 0.01,
     amp: str | None = None,
     residual: bool | None = None,
+    training_run: Training | None = None,
 ) -> Verdict:
     """Statuses and findings for every layer; the two views' summaries. residual: whether the signal has a
     path around the chain's layers (confirm.find_bypass), which changes what the signal view judges."""
     signal = signal_view(layers, thresholds, residual)
     update = update_view(layers, thresholds, lr, signal[0])
-    context = Context(layers, loss, thresholds, nan_origin, lr, amp, signal, update)
+    context = Context(layers, loss, thresholds, nan_origin, lr, amp, signal, update, training_run)
     findings = [finding for rule in RULES for finding in rule(context)]
     notes = _tied_notes(layers)
     compared = _compared(layers, signal[0], update[0], thresholds)

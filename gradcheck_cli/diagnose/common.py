@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gradcheck_cli.diagnose.thresholds import Thresholds
-from gradcheck_cli.report import Finding, Layer, NanOrigin, SignalSummary, UpdateSummary
+from gradcheck_cli.report import Finding, Layer, NanOrigin, SignalSummary, Training, UpdateSummary
 
 LOSS_LAYER = "<loss>"
 
@@ -25,6 +25,7 @@ class Context:
     amp: str | None
     signal: tuple[SignalSummary, list[Finding]]
     update: tuple[UpdateSummary, list[Finding]]
+    training: Training | None = None  # --train-steps: the watched run (diagnose/training.py)
 
 
 def level(value: float, warning: float, error: float) -> str | None:

@@ -67,6 +67,22 @@ class Thresholds:
     input_lag: float = threshold(
         2.0, "Update view: lag of the input layer (factor) flagged when its input is unstandardised."
     )
+    # training view (--train-steps), spikes: a step whose loss or global gradient norm is this many times the
+    # running median of the steps before it. Batch-to-batch spread of ||g|| at batch sizes from 8 up stays
+    # within 2-3x (grad_norm_spread over the corpus), and a loss falls smoothly over a short run, so an order of
+    # magnitude is no batch noise: under SGD that step moves the weights 10x further than the others, and under
+    # Adam it inflates the second moment for ~1/(1 - beta2) steps. Two orders: an error, as one such step can
+    # undo the run (Megatron-LM's --check-for-large-grads, Lightning's SpikeDetection look for the same).
+    spike_warning: float = threshold(10.0, "Training: loss or gradient norm this many times its running median warns.")
+    spike_error: float = threshold(100.0, "Training: spike factor that is an error.")
+    # training view, clipping: --clip acting on more than this fraction of the steps means the threshold, not
+    # the gradient, sets the step size (most runs clip rarely: espnet/fairseq logs show it on a few % of steps).
+    clip_warning: float = threshold(0.5, "Training: fraction of steps where --clip acted that warns.")
+    # training view, updates below precision: fraction of a layer's weights that had a nonzero gradient but did
+    # not change, because the update was below half the spacing of the weight's dtype around its value (bf16:
+    # 2^-8 relative). Half of them frozen halves the layer's learning; 90% is a layer that has stopped.
+    stall_warning: float = threshold(0.5, "Training: fraction of a layer's updates lost to rounding that warns.")
+    stall_error: float = threshold(0.9, "Training: fraction of updates lost to rounding that is an error.")
     # fewest layers for a signal fit and for a balance median. The fit is a Theil-Sen line, which ignores up to
     # ~29% outlying points: with 5 or more layers one odd end (an embedding, an output head) cannot fake a trend.
     min_chain: int = threshold(5, "Fewest layers for a signal-view fit or a balance median.")
@@ -76,7 +92,7 @@ class Thresholds:
 
     def validate(self) -> None:
         """Raise UserError for a threshold that makes no sense (it runs once, when the thresholds are made)."""
-        for name in ("signal", "balance", "update", "dead", "saturation", "underflow"):
+        for name in ("signal", "balance", "update", "dead", "saturation", "underflow", "spike", "stall"):
             low = getattr(self, f"{name}_warning")
             high = getattr(self, f"{name}_error")
             if not (math.isfinite(low) and math.isfinite(high)) or low <= 0:
@@ -92,10 +108,12 @@ class Thresholds:
             raise UserError("input_lag is a factor and must be above 1", "e.g. 2")
         if not math.isfinite(self.role_error) or self.role_error < self.balance_error:
             raise UserError("role_error is a factor at least balance_error", "e.g. 1e5")
-        for name in ("signal", "balance"):
+        for name in ("signal", "balance", "spike"):
             if getattr(self, f"{name}_warning") <= 1:
                 raise UserError(f"{name} thresholds are factors and must be above 1", "e.g. 10")
-        for name in ("dead", "saturation", "underflow"):
+        if not 0 < self.clip_warning <= 1:
+            raise UserError("clip_warning is a fraction of steps and must be in (0, 1]", "e.g. 0.5")
+        for name in ("dead", "saturation", "underflow", "stall"):
             if getattr(self, f"{name}_error") > 1:
                 raise UserError(f"{name} thresholds are fractions and must be in (0, 1]", "e.g. 0.5")
         if self.min_chain < 3:

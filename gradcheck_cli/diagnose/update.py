@@ -30,35 +30,48 @@ def update_view(
 ) -> tuple[UpdateSummary, list[Finding]]:
     """The update view's summary, and its findings: layers that learn far slower than their peers or the
     network (balance), and steps that change a layer's weights by more than their norm (size)."""
+    measured = any(layer.update_ratio is not None for layer in layers)
     members = [
         layer
         for layer in layers
         if layer.category in BALANCE_CATEGORIES
         and _judged(layer)
-        and layer.grad_to_weight is not None
-        and math.isfinite(layer.grad_to_weight)
-        and layer.grad_to_weight > 0
+        and (value := _relative(layer, measured)) is not None
+        and math.isfinite(value)
+        and value > 0
     ]
-    reference = median([layer.grad_to_weight or 0.0 for layer in members])
-    summary = UpdateSummary(tuple(layer.name for layer in members), reference)
+    reference = median([_relative(layer, measured) or 0.0 for layer in members])
+    quantity = "update_ratio" if measured else "grad_to_weight"
+    summary = UpdateSummary(tuple(layer.name for layer in members), reference, quantity)
     findings = []
     if reference and len(members) >= thresholds.min_chain:
-        findings += _balance(layers, members, reference, thresholds, signal)
-    return summary, findings + _step_size(layers, thresholds, lr)
+        findings += _balance(layers, members, reference, thresholds, signal, measured)
+    return summary, findings + _step_size(layers, thresholds, lr, measured)
+
+
+def _relative(layer: Layer, measured: bool) -> float | None:
+    """What the view compares: the update the watched optimizer steps made (||dW||/||W||, --train-steps), or
+    without them ||g||/||W||, the update one SGD step would make per unit of learning rate."""
+    return layer.update_ratio if measured else layer.grad_to_weight
 
 
 def _balance(
-    layers: Sequence[Layer], members: Sequence[Layer], reference: float, thresholds: Thresholds, signal: SignalSummary
+    layers: Sequence[Layer],
+    members: Sequence[Layer],
+    reference: float,
+    thresholds: Thresholds,
+    signal: SignalSummary,
+    measured: bool,
 ) -> list[Finding]:
     findings = []
     first = _input_layer(layers)
-    peers = _peer_medians(members)
+    peers = _peer_medians(members, measured)
     for layer in members:
         if layer.feeds_norm:
             # Scale-invariant (its output is normalised): SGD tunes its effective learning rate by itself
             # (Arora et al. 2019), so a slow start is not a lasting imbalance.
             continue
-        ratio = layer.grad_to_weight or 0.0
+        ratio = _relative(layer, measured) or 0.0
         group, peer_reference = peers.get(layer.name, (None, None))
         # Against its peers (the same role in the other blocks) when it has them: roles differ by design (see
         # _peer_medians; CaiT's talking-heads projections learn 1000x slower than its MLPs in every block), so
@@ -79,7 +92,10 @@ def _balance(
             if layer.category != "embedding":
                 severity = level(1 / factor, thresholds.balance_warning, thresholds.balance_error)
         message = (
-            f"||g||/||W|| = {layer.grad_to_weight:.2g} is {times(factor)} below {against}: "
+            f"||dW||/||W|| per step = {ratio:.2g} is {times(factor)} below {against}: "
+            "this layer learns that much slower under the watched optimizer"
+            if measured
+            else f"||g||/||W|| = {ratio:.2g} is {times(factor)} below {against}: "
             "this layer learns that much slower under SGD"
         )
         fix = _balance_fix(layer, signal)
@@ -97,10 +113,10 @@ def _balance(
     return findings
 
 
-def _step_size(layers: Sequence[Layer], thresholds: Thresholds, lr: float) -> list[Finding]:
+def _step_size(layers: Sequence[Layer], thresholds: Thresholds, lr: float, measured: bool) -> list[Finding]:
     findings = []
     for layer in layers:
-        relative = layer.grad_to_weight
+        relative = _relative(layer, measured)
         if not _judged(layer) or relative is None or not math.isfinite(relative):
             continue
         if layer.feeds_norm:
@@ -108,18 +124,23 @@ def _step_size(layers: Sequence[Layer], thresholds: Thresholds, lr: float) -> li
             # ||W|| (the gradient is orthogonal to W), which shrinks the next steps by itself (van Laarhoven
             # 2017; Hoffer et al. 2018). Step size relative to ||W|| is not a hazard here.
             continue
-        size = lr * relative
+        size = relative if measured else lr * relative
         severity = level(size, thresholds.update_warning, thresholds.update_error)
         if severity is None:
             continue
+        message = (
+            f"the watched optimizer steps changed the weights by {size:.3g}x their norm per step (median ||dW||/||W||)"
+            if measured
+            else f"one SGD step at lr {lr:g} changes the weights by {size:.3g}x their norm "
+            f"(||g||/||W|| = {relative:.3g})"
+        )
         findings.append(
             Finding(
                 layer.name,
                 "exploding",
                 severity,
                 "update",
-                f"one SGD step at lr {lr:g} changes the weights by {size:.3g}x their norm "
-                f"(||g||/||W|| = {relative:.3g})",
+                message,
                 "gradients are huge for these weights: lower the learning rate, clip with "
                 "torch.nn.utils.clip_grad_norm_, and check the weight and input scale (nn.init.kaiming_normal_, "
                 "standardised inputs)",
@@ -150,7 +171,7 @@ def peer_group(name: str) -> str:
 PEER_GROUP_MIN = 2
 
 
-def _peer_medians(members: Sequence[Layer]) -> dict[str, tuple[str, float]]:
+def _peer_medians(members: Sequence[Layer], measured: bool = False) -> dict[str, tuple[str, float]]:
     """{layer: (group, median ||g||/||W|| of its group)} for groups of at least PEER_GROUP_MIN layers.
 
     Layers in different roles learn at different speeds by design: GPT-2's scaled initialisation makes the
@@ -165,7 +186,7 @@ def _peer_medians(members: Sequence[Layer]) -> dict[str, tuple[str, float]]:
     result = {}
     for key, group in groups.items():
         if len(group) >= PEER_GROUP_MIN:
-            value = median([layer.grad_to_weight or 0.0 for layer in group])
+            value = median([_relative(layer, measured) or 0.0 for layer in group])
             if value:
                 for layer in group:
                     result[layer.name] = (key.split(":")[0], value)

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from gradcheck_cli.batch import Batches
+    from gradcheck_cli.optimizers import OptimizerSource
     from gradcheck_cli.options import Options
 
 
@@ -29,6 +30,30 @@ class Resolved:
     file_loss: Callable[..., Any] | None  # the model file's loss_fn, which --loss auto prefers
     label: str  # TARGET as the report names it
     notes: list[str]
+    optimizer: OptimizerSource  # what --train-steps steps with
+
+
+def optimizer_source(spec: str | None, module: Any = None) -> OptimizerSource:
+    """--optimizer: a named optimizer, FILE.py:FN, or (not given) the model file's build_optimizer, else sgd;
+    with the model file's build_scheduler (or FILE.py's own) when there is one."""
+    from gradcheck_cli.optimizers import OptimizerSource
+    from gradcheck_cli.options import OPTIMIZER_CHOICES
+    from gradcheck_cli.resolve.modules import file_function, function_in, import_target
+
+    scheduler = file_function(module, "build_scheduler") if module is not None else None
+    if spec is None:
+        build = file_function(module, "build_optimizer") if module is not None else None
+        if build is None:
+            return OptimizerSource("sgd", scheduler=scheduler)
+        return OptimizerSource("build_optimizer()", build, scheduler)
+    if spec in OPTIMIZER_CHOICES:
+        return OptimizerSource(spec, scheduler=scheduler)
+    target = parse_target(spec, what="--optimizer")
+    if target.name is None:
+        raise UserError(f"--optimizer '{spec}' names no function", "use FILE.py:FN, FN(model) -> optimizer")
+    build = function_in(target)
+    own = file_function(import_target(target), "build_scheduler")
+    return OptimizerSource(target.label(), build, own or scheduler)
 
 
 def resolve(target: str, options: Options) -> Resolved:
@@ -63,4 +88,5 @@ def resolve(target: str, options: Options) -> Resolved:
     else:
         batches = model_file_batches(module, total)
     label = parsed.label() if not name else f"{parsed.source}:{name}"
-    return Resolved(model, batches, loss, file_function(module, "loss_fn"), label, notes)
+    optimizer = optimizer_source(options.optimizer, module)
+    return Resolved(model, batches, loss, file_function(module, "loss_fn"), label, notes, optimizer)
