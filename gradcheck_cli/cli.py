@@ -184,7 +184,7 @@ def _analyze(ctx: typer.Context, target: str, debug: bool, **values: Any) -> Non
         outputs = _outputs(options)
         from gradcheck_cli.resolve.specs import input_files
 
-        reads = input_files(target, options.weights, options.data, options.loss)
+        reads = input_files(target, options.weights, options.data, options.loss, options.optimizer)
         _refuse_inputs(options, {**reads, "config file": ctx.meta.get("gradcheck.config")})
 
         def run(progress: Callable[[str, int, int], None] | None) -> Report:
@@ -337,6 +337,11 @@ def _refuse_inputs(options: Options, inputs: dict[str, Path | None]) -> None:
     from gradcheck_cli.files import refuse_inputs
 
     outputs = {"--output": options.output, "--plot": options.plot, "--save-grads": options.save_grads}
+    if options.save_bad_batch is not None:
+        from gradcheck_cli.files import bad_batch_weights
+
+        outputs["--save-bad-batch"] = options.save_bad_batch
+        outputs["--save-bad-batch (its weights file)"] = bad_batch_weights(options.save_bad_batch)
     refuse_inputs(outputs, inputs)
 
 

@@ -39,7 +39,7 @@ SETTINGS = (
     ("batch_size", "batch size"),
     ("loss_name", "loss"),
     ("seed", "seed"),
-    ("train_steps", "SGD steps before measuring"),
+    ("train_steps", "watched training steps before measuring"),
     ("lr", "learning rate"),
     ("mode", "mode"),
 )

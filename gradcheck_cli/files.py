@@ -25,6 +25,12 @@ def check_file_option(
         raise UserError(f"{option} {path}: folder {path.parent} does not exist", "create it first")
 
 
+def bad_batch_weights(path: Path) -> Path:
+    """Where --save-bad-batch FILE.safetensors writes the weights the diverging step started from:
+    FILE.weights.safetensors, beside it."""
+    return path.with_name(path.stem + ".weights" + path.suffix)
+
+
 def refuse_inputs(outputs: dict[str, Path | None], inputs: dict[str, Path | None]) -> None:
     """No output option may name a file the run reads (weights, data, model, loss, config), also through a
     symbolic or a hard link: writing it would destroy the input. Checked before anything runs."""

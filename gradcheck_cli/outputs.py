@@ -54,6 +54,14 @@ class Outputs:
             from gradcheck_cli.gradsave import check_path
 
             check_path(options.save_grads)
+        if options.save_bad_batch is not None:
+            check_file_option(
+                "--save-bad-batch",
+                options.save_bad_batch,
+                (".safetensors",),
+                ("not a .safetensors file", "name it e.g. bad.safetensors (--data reads it back)"),
+                "bad.safetensors",
+            )
 
     def emit(self, report: Report) -> int:
         """Print the report, write the files asked for, annotate for GitHub; return the exit code."""

@@ -87,7 +87,8 @@ def transfer(step: Step[torch.Tensor], combiner: Combiner, device: torch.device)
                     continue
                 # Counts kept on the host differ per rank too: sum them with the rest.
                 policy, value = LOCAL_SUM, torch.tensor(float(value), device=device)
-            slots[policy].append((target, item.name, value.detach().float().reshape(())))
+            # float64: a squared norm of 1e19-sized gradients (a diverging run) overflows float32
+            slots[policy].append((target, item.name, value.detach().to(torch.float64).reshape(())))
     vectors = [
         torch.stack([v for _, _, v in slots[p]]) if slots[p] else torch.zeros(0, device=device) for p in _POLICIES
     ]

@@ -31,15 +31,19 @@ from torch import nn
 from gradcheck_cli.batch import Batch
 from gradcheck_cli.distributed import GRADIENT_SUM, Combiner, local
 from gradcheck_cli.errors import ModelRunError, UserError, exited, first_line, is_out_of_memory
+from gradcheck_cli.files import bad_batch_weights
 from gradcheck_cli.layers import LayerSpec, has_units, is_matrix
 from gradcheck_cli.optimizers import Built, current_lr
-from gradcheck_cli.reduce import STARVED_UNIT, norm_dtype, sample
+from gradcheck_cli.reduce import STARVED_UNIT, sample
 from gradcheck_cli.report import NanOrigin, Training, TrainingLayer
 from gradcheck_cli.steps import Step as StepRecord
 from gradcheck_cli.steps import V, combined, transfer
 
 # clip_grad_norm_'s own guard against dividing by a zero norm
 CLIP_EPS = 1e-6
+# Norms of a watched step are accumulated in float64: a diverging run's gradients reach 1e19 and beyond, where
+# a float32 sum of squares overflows to Inf and a finite step would read as NaN.
+WIDE = torch.float64
 
 
 @dataclass
@@ -145,9 +149,11 @@ class Watch:
         if self.clip is not None:
             self._clip(total)
         lr = current_lr(optimizer)
+        # only what the optimizer steps can stall: a tensor it leaves out, or steps at lr 0, is kept still on purpose
+        stepped = {id(p) for group in optimizer.param_groups if group.get("lr", 0) > 0 for p in group["params"]}
         self._optimizer_step()
         for index, item in enumerate(self.tracked):
-            _update(item, device_step.params[index], samples[index])
+            _update(item, device_step.params[index], samples[index] if id(item.param) in stepped else None)
         host = transfer(device_step, self.combiner, loss.device)
         grad_norm = math.sqrt(sum(p.grad_sq or 0.0 for p in host.params.values()))
         skipped = self.scaler is not None and not math.isfinite(grad_norm)
@@ -246,7 +252,7 @@ def _gradient(item: Tracked) -> tuple[TrainParamStep[torch.Tensor], torch.Tensor
     sparse = grad.is_sparse
     if sparse:
         grad = grad.coalesce().values()
-    dtype = norm_dtype(grad)
+    dtype = WIDE
     if item.units and grad.dim() >= 2 and grad.shape[0] > 0:
         rows = torch.linalg.vector_norm(grad.reshape(grad.shape[0], -1), dim=1, dtype=dtype).square()
         record.grad_sq = rows.sum()
@@ -264,7 +270,7 @@ def _update(item: Tracked, record: TrainParamStep[torch.Tensor], grad_sample: to
     if not item.weight:
         return
     after = local(item.param.detach())
-    dtype = norm_dtype(after)
+    dtype = WIDE
     with torch.no_grad():
         record.delta_sq = torch.linalg.vector_norm(after - item.kept, dtype=dtype).square()
         record.weight_sq = torch.linalg.vector_norm(item.kept, dtype=dtype).square()
@@ -336,28 +342,23 @@ def save_bad_batch(path: Path, shown: Path, batch: Batch, model: nn.Module) -> s
     from gradcheck_cli.gradsave import GradientWriter
 
     tensors = [batch.args[0]]
-    weights_path = weights_file(path)
+    weights_path = bad_batch_weights(path)
     option = "--save-bad-batch"
     with GradientWriter(shown, {"format": "gradcheck.batch/1"}, path, option) as writer:
         writer.add("inputs", tensors[0])
         if isinstance(batch.targets, torch.Tensor):
             writer.add("targets", batch.targets)
-    with GradientWriter(weights_file(shown), {"format": "gradcheck.weights/1"}, weights_path, option) as out:
+    with GradientWriter(bad_batch_weights(shown), {"format": "gradcheck.weights/1"}, weights_path, option) as out:
         for name, value in model.state_dict().items():
             if isinstance(value, torch.Tensor):
                 out.add(name, local(value))
     return str(shown)
 
 
-def weights_file(path: Path) -> Path:
-    """bad.safetensors -> bad.weights.safetensors"""
-    return path.with_name(path.stem + ".weights" + path.suffix)
-
-
 def bad_step_note(training: Training) -> str | None:
     if training.bad_batch is None:
         return None
-    weights = weights_file(Path(training.bad_batch))
+    weights = bad_batch_weights(Path(training.bad_batch))
     return (
         f"bad batch saved: {training.bad_batch} (step {training.nan_step}); replay it on the weights of that step: "
         f"--data {training.bad_batch} --weights {weights}"

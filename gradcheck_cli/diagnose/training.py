@@ -171,16 +171,19 @@ def _stalled(context: Context, run: Training) -> list[Finding]:
         severity = level(fraction, thresholds.stall_warning, thresholds.stall_error)
         if severity is None:
             continue
-        updates = [r for r in layer.update_ratio if r is not None]
-        size = f" (||dW||/||W|| {median(updates):.2g} per step)" if updates else ""
+        update = median(r for r in layer.update_ratio if r is not None)
+        if update == 0:  # not rounding: the optimizer's update itself was 0 (e.g. Adam's second moment overflowed)
+            cause = "the optimizer's update itself was 0 (its second moment overflowed, for one)"
+        else:
+            size = f" (||dW||/||W|| {update:.2g} per step)" if update is not None else ""
+            cause = f"the updates{size} are below the precision of the weights' dtype around their values"
         findings.append(
             Finding(
                 layer.name,
                 "vanishing",
                 severity,
                 "numeric",
-                f"{fraction:.0%} of its weights with a nonzero gradient did not change in a step{size}: the "
-                "updates are below the precision of the weights' dtype around their values",
+                f"{fraction:.0%} of its weights with a nonzero gradient did not change in a step: {cause}",
                 "keep float32 master weights (train in float32 under torch.autocast, --amp bf16), or an optimizer "
                 "with Kahan summation or stochastic rounding; a larger learning rate only for this layer",
                 fraction,

@@ -19,9 +19,11 @@ from gradcheck_cli.render.common import (
     sparkline,
     spread,
     status_text,
+    trend_sparkline,
 )
 from gradcheck_cli.render.rows import Row
-from gradcheck_cli.report import Finding, Layer, Report
+from gradcheck_cli.report import Finding, Layer, Report, Training
+from gradcheck_cli.series import median
 
 
 @dataclass(frozen=True)
@@ -30,10 +32,11 @@ class TableContext:
 
     window: tuple[int, int] | None
     findings: Sequence[Finding]
+    training: Training | None = None  # --train-steps: the watched run, for its columns
 
     @classmethod
     def of(cls, report: Report) -> TableContext:
-        return cls(spark_window(report.layers), report.findings)
+        return cls(spark_window(report.layers), report.findings, report.training)
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class Column:
     role: Literal["name", "value", "spark", "status"] = "value"
     # lowest first: the order in which a narrow terminal leaves columns out; None: never left out
     drop: int | None = None
+    training: bool = False  # shown only after a watched training run (--train-steps)
 
 
 def numeric(read: Callable[[Layer], float | None]) -> Callable[[Row, TableContext], str]:
@@ -96,6 +100,23 @@ def _spark(row: Row, context: TableContext) -> str:
     return sparkline(merged, context.window)
 
 
+def _over_steps(row: Row, context: TableContext) -> str:
+    """The layer's ||g|| over the watched steps (the tutorial's picture over time), on its own log scale."""
+    if context.training is None:
+        return ""
+    series = [found.grad_norm for layer in row.layers if (found := context.training.layer(layer.name)) is not None]
+    if not series:
+        return ""
+    per_step = [median(values) for values in zip(*series, strict=True)]  # a folded row: the median layer
+    return trend_sparkline(per_step)
+
+
+def _update(row: Row, context: TableContext) -> str:
+    if row.folded:
+        return number_range([layer.update_ratio for layer in row.layers])
+    return number(row.first.update_ratio)
+
+
 def _status(row: Row, context: TableContext) -> str:
     text = status_text(row.first, context.findings)
     return f"{text} ×{len(row.layers)}" if row.folded else text
@@ -103,14 +124,35 @@ def _status(row: Row, context: TableContext) -> str:
 
 COLUMNS = (
     Column("layer", lambda c: "layer", lambda row, c: row.name, role="name"),
-    Column("type", lambda c: "type", lambda row, c: row.first.type, drop=2),
-    Column("params", lambda c: "params", _params, "right", drop=3),
+    Column("type", lambda c: "type", lambda row, c: row.first.type, drop=3),
+    Column("params", lambda c: "params", _params, "right", drop=4),
     Column("grad", lambda c: "‖g‖", numeric(lambda layer: layer.grad_norm_median), "right"),
-    Column("spread", lambda c: "spread", _spread, "right", drop=1),
+    Column("spread", lambda c: "spread", _spread, "right", drop=2),
     Column("ratio", lambda c: "‖g‖/‖W‖", numeric(lambda layer: layer.grad_to_weight), "right"),
+    Column("update", lambda c: "‖ΔW‖/‖W‖", _update, "right", drop=5, training=True),
     Column("dz", lambda c: "‖dL/dz‖", numeric(lambda layer: layer.output_grad_norm_median), "right"),
+    Column(
+        "steps",
+        lambda c: f"‖g‖ over {c.training.steps if c.training else 0} steps",
+        _over_steps,
+        role="spark",
+        drop=1,
+        training=True,
+    ),
     Column("histogram", lambda c: spark_axis(c.window) or "|g| histogram", _spark, role="spark", drop=0),
     Column("status", lambda c: "status", _status, role="status"),
 )
 # what a note names when columns are left out
-COLUMN_LABELS = {"type": "type", "params": "params", "spread": "spread", "histogram": "|g| histogram"}
+COLUMN_LABELS = {
+    "type": "type",
+    "params": "params",
+    "spread": "spread",
+    "histogram": "|g| histogram",
+    "steps": "‖g‖ over the watched steps",
+    "update": "‖ΔW‖/‖W‖",
+}
+
+
+def columns(context: TableContext) -> list[Column]:
+    """The columns this report has: the training ones only after a watched run."""
+    return [column for column in COLUMNS if not column.training or context.training is not None]

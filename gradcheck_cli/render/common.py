@@ -74,6 +74,37 @@ def sparkline(histogram: Sequence[int] | None, window: tuple[int, int] | None, w
     return "".join(SPARK[0] if c == 0 else SPARK[max(1, round(c / peak * (len(SPARK) - 1)))] for c in merged)
 
 
+TREND_WIDTH = 16  # characters of a sparkline over training steps: more steps are merged (median per group)
+
+
+def trend_sparkline(values: Sequence[float | None], width: int = TREND_WIDTH) -> str:
+    """Values over steps as block characters on their own log scale (low = the smallest, high = the largest);
+    '!' marks a step whose value is not finite, ' ' one without a value."""
+    count = min(width, len(values))
+    merged: list[float | None] = []
+    for index in range(count):
+        chunk = values[index * len(values) // count : (index + 1) * len(values) // count]
+        if any(v is not None and not math.isfinite(v) for v in chunk):
+            merged.append(math.inf)
+            continue
+        known = sorted(v for v in chunk if v is not None)
+        merged.append(known[len(known) // 2] if known else None)
+    logs = [math.log10(v) for v in merged if v is not None and math.isfinite(v) and v > 0]
+    low, high = (min(logs), max(logs)) if logs else (0.0, 0.0)
+    chars = []
+    for value in merged:
+        if value is None:
+            chars.append(" ")
+        elif not math.isfinite(value):
+            chars.append("!")
+        elif value <= 0:
+            chars.append(".")
+        else:
+            level = (math.log10(value) - low) / (high - low) if high > low else 0.5
+            chars.append(SPARK[1 + round(level * (len(SPARK) - 2))])
+    return "".join(chars)
+
+
 def spark_axis(window: tuple[int, int] | None) -> str:
     """The sparkline's range in words, e.g. '|g| 1e-09 .. 1e-01'."""
     if window is None:
@@ -126,10 +157,46 @@ def update_line(report: Report) -> str:
     update = report.update
     if update.median_grad_to_weight is None:
         return "update view: no weight layers to compare"
+    if update.quantity == "update_ratio":
+        return (
+            f"update view: median ||dW||/||W|| {update.median_grad_to_weight:.3g} per watched step over "
+            f"{len(update.layers)} weight layers (the updates the optimizer made)"
+        )
     return (
         f"update view: median ||g||/||W|| {update.median_grad_to_weight:.3g} over {len(update.layers)} weight layers "
         f"(one SGD step at lr {report.lr:g} moves weights by {report.lr * update.median_grad_to_weight:.2g}x)"
     )
+
+
+def run_header(report: Report) -> str:
+    """How many passes, after what: '3 step(s) after 20 watched adamw steps'."""
+    training = report.training
+    if training is None:
+        return f"{report.steps} step(s)"
+    name = training.optimizer.split(" (")[0]
+    taken = f"{training.steps} of {report.train_steps}" if training.steps < report.train_steps else f"{training.steps}"
+    return f"{report.steps} step(s) after {taken} watched {name} step(s)"
+
+
+def training_line(report: Report) -> str | None:
+    """The watched run in one line: optimizer, loss first -> last, gradient norm, clipping, how it ended."""
+    run = report.training
+    if run is None or not run.steps:
+        return None
+    finite = sorted(n for n in run.grad_norm if math.isfinite(n))
+    norms = f"gradient norm {finite[0]:.3g}..{finite[-1]:.3g} (median {finite[len(finite) // 2]:.3g})" if finite else ""
+    parts = [
+        f"training: {run.steps} step(s) of {run.optimizer}",
+        f"loss {run.loss[0]:.4g} -> {run.loss[-1]:.4g}",
+        norms,
+    ]
+    if run.clip is not None:
+        parts.append(f"--clip {run.clip:g} acted on {sum(run.clipped)} of {run.steps} steps")
+    if run.loss_scale is not None:
+        parts.append(f"loss scale {run.loss_scale[0]:g} -> {run.loss_scale[-1]:g}, {sum(run.skipped)} step(s) skipped")
+    if run.nan_step is not None:
+        parts.append(f"stopped at step {run.nan_step + 1}: NaN/Inf (the measured passes ran on the weights before it)")
+    return "; ".join(part for part in parts if part)
 
 
 def coverage_line(report: Report) -> str | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gradcheck_cli.gate import Gate
-from gradcheck_cli.render.columns import COLUMNS, TableContext
+from gradcheck_cli.render.columns import TableContext, columns
 from gradcheck_cli.render.common import coverage_line, display_name, grouped, signal_line, update_line, verdict_line
 from gradcheck_cli.render.rows import rows
 from gradcheck_cli.report import Report
@@ -34,13 +34,14 @@ def render(report: Report, gate: Gate) -> str:
         lines.append(f"- NaN origin: {report.nan_origin.detail}")
     lines += [f"- note: {note}" for note in report.notes]
     context = TableContext.of(report)
+    present = columns(context)
     lines += [
         "",
-        "| " + " | ".join(_cell(column.header(context)) for column in COLUMNS) + " |",
-        "|" + "|".join("---:" if column.justify == "right" else "---" for column in COLUMNS) + "|",
+        "| " + " | ".join(_cell(column.header(context)) for column in present) + " |",
+        "|" + "|".join("---:" if column.justify == "right" else "---" for column in present) + "|",
     ]
     for row in rows(report.layers, "all"):
-        cells = [_decorated(column.cell(row, context), column.role, row.first.severity) for column in COLUMNS]
+        cells = [_decorated(column.cell(row, context), column.role, row.first.severity) for column in present]
         lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
     if report.findings:
         lines += ["", "### Findings", ""]

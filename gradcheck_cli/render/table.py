@@ -10,13 +10,15 @@ from rich.table import Table
 from rich.text import Text
 
 from gradcheck_cli.gate import Gate
-from gradcheck_cli.render.columns import COLUMN_LABELS, COLUMNS, TableContext
+from gradcheck_cli.render.columns import COLUMN_LABELS, TableContext, columns
 from gradcheck_cli.render.common import (
     coverage_line,
     display_name,
     grouped,
     percent,
+    run_header,
     signal_line,
+    training_line,
     update_line,
     verdict_line,
 )
@@ -40,8 +42,7 @@ def build(report: Report, gate: Gate, layers: str = "folded", width: int = PIPED
     header = Text()
     header.append(f"gradcheck: {report.model}", style="bold")
     header.append(
-        f"  loss {report.loss_name} | {report.steps} step(s)"
-        + (f" after {report.train_steps} SGD step(s) at lr {report.lr:g}" if report.train_steps else "")
+        f"  loss {report.loss_name} | {run_header(report)}"
         + f" | batch {report.batch_size} | {report.device} | {report.mode} mode | seed {report.seed}"
     )
     losses = ", ".join(f"{v:.4g}" for v in report.loss)
@@ -51,6 +52,9 @@ def build(report: Report, gate: Gate, layers: str = "folded", width: int = PIPED
     parts += [Text(note, style="dim") for note in table_notes]
     parts.append(Text(signal_line(report), style="dim"))
     parts.append(Text(update_line(report), style="dim"))
+    trained = training_line(report)
+    if trained:
+        parts.append(Text(trained, style="dim"))
     coverage = coverage_line(report)
     if coverage:
         parts.append(Text(coverage, style="dim"))
@@ -123,21 +127,22 @@ NAME_MIN = 16  # shortest a layer name is cut to (with a middle ellipsis) before
 
 def _table(report: Report, layers: str, width: int) -> tuple[Table, list[str]]:
     context = TableContext.of(report)
+    present = columns(context)
     chosen = rows(report.layers, layers)
     notes = []
     prefix = common_prefix([row.name for row in chosen])
     if prefix:
         notes.append(f"layer names below {prefix.rstrip('.')}: shown without that prefix")
-    headers = {column.key: column.header(context) for column in COLUMNS}
-    cells = {column.key: [column.cell(row, context) for row in chosen] for column in COLUMNS}
+    headers = {column.key: column.header(context) for column in present}
+    cells = {column.key: [column.cell(row, context) for row in chosen] for column in present}
     cells["layer"] = [row.name[len(prefix) :] for row in chosen]
-    shown = list(COLUMNS)
+    shown = list(present)
     widths = {key: max([len(headers[key]), *map(len, values)]) for key, values in cells.items()}
 
     def total() -> int:  # cells plus one space of padding each side between columns and a rule
         return sum(widths[column.key] for column in shown) + 3 * (len(shown) - 1)
 
-    for column in sorted((c for c in COLUMNS if c.drop is not None), key=lambda c: c.drop or 0):
+    for column in sorted((c for c in present if c.drop is not None), key=lambda c: c.drop or 0):
         if total() <= width:
             break
         shown.remove(column)
@@ -145,7 +150,7 @@ def _table(report: Report, layers: str, width: int) -> tuple[Table, list[str]]:
         room = max(NAME_MIN, width - (total() - widths["layer"]))
         cells["layer"] = [shorten(name, room) for name in cells["layer"]]
         widths["layer"] = max([len(headers["layer"]), *map(len, cells["layer"])])
-    left_out = [COLUMN_LABELS[column.key] for column in COLUMNS if column not in shown]
+    left_out = [COLUMN_LABELS[column.key] for column in present if column not in shown]
     if left_out:
         notes.append(f"left out to fit {width} columns: {', '.join(left_out)} (a wider terminal shows them)")
     if layers == "folded" and any(row.folded for row in chosen):

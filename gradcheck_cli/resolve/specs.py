@@ -131,7 +131,9 @@ def parse_loss_spec(spec: str) -> str | Target:
     return target
 
 
-def input_files(target: str, weights: str | None, data: str | None, loss: str) -> dict[str, Path | None]:
+def input_files(
+    target: str, weights: str | None, data: str | None, loss: str, optimizer: str | None = None
+) -> dict[str, Path | None]:
     """Every file a run reads, by what it is, found by parsing the specs as the run will (a malformed spec
     gives None here: the run reports it)."""
 
@@ -150,4 +152,5 @@ def input_files(target: str, weights: str | None, data: str | None, loss: str) -
         "--weights file": Path(weights) if weights else None,
         "--data file": source(lambda: parse_data_spec(data)) if data else None,
         "--loss file": source(lambda: parse_loss_spec(loss)),
+        "--optimizer file": source(lambda: parse_target(optimizer, what="--optimizer")) if optimizer else None,
     }
