@@ -223,6 +223,9 @@ app.command(name="analyze")(_command(_analyze, [_CONTEXT, _TARGET], [_DEBUG]))
 DEMO_OPTIONS = {
     "steps",
     "train_steps",
+    "optimizer",
+    "weight_decay",
+    "clip",
     "lr",
     "seed",
     "format",
@@ -237,7 +240,8 @@ DEMO_OPTIONS = {
 
 
 def _demo(name: str | None, list_demos: bool, mnist: Path | None, debug: bool, **values: Any) -> None:
-    """Replay the 2017 tutorial's sigmoid MLP (sigmoid-mlp) or its fixed twin (relu-he-mlp)."""
+    """Replay the 2017 tutorial's sigmoid MLP (sigmoid-mlp), its fixed twin (relu-he-mlp), or watch the twin's
+    units die under too large SGD steps (dying-relu)."""
     from gradcheck_cli.demo_names import DEMO_SUMMARIES
 
     if list_demos:

@@ -23,10 +23,17 @@ from gradcheck_cli.report import Finding, Training, TrainingLayer
 from gradcheck_cli.series import median
 
 # A spike is judged against the median of at most this many steps before it, and only with at least
-# SPIKE_HISTORY of them: a median of three already ignores one odd step, and twenty follow a trend (the loss
-# falling) closely enough that a slow change is never read as a spike.
+# SPIKE_HISTORY of them: a median of five ignores two odd steps, and twenty follow a trend (the loss falling)
+# closely enough that a slow change is never read as a spike.
 SPIKE_WINDOW = 20
-SPIKE_HISTORY = 3
+SPIKE_HISTORY = 5
+# A loss has no natural zero (a Poisson or Gaussian NLL without its constant goes negative, a language model's
+# sits far from 0), so a ratio to its median means nothing: a loss spike is measured in robust standard
+# deviations of the steps before it (1.4826 x their median absolute deviation), that deviation taken as at
+# least LOSS_SCALE_FLOOR of the median's size so that a loss repeated exactly (one batch, reused) does not make
+# a small rise infinitely many deviations.
+MAD_TO_SIGMA = 1.4826
+LOSS_SCALE_FLOOR = 0.1
 # The layers named as carrying a spike: those whose own ||g|| grew most against their own running median.
 CARRIERS = 3
 
@@ -70,49 +77,83 @@ def _divergence(run: Training) -> list[Finding]:
     ]
 
 
+def _history(values: Sequence[float | None], step: int) -> list[float] | None:
+    history = [v for v in values[max(0, step - SPIKE_WINDOW) : step] if v is not None and math.isfinite(v)]
+    return history if len(history) >= SPIKE_HISTORY else None
+
+
 def _running_factors(values: Sequence[float | None]) -> list[tuple[int, float]]:
-    """(step, value / median of the steps before it) for each step with enough history."""
+    """(step, value / median of the steps before it) for each step with enough history: for norms, which
+    are >= 0 with a natural zero."""
     factors = []
     for step, value in enumerate(values):
-        history = [v for v in values[max(0, step - SPIKE_WINDOW) : step] if v is not None and math.isfinite(v)]
-        reference = median(history) if len(history) >= SPIKE_HISTORY else None
+        history = _history(values, step)
+        reference = median(history) if history else None
         if value is not None and math.isfinite(value) and reference is not None and reference > 0:
             factors.append((step, value / reference))
     return factors
 
 
+def _loss_deviations(values: Sequence[float]) -> list[tuple[int, float, float]]:
+    """(step, robust deviations above the running median, the median) for each step with enough history."""
+    found = []
+    for step, value in enumerate(values):
+        history = _history(values, step)
+        if history is None or not math.isfinite(value):
+            continue
+        middle = median(history) or 0.0
+        spread = MAD_TO_SIGMA * (median(abs(v - middle) for v in history) or 0.0)
+        scale = max(spread, LOSS_SCALE_FLOOR * abs(middle))
+        if scale > 0:
+            found.append((step, (value - middle) / scale, middle))
+    return found
+
+
 def _spikes(context: Context, run: Training) -> list[Finding]:
+    """The worst loss spike and the worst gradient-norm spike, each with the layers that carried it. A spike
+    that --clip caught is at most a warning: clipping bounded that step, as it is meant to."""
     thresholds = context.thresholds
     findings = []
-    grad = [None if skipped else v for v, skipped in zip(run.grad_norm, run.skipped, strict=True)]
-    for name, values in (("loss", list(run.loss)), ("gradient norm", grad)):
-        spikes = [(s, f) for s, f in _running_factors(values) if f >= thresholds.spike_warning]
-        if not spikes:
-            continue
-        step, factor = max(spikes, key=lambda item: item[1])
-        severity = level(factor, thresholds.spike_warning, thresholds.spike_error)
-        assert severity is not None
-        carriers = _carriers(run.layers, step)
-        carried = ", ".join(f"{layer} {times(f)}" for layer, f in carriers)
-        others = f" ({len(spikes)} spiking steps in all)" if len(spikes) > 1 else ""
-        clipped = " (clipped)" if run.clipped[step] else ""
-        message = (
-            f"step {step + 1}: the {name} jumped to {times(factor)} its running median "
-            f"({values[step]:.3g}){clipped}{others}" + (f"; carried by {carried}" if carried else "")
+    losses = [(s, z, m) for s, z, m in _loss_deviations(run.loss) if z >= thresholds.spike_warning]
+    if losses:
+        step, deviations, middle = max(losses, key=lambda item: item[1])
+        ratio = run.loss[step] / middle if middle > 0 else None
+        severity = "error" if ratio is not None and ratio >= thresholds.spike_error else "warning"
+        how = f" ({times(ratio)} its running median {middle:.3g})" if ratio is not None and ratio > 1 else ""
+        text = (
+            f"the loss jumped to {run.loss[step]:.3g}, {deviations:.0f} robust deviations above the steps before{how}"
         )
+        findings.append(_spike(run, step, text, LOSS_LAYER, severity, deviations, len(losses)))
+    grad = [None if skipped else v for v, skipped in zip(run.grad_norm, run.skipped, strict=True)]
+    norms = [(s, f) for s, f in _running_factors(grad) if f >= thresholds.spike_warning]
+    if norms:
+        step, factor = max(norms, key=lambda item: item[1])
+        severity = level(factor, thresholds.spike_warning, thresholds.spike_error) or "warning"
+        if run.clipped[step]:
+            severity = "warning"
+        carriers = _carriers(run.layers, step)
+        text = f"the gradient norm jumped to {times(factor)} its running median ({run.grad_norm[step]:.3g})"
         findings.append(
-            Finding(
-                carriers[0][0] if carriers and name != "loss" else LOSS_LAYER,
-                "exploding",
-                severity,
-                "training",
-                message,
-                "one batch moved the weights far more than the others: look at that batch (outliers, bad labels), "
-                "clip the gradient norm (--clip, clip_grad_norm_), lower the learning rate or warm it up",
-                factor,
-            )
+            _spike(run, step, text, carriers[0][0] if carriers else MODEL_LAYER, severity, factor, len(norms))
         )
     return findings
+
+
+def _spike(run: Training, step: int, text: str, layer: str, severity: str, factor: float, count: int) -> Finding:
+    carriers = _carriers(run.layers, step)
+    carried = ", ".join(f"{name} {times(f)}" for name, f in carriers)
+    clipped = " (clipped)" if run.clipped[step] else ""
+    others = f" ({count} spiking steps in all)" if count > 1 else ""
+    return Finding(
+        layer,
+        "exploding",
+        severity,
+        "training",
+        f"step {step + 1}: {text}{clipped}{others}" + (f"; carried by {carried}" if carried else ""),
+        "one batch moved the weights far more than the others: look at that batch (outliers, bad labels), "
+        "clip the gradient norm (--clip, clip_grad_norm_), lower the learning rate or warm it up",
+        factor,
+    )
 
 
 def _carriers(layers: Sequence[TrainingLayer], step: int) -> list[tuple[str, float]]:

@@ -13,6 +13,7 @@ from typing import Literal
 
 from gradcheck_cli.render.common import (
     count,
+    fraction_sparkline,
     number,
     spark_axis,
     spark_window,
@@ -111,6 +112,17 @@ def _over_steps(row: Row, context: TableContext) -> str:
     return trend_sparkline(per_step)
 
 
+def _dead_over_steps(row: Row, context: TableContext) -> str:
+    """The share of the layer's units with no gradient in each watched step, 0 to 100% (linear)."""
+    if context.training is None:
+        return ""
+    series = [found.dead_fraction for layer in row.layers if (found := context.training.layer(layer.name)) is not None]
+    if not series:
+        return ""
+    per_step = [median(values) for values in zip(*series, strict=True)]
+    return fraction_sparkline(per_step)
+
+
 def _update(row: Row, context: TableContext) -> str:
     if row.folded:
         return number_range([layer.update_ratio for layer in row.layers])
@@ -139,6 +151,7 @@ COLUMNS = (
         drop=1,
         training=True,
     ),
+    Column("dying", lambda c: "dead units, 0-100%", _dead_over_steps, role="spark", drop=1, training=True),
     Column("histogram", lambda c: spark_axis(c.window) or "|g| histogram", _spark, role="spark", drop=0),
     Column("status", lambda c: "status", _status, role="status"),
 )
@@ -150,9 +163,24 @@ COLUMN_LABELS = {
     "histogram": "|g| histogram",
     "steps": "‖g‖ over the watched steps",
     "update": "‖ΔW‖/‖W‖",
+    "dying": "dead units over the watched steps",
 }
+# the dead-units sparkline is shown when some layer's units died during the watched run (its dead fraction
+# rose by at least this much): otherwise it is a row of flat lines
+DYING_SHOWN = 0.05
 
 
 def columns(context: TableContext) -> list[Column]:
     """The columns this report has: the training ones only after a watched run."""
-    return [column for column in COLUMNS if not column.training or context.training is not None]
+    shown = [column for column in COLUMNS if not column.training or context.training is not None]
+    return [column for column in shown if column.key != "dying" or _units_died(context.training)]
+
+
+def _units_died(training: Training | None) -> bool:
+    if training is None:
+        return False
+    for layer in training.layers:
+        dead = [d for d in layer.dead_fraction if d is not None]
+        if dead and max(dead) - dead[0] >= DYING_SHOWN:
+            return True
+    return False

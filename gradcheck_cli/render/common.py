@@ -105,6 +105,22 @@ def trend_sparkline(values: Sequence[float | None], width: int = TREND_WIDTH) ->
     return "".join(chars)
 
 
+def fraction_sparkline(values: Sequence[float | None], width: int = TREND_WIDTH) -> str:
+    """Fractions over steps as block characters on a fixed 0..1 scale ('.' for 0, ' ' without a value)."""
+    count = min(width, len(values))
+    chars = []
+    for index in range(count):
+        chunk = sorted(
+            v for v in values[index * len(values) // count : (index + 1) * len(values) // count] if v is not None
+        )
+        if not chunk:
+            chars.append(" ")
+            continue
+        value = chunk[len(chunk) // 2]
+        chars.append("." if value <= 0 else SPARK[max(1, round(min(value, 1.0) * (len(SPARK) - 1)))])
+    return "".join(chars)
+
+
 def spark_axis(window: tuple[int, int] | None) -> str:
     """The sparkline's range in words, e.g. '|g| 1e-09 .. 1e-01'."""
     if window is None:

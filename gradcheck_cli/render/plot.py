@@ -65,6 +65,9 @@ def build(report: Report, gate: Gate) -> Figure:
     has_values = small and any(layer.value_histograms for layer in ordered)
     rows = max(len(ordered), 1)
     height = max(7.5, 0.62 * rows + 2.2) if small else min(MAX_HEIGHT, max(7.5, 0.16 * rows + 3.0))
+    trained = report.training is not None and report.training.steps > 0
+    if trained:
+        height = max(height, 12.0)
     width = 19.0 if has_values else 16.0
     figure = Figure(figsize=(width, height), layout="constrained")
     figure.suptitle(
@@ -76,7 +79,15 @@ def build(report: Report, gate: Gate) -> Figure:
     )
     panels: Any = figure.subfigures(1, 2, width_ratios=[1.0, 1.25 if has_values else 0.9], wspace=0.02)
     left, right = panels[0], panels[1]
-    signal_axes, update_axes = left.subplots(2, 1, sharex=True)
+    if trained:
+        from gradcheck_cli.render.plot_training import training_panels
+
+        signal_axes, update_axes, loss_axes, step_axes = left.subplots(4, 1, height_ratios=[1, 1, 0.8, 0.8])
+        update_axes.sharex(signal_axes)
+        step_axes.sharex(loss_axes)
+        training_panels(loss_axes, step_axes, report)
+    else:
+        signal_axes, update_axes = left.subplots(2, 1, sharex=True)
     _signal_view(signal_axes, report, flow)
     _update_view(update_axes, report, flow)
     _layer_ticks(update_axes, flow)
@@ -245,12 +256,19 @@ def _signal_view(axes: Axes, report: Report, layers: Sequence[Layer]) -> None:
 
 
 def _update_view(axes: Axes, report: Report, layers: Sequence[Layer]) -> None:
+    measured = report.update.quantity == "update_ratio" and report.training is not None
+    training = report.training
+
+    def steps_of(layer: Layer) -> tuple[float | None, ...]:
+        found = training.layer(layer.name) if training is not None else None
+        return found.update_ratio if found is not None else ()
+
     _draw_view(
         axes,
         report,
         layers,
-        lambda layer: layer.grad_to_weight,
-        lambda layer: layer.grad_to_weight_steps,
+        (lambda layer: layer.update_ratio) if measured else (lambda layer: layer.grad_to_weight),
+        steps_of if measured else (lambda layer: layer.grad_to_weight_steps),
         ("update",),
         report.update.layers,
         hollow=lambda layer: layer.feeds_norm,
@@ -292,13 +310,13 @@ def _update_view(axes: Axes, report: Report, layers: Sequence[Layer]) -> None:
                     color=COLOR[label],
                 )
     summary = f": median {median:.3g} over {len(report.update.layers)} weight layers" if median is not None else ""
-    axes.set_title(
-        f"update view{summary}\n"
-        f"(one SGD step at lr {report.lr:g} moves a layer's weights by lr × ‖g‖/‖W‖ of their norm)",
-        fontsize=10,
-        loc="left",
+    what = (
+        "(the update each watched optimizer step made, ‖ΔW‖/‖W‖; dots: single steps)"
+        if measured
+        else f"(one SGD step at lr {report.lr:g} moves a layer's weights by lr × ‖g‖/‖W‖ of their norm)"
     )
-    axes.set_ylabel("‖g‖/‖W‖")
+    axes.set_title(f"update view{summary}\n{what}", fontsize=10, loc="left")
+    axes.set_ylabel("‖ΔW‖/‖W‖ per step" if measured else "‖g‖/‖W‖")
     axes.set_xlabel("layers in forward order (input → output)")
 
 
