@@ -439,3 +439,47 @@ def test_fp16_loss_scale_is_recorded() -> None:
     report = gradcheck_cli.analyze(he_mlp(), class_batches(5), "cross-entropy", steps=1, train_steps=3, amp="fp16")
     assert report.training is not None and report.training.loss_scale is not None
     assert len(report.training.loss_scale) == 3 and report.training.loss_scale[0] == 2.0**16
+
+
+def test_tensorboard_and_plot_show_the_watched_steps(cli: Any, write: Any, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("matplotlib")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = write("model.py", MODEL)
+    board, plot, out = tmp_path / "tb", tmp_path / "run.png", tmp_path / "run.json"
+    result = cli(
+        "analyze",
+        model,
+        "--train-steps",
+        "4",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "1e-3",
+        "--steps",
+        "2",
+        "--tensorboard",
+        board,
+        "--plot",
+        plot,
+        "--output",
+        out,
+        "--quiet",
+    )
+    assert result.exit_code == 0, result.output
+    assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    report = Report.from_dict(json.loads(out.read_text()))
+    assert report.training is not None
+    events = EventAccumulator(str(board), size_guidance={"histograms": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/grad_norm", "train/clipped", "train/lr"} <= set(tags["scalars"])
+    assert [s.step for s in events.Scalars("train/loss")] == [0, 1, 2, 3]
+    assert [s.value for s in events.Scalars("train/loss")] == pytest.approx(list(report.training.loss), rel=1e-6)
+    ratios = [s.value for s in events.Scalars("train_update_ratio/2")]
+    assert ratios == pytest.approx(list(report.training.layer("2").update_ratio), rel=1e-6)  # type: ignore[union-attr]
+    spread = events.Histograms("train/log10_update_ratio")
+    assert [h.step for h in spread] == [0, 1, 2, 3] and spread[0].histogram_value.num == 3
+    # the measurement steps come after the watched ones
+    assert [s.step for s in events.Scalars("loss")] == [4, 5]

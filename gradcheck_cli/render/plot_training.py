@@ -63,8 +63,10 @@ def _loss_and_norm(axes: Axes, report: Report, run: Training, steps: list[int]) 
         )
     if run.nan_step is not None:
         axes.axvline(run.nan_step + 1, color=COLOR["error"], linewidth=1.5)
-    handles = axes.get_lines()[:1] + norm_axes.get_lines()
-    axes.legend(handles=handles, fontsize=7.5, loc="upper left", bbox_to_anchor=(1.08, 1.0), borderaxespad=0)
+    handles = [
+        line for line in axes.get_lines()[:1] + norm_axes.get_lines() if not str(line.get_label()).startswith("_")
+    ]
+    axes.legend(handles=handles, fontsize=7.5, loc="upper left", bbox_to_anchor=(1.12, 1.0), borderaxespad=0)
     axes.set_title(f"training: {run.steps} watched step(s) of {run.optimizer}", fontsize=10, loc="left")
 
 
@@ -93,4 +95,4 @@ def _updates(axes: Axes, report: Report, run: Training, steps: list[int]) -> Non
     axes.set_xlabel("watched training step")
     if any(line.get_label() and not str(line.get_label()).startswith("_") for line in axes.get_lines()):
         axes.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0)
-    axes.set_title("the update each layer's weights got (green: no finding)", fontsize=10, loc="left")
+    axes.set_title("‖ΔW‖/‖W‖: the update each layer's weights got (coloured: a finding)", fontsize=10, loc="left")

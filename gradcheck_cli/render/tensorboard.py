@@ -3,8 +3,12 @@
 Written from the report alone (torch.utils.tensorboard.SummaryWriter, tensorboard an optional extra):
 - histograms `gradients/<layer>`: the layer's gradient values in each step (Layer.value_histograms);
 - scalars `grad_norm/<layer>`, `output_grad_norm/<layer>` (‖dL/dz‖), `grad_to_weight/<layer>` and `loss`;
-- text `gradcheck/report`: the Markdown report, findings and fixes included.
-TensorBoard's step is the training step: --train-steps taken before measuring, plus the measurement step.
+- text `gradcheck/report`: the Markdown report, findings and fixes included;
+- after --train-steps, each watched step: scalars `train/loss`, `train/grad_norm` (before clipping),
+  `train/clipped`, `train/lr`, `train/loss_scale` (fp16), per layer `train_grad_norm/<layer>`,
+  `train_update_ratio/<layer>` (‖ΔW‖/‖W‖) and `train_dead_fraction/<layer>`; and the histogram
+  `train/log10_update_ratio`: how the update sizes spread over the layers in that step.
+TensorBoard's step is the training step: the watched steps first, then the measurement steps after them.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 
 from gradcheck_cli.errors import UserError
 from gradcheck_cli.render.common import display_name
-from gradcheck_cli.report import Report, ValueHistogram
+from gradcheck_cli.report import Report, Training, ValueHistogram
 
 INSTALL_HINT = 'pip install "gradcheck-cli[tensorboard]"'
 
@@ -37,7 +41,7 @@ def write(report: Report, directory: Path, markdown: str) -> None:
 
     writer = SummaryWriter(log_dir=str(directory))
     try:
-        first = report.train_steps
+        first = report.training.steps if report.training is not None else report.train_steps
         for step, loss in enumerate(report.loss):
             writer.add_scalar("loss", loss, first + step)
         for layer in report.layers:
@@ -54,9 +58,62 @@ def write(report: Report, directory: Path, markdown: str) -> None:
                 raw = raw_histogram(histogram)
                 if raw is not None:
                     writer.add_histogram_raw(f"gradients/{name}", global_step=first + histogram.step, **raw)
+        if report.training is not None:
+            _training(writer, report.training)
         writer.add_text("gradcheck/report", markdown, first)
     finally:
         writer.close()
+
+
+UPDATE_BINS = 30  # log10 ||dW||/||W|| from 1e-9 to 1e+1, three bins per decade
+
+
+def _training(writer: Any, run: Training) -> None:
+    import math
+
+    for step in range(run.steps):
+        for tag, value in (
+            ("train/loss", run.loss[step]),
+            ("train/grad_norm", run.grad_norm[step]),
+            ("train/clipped", float(run.clipped[step])),
+            ("train/lr", run.lr[step]),
+            ("train/loss_scale", run.loss_scale[step] if run.loss_scale else None),
+        ):
+            if value is not None:
+                writer.add_scalar(tag, value, step)
+        logs = []
+        for layer in run.layers:
+            name = layer.name or "(model)"
+            for tag, values in (
+                ("train_grad_norm", layer.grad_norm),
+                ("train_update_ratio", layer.update_ratio),
+                ("train_dead_fraction", layer.dead_fraction),
+            ):
+                value = values[step]
+                if value is not None:
+                    writer.add_scalar(f"{tag}/{name}", value, step)
+            ratio = layer.update_ratio[step]
+            if ratio is not None and ratio > 0 and math.isfinite(ratio):
+                logs.append(math.log10(ratio))
+        if logs:
+            writer.add_histogram_raw("train/log10_update_ratio", global_step=step, **_log_histogram(logs))
+
+
+def _log_histogram(values: list[float]) -> dict[str, Any]:
+    low, high = -9.0, 1.0
+    width = (high - low) / UPDATE_BINS
+    counts = [0] * UPDATE_BINS
+    for value in values:
+        counts[min(UPDATE_BINS - 1, max(0, int((value - low) / width)))] += 1
+    return {
+        "min": min(values),
+        "max": max(values),
+        "num": len(values),
+        "sum": sum(values),
+        "sum_squares": sum(v * v for v in values),
+        "bucket_limits": [low + width * (i + 1) for i in range(UPDATE_BINS)],
+        "bucket_counts": counts,
+    }
 
 
 def raw_histogram(histogram: ValueHistogram) -> dict[str, Any] | None:
