@@ -282,8 +282,8 @@ def test_bf16_updates_below_precision_are_lost() -> None:
     middle = stalled.training.layer("middle")
     assert middle is not None and all((f or 0) > 0.9 for f in middle.stalled_fraction)
     first = stalled.training.layer("first")
-    # fp32 (2^-24) at the same lr: only a coordinate whose Adam step m/sqrt(v) nearly cancels can round away
-    assert first is not None and all((f or 0) < 0.01 for f in first.stalled_fraction)
+    # float32 weights are not judged for it: float32 is the precision master weights are kept in
+    assert first is not None and all(f is None for f in first.stalled_fraction)
     moving = gradcheck_cli.analyze(
         HalfPrecisionMiddle(), class_batches(10), "cross-entropy", steps=1, train_steps=6, optimizer="adam", lr=1e-2
     )

@@ -89,7 +89,8 @@ def _running_factors(values: Sequence[float | None]) -> list[tuple[int, float]]:
     for step, value in enumerate(values):
         history = _history(values, step)
         reference = median(history) if history else None
-        if value is not None and math.isfinite(value) and reference is not None and reference > 0:
+        # +Inf: every value finite, but the float32 norm overflowed (watch.Watch._overflow, under --clip)
+        if value is not None and not math.isnan(value) and reference is not None and reference > 0:
             factors.append((step, value / reference))
     return factors
 
@@ -132,7 +133,11 @@ def _spikes(context: Context, run: Training) -> list[Finding]:
         if run.clipped[step]:
             severity = "warning"
         carriers = _carriers(run.layers, step)
-        text = f"the gradient norm jumped to {times(factor)} its running median ({run.grad_norm[step]:.3g})"
+        text = (
+            f"the gradient norm jumped to {times(factor)} its running median ({run.grad_norm[step]:.3g})"
+            if math.isfinite(factor)
+            else "the gradient norm overflowed float32 (every value finite, their squares' sum not)"
+        )
         findings.append(
             _spike(run, step, text, carriers[0][0] if carriers else MODEL_LAYER, severity, factor, len(norms))
         )

@@ -215,6 +215,33 @@ def training_line(report: Report) -> str | None:
     return "; ".join(part for part in parts if part)
 
 
+EVOLUTION_SHOWN = 6  # layers named in the evolution line: all of a small model, else the largest changes
+
+
+def evolution_line(report: Report) -> str | None:
+    """How each layer's gradient changed over the watched run: ||g|| over its first and its last tenth of
+    steps (medians), the tutorial's histograms compared between the start and the end of training."""
+    run = report.training
+    if run is None or run.steps < 2:
+        return None
+    part = max(1, run.steps // 10)
+    changes = []
+    for index, layer in enumerate(run.layers):
+        first = sorted(v for v in layer.grad_norm[:part] if v is not None and math.isfinite(v))
+        last = sorted(v for v in layer.grad_norm[-part:] if v is not None and math.isfinite(v))
+        if first and last and first[len(first) // 2] > 0 and last[len(last) // 2] > 0:
+            start, end = first[len(first) // 2], last[len(last) // 2]
+            changes.append((index, layer.name or "(model)", start, end))
+    if not changes:
+        return None
+    if len(changes) > EVOLUTION_SHOWN:
+        changes = sorted(changes, key=lambda c: -abs(math.log(c[3] / c[2])))[:EVOLUTION_SHOWN]
+        changes.sort()
+    shown = ", ".join(f"{name} {start:.2g} -> {end:.2g}" for _, name, start, end in changes)
+    head = "||g|| at the start -> the end of the watched run"
+    return f"{head}{'' if len(changes) == len(run.layers) else ' (largest changes)'}: {shown}"
+
+
 def coverage_line(report: Report) -> str | None:
     """Which layers the views compared, and which weight layers none could (status unjudged): a layer that
     reads ok was compared; one that reads unjudged was only checked for NaN/Inf and all-zero gradients."""

@@ -14,6 +14,7 @@ from gradcheck_cli.render.columns import COLUMN_LABELS, TableContext, columns
 from gradcheck_cli.render.common import (
     coverage_line,
     display_name,
+    evolution_line,
     grouped,
     percent,
     run_header,
@@ -52,9 +53,9 @@ def build(report: Report, gate: Gate, layers: str = "folded", width: int = PIPED
     parts += [Text(note, style="dim") for note in table_notes]
     parts.append(Text(signal_line(report), style="dim"))
     parts.append(Text(update_line(report), style="dim"))
-    trained = training_line(report)
-    if trained:
-        parts.append(Text(trained, style="dim"))
+    for line in (training_line(report), evolution_line(report)):
+        if line:
+            parts.append(Text(line, style="dim"))
     coverage = coverage_line(report)
     if coverage:
         parts.append(Text(coverage, style="dim"))
