@@ -34,6 +34,9 @@ SPIKE_HISTORY = 5
 # a small rise infinitely many deviations.
 MAD_TO_SIGMA = 1.4826
 LOSS_SCALE_FLOOR = 0.1
+# Steps at the end of the run in all of which units must be dead to have died (and so the fewest steps, with
+# the first, that can show a death).
+DEATH_STEPS = 2
 # The layers named as carrying a spike: those whose own ||g|| grew most against their own running median.
 CARRIERS = 3
 
@@ -178,10 +181,12 @@ def _dying(context: Context, run: Training) -> list[Finding]:
     findings = []
     for layer in run.layers:
         dead = [d for d in layer.dead_fraction if d is not None]
-        if len(dead) < 2:
+        if len(dead) < DEATH_STEPS + 1:
             continue
         start = dead[0]
-        end = median(dead[-max(1, len(dead) // 4) :]) or 0.0  # the last quarter: a unit that died stays dead
+        # a unit that died stays dead: the fewest dead over the last quarter of the steps (at least two), so
+        # that one batch on which many units happen to be silent is not a death
+        end = min(dead[-max(DEATH_STEPS, len(dead) // 4) :])
         rise = end - start
         severity = level(rise, thresholds.dead_warning, thresholds.dead_error) if rise > 0 else None
         if severity is None:
