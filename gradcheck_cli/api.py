@@ -64,7 +64,8 @@ def analyze(
         a dict of keyword arguments. None: random inputs shaped for the first layer (Linear, Conv, Embedding).
     loss_fn: "auto", "cross-entropy", "mse" or a callable (output, targets) -> scalar tensor.
     options, or settings by name (the fields of gradcheck_cli.Options that shape the passes):
-      steps, train_steps, lr (plain SGD steps before measuring, to see the picture after some training), seed,
+      steps, train_steps (optimizer steps taken and watched before measuring: report.training), optimizer
+      ("sgd", "momentum", "adam", "adamw" or "FILE.py:FN"), lr, weight_decay, clip, save_bad_batch, seed,
       device (None keeps the model where it is; the model is moved there and left there), eval_mode,
       batch_size (of random inputs), thresholds, amp ("bf16" or "fp16": passes under torch.autocast; fp16
       scales the loss as GradScaler does and reports gradients unscaled), parallel ("ddp" or "fsdp" under

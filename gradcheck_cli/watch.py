@@ -142,7 +142,8 @@ class Watch:
         scale = float(self.scaler.get_scale()) if self.scaler is not None else None
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
-        device_step: StepRecord[torch.Tensor] = StepRecord(loss=loss.detach().float())
+        # every rank's loss is the mean over its slice of the batch: the global loss is their mean
+        device_step: StepRecord[torch.Tensor] = StepRecord(loss=loss.detach().float() / self.combiner.world_size)
         samples = {}
         for index, item in enumerate(self.tracked):
             record, grad_sample = _gradient(item)
@@ -282,7 +283,7 @@ def _gradient(item: Tracked) -> tuple[TrainParamStep[torch.Tensor], torch.Tensor
         # the measured passes' dead-unit test, in one step: a row far below the layer's mean row is no gradient
         record.dead_rows = (rows <= rows.mean() * STARVED_UNIT**2).sum().to(dtype)
     else:
-        record.grad_sq = torch.linalg.vector_norm(grad, dtype=dtype).square()
+        record.grad_sq = _square_norm(grad)
     if not item.weight or sparse or not _narrow(item.param):
         return record, None
     return record, _leading(grad)
@@ -296,11 +297,10 @@ def _update(
     if not item.weight:
         return
     after = local(item.param.detach())
-    dtype = norm_dtype(after)
     with torch.no_grad():
         delta = scratch.difference(after, item.kept)
-        record.delta_sq = torch.linalg.vector_norm(delta, dtype=dtype).square()
-        record.weight_sq = torch.linalg.vector_norm(item.kept, dtype=dtype).square()
+        record.delta_sq = _square_norm(delta)
+        record.weight_sq = _square_norm(item.kept)
         if grad_sample is not None:
             moving = grad_sample != 0
             record.moving = torch.count_nonzero(moving)  # 3x faster than a sum of booleans on a CPU
@@ -312,6 +312,18 @@ def _update(
 # tensor, as much as the rest of the watch on a 1M-parameter model. 16,384 values give the fraction to within
 # 1% (binomial standard error <= 0.4%), far finer than the thresholds (50%, 90%).
 STALL_SAMPLE = 16384
+
+
+def _square_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """||x||^2. For a contiguous float32/float64 tensor as x . x, BLAS's dot: half the time of vector_norm on a
+    CPU (4M values: 0.28 ms against 0.62), with the same float32 accumulation (an overflow to Inf is retaken,
+    Watch._overflow)."""
+    if tensor.dtype in (torch.float32, torch.float64) and tensor.is_contiguous() and tensor.numel():
+        flat = tensor.view(-1)
+        square: torch.Tensor = torch.dot(flat, flat)
+    else:
+        square = torch.linalg.vector_norm(tensor, dtype=norm_dtype(tensor)).square()
+    return square
 
 
 def _narrow(param: torch.Tensor) -> bool:
@@ -344,7 +356,8 @@ class Scratch:
         if key not in self.buffers:
             self.buffers[key] = torch.empty(self.sizes.get(key, a.numel()), dtype=a.dtype, device=a.device)
         out = self.buffers[key][: a.numel()].view(a.shape)
-        return torch.sub(a, b, out=out)
+        torch.sub(a, b, out=out)
+        return out
 
 
 def _global_norm(step: StepRecord[torch.Tensor], combiner: Combiner) -> torch.Tensor:

@@ -91,3 +91,24 @@ def test_parallel_without_torchrun_is_a_clear_error(single: tuple[Path, dict]) -
     assert result.returncode == 2
     assert "torchrun --nproc-per-node" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_watched_training_steps_match_one_process(single: tuple[Path, dict], mode: str) -> None:
+    """The watched run under torchrun: the same Adam steps, the same measured updates, as in one process."""
+    folder, _ = single
+    args = ["analyze", "model.py", "--steps", "1", "--format", "json", "--quiet"]
+    args += ["--train-steps", "3", "--optimizer", "adam", "--lr", "0.01", "--clip", "0.5"]
+    alone = _run(args, folder)
+    assert alone.returncode in (0, 1), alone.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    result = _run([*args, "--parallel", mode], folder, launcher=torchrun)
+    assert result.returncode == alone.returncode, result.stderr[-3000:]
+    mine, theirs = json.loads(result.stdout)["training"], json.loads(alone.stdout)["training"]
+    assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+    assert mine["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-5)
+    assert mine["clipped"] == theirs["clipped"]
+    for a, b in zip(mine["layers"], theirs["layers"], strict=True):
+        assert a["name"] == b["name"]
+        assert a["update_ratio"] == pytest.approx(b["update_ratio"], rel=1e-4), a["name"]
+        assert a["dead_fraction"] == pytest.approx(b["dead_fraction"], abs=1e-9), a["name"]

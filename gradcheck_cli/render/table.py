@@ -53,9 +53,9 @@ def build(report: Report, gate: Gate, layers: str = "folded", width: int = PIPED
     parts += [Text(note, style="dim") for note in table_notes]
     parts.append(Text(signal_line(report), style="dim"))
     parts.append(Text(update_line(report), style="dim"))
-    for line in (training_line(report), evolution_line(report)):
-        if line:
-            parts.append(Text(line, style="dim"))
+    for extra in (training_line(report), evolution_line(report)):
+        if extra:
+            parts.append(Text(extra, style="dim"))
     coverage = coverage_line(report)
     if coverage:
         parts.append(Text(coverage, style="dim"))
