@@ -483,3 +483,13 @@ def test_tensorboard_and_plot_show_the_watched_steps(cli: Any, write: Any, tmp_p
     assert [h.step for h in spread] == [0, 1, 2, 3] and spread[0].histogram_value.num == 3
     # the measurement steps come after the watched ones
     assert [s.step for s in events.Scalars("loss")] == [4, 5]
+
+
+def test_dying_relu_demo_shows_units_dying_step_by_step(cli: Any) -> None:
+    result = cli("demo", "dying-relu")
+    assert result.exit_code == 1, result.output  # most units of fc3/fc4 never activate after training: errors
+    assert "after 60 watched sgd step(s)" in result.stdout and "dead units, 0-100%" in result.stdout
+    assert "dead [training]: its units died during training" in result.stdout
+    # a flag given wins over the demo's own settings: at the tutorial's lr nothing dies
+    gentle = cli("demo", "dying-relu", "--lr", "0.05", "--train-steps", "20")
+    assert "dead [training]" not in gentle.stdout and "after 20 watched sgd step(s)" in gentle.stdout
