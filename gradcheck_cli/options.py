@@ -29,6 +29,7 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 FORMAT_CHOICES = ("table", "json", "markdown", "junit")
 LAYERS_CHOICES = ("folded", "flagged", "all")
 OPTIMIZER_CHOICES = ("sgd", "momentum", "adam", "adamw")
+TASK_CHOICES = ("causal-lm", "seq-cls", "masked-lm", "seq2seq", "image-cls")
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,19 @@ class Options:
         "--data",
         "-d",
         help="FILE.safetensors (inputs[, targets]), FILE.py:FN, randn:B,D1,... or randint:HIGH:B,T.",
+    )
+    task: str | None = option(
+        None,
+        "source",
+        "--task",
+        help="hf: TARGET's task head when config.json names none (or to choose another).",
+        choices=TASK_CHOICES,
+    )
+    from_config: bool = option(
+        False, "source", "--from-config", help="hf: TARGET: build the architecture at random init, load no weights."
+    )
+    adapter: str | None = option(
+        None, "source", "--adapter", help="hf: TARGET: load a PEFT adapter (LoRA...) from DIR onto the model."
     )
     batch_size: int = option(DEFAULT_BATCH_SIZE, "run", "--batch-size", "-b", help="Batch size for .safetensors data.")
     loss: str = option("auto", "source", "--loss", help="auto, cross-entropy, mse or FILE.py:FN.")
@@ -203,6 +217,7 @@ class Options:
             ("parallel", PARALLEL_CHOICES),
             ("format", FORMAT_CHOICES),
             ("layers", LAYERS_CHOICES),
+            ("task", TASK_CHOICES),
         ):
             value = getattr(self, name)
             if value is not None and value not in choices:

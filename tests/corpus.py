@@ -11,11 +11,9 @@ for recurrent nets), never from gradcheck's output.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,16 +27,10 @@ BATCH = 4
 
 def torchvision() -> Any:
     """torchvision's pure-Python models. The registry's wheel is a CUDA build whose compiled ops do not load
-    against a CPU torch; its models need only the schemas of two ops that detection code registers fakes for."""
-    try:
-        return importlib.import_module("torchvision")
-    except (RuntimeError, OSError):
-        for name in [name for name in sys.modules if name.startswith("torchvision")]:
-            del sys.modules[name]
-    for op in ("nms", "qnms"):
-        with contextlib.suppress(RuntimeError):  # defined already
-            torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    return importlib.import_module("torchvision")
+    against a CPU torch; gradcheck's hub targets make it importable (the schemas of two ops defined first)."""
+    from gradcheck_cli.hub import import_torchvision
+
+    return import_torchvision()
 
 
 IMAGE_BATCH = 16  # BatchNorm over 4 values per channel (batch 4 at a 1x1 map) is noise, not a network

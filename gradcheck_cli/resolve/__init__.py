@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from gradcheck_cli.batch import Batches
+    from gradcheck_cli.hub import HubTarget
     from gradcheck_cli.optimizers import OptimizerSource
     from gradcheck_cli.options import Options
 
@@ -31,6 +32,45 @@ class Resolved:
     label: str  # TARGET as the report names it
     notes: list[str]
     optimizer: OptimizerSource  # what --train-steps steps with
+
+
+def _resolve_hub(hub: HubTarget, options: Options) -> Resolved:
+    """hf:, timm:, torchvision: targets (gradcheck_cli.hub): the library builds the model, its configuration
+    says what inputs it takes."""
+    import torch
+
+    from gradcheck_cli.hub import build
+    from gradcheck_cli.resolve.data import load_data
+    from gradcheck_cli.resolve.weights import load_weights
+
+    if options.model_name:
+        raise UserError(f"--model does not apply to {hub.hub}: targets", "drop --model")
+    data_spec = parse_data_spec(options.data) if options.data else None
+    loss_spec = parse_loss_spec(options.loss)
+    torch.manual_seed(options.seed)  # a random initialisation is part of what is reproduced
+    built = build(hub, options)
+    notes = list(built.notes)
+    if options.weights:
+        notes += load_weights(
+            built.model, Path(options.weights), strict=options.strict, allow_pickle=options.allow_pickle
+        )
+    total = options.train_steps + options.steps
+    batches: Batches | None
+    if data_spec is None:
+        assert built.make_batches is not None
+        batches = built.make_batches(total, options.batch_size, options.seed)
+        notes.append(f"no data given: {built.description}")
+    elif data_spec.kind == "text":
+        from gradcheck_cli.hub.hf import text_batches
+
+        batches = text_batches(hub.label, built, Path(data_spec.path or ""), total, options.batch_size)
+    else:
+        batches, data_notes = load_data(data_spec, total, options.batch_size, options.seed)
+        notes += data_notes
+    from gradcheck_cli.resolve.modules import function_in
+
+    loss = loss_spec if isinstance(loss_spec, str) else function_in(loss_spec)
+    return Resolved(built.model, batches, loss, None, hub.label, notes, optimizer_source(options.optimizer))
 
 
 def optimizer_source(spec: str | None, module: Any = None) -> OptimizerSource:
@@ -60,10 +100,21 @@ def resolve(target: str, options: Options) -> Resolved:
     """Parse every spec first (a typo costs nothing), then import, build, load weights and data."""
     import torch
 
+    from gradcheck_cli.hub import parse_hub
     from gradcheck_cli.resolve.data import load_data, model_file_batches
     from gradcheck_cli.resolve.modules import file_function, function_in, import_target, resolve_model
     from gradcheck_cli.resolve.weights import load_weights
 
+    hub = parse_hub(target)
+    if hub is not None:
+        return _resolve_hub(hub, options)
+    for flag, given in (
+        ("--task", options.task),
+        ("--from-config", options.from_config),
+        ("--adapter", options.adapter),
+    ):
+        if given:
+            raise UserError(f"{flag} applies to hf: targets", f"drop {flag}, or give TARGET as hf:DIR")
     parsed = parse_target(target)
     name = options.model_name
     if name and parsed.name and name != parsed.name:

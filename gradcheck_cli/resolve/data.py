@@ -136,6 +136,11 @@ def load_data(spec: DataSpec, count: int, batch_size: int, seed: int) -> tuple[B
         return Batches(count, random()), []
     if spec.kind == "safetensors":
         return _safetensors_batches(Path(spec.path or ""), count, batch_size)
+    if spec.kind == "text":
+        raise UserError(
+            f"--data {spec.text}: text is tokenised by an hf: model's own tokenizer",
+            "give TARGET as hf:DIR (a directory with the tokenizer), or --data FILE.safetensors / FILE.py:FN",
+        )
     assert spec.target is not None
     function = function_in(spec.target)
     return collect_batches(_call(function, f"{spec.text}()"), count, spec.text), []

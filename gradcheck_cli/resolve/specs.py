@@ -110,6 +110,8 @@ def parse_data_spec(spec: str) -> DataSpec:
         return DataSpec("randint", text, shape=_parse_shape(shape_text, spec), high=high)
     if text.endswith(".safetensors"):
         return DataSpec("safetensors", text, path=text)
+    if text.endswith(".txt"):  # text for an hf: model, tokenised by its own tokenizer
+        return DataSpec("text", text, path=text)
     if ":" in text:
         target = parse_target(text, what="--data")
         if target.name is None:
@@ -117,7 +119,7 @@ def parse_data_spec(spec: str) -> DataSpec:
         return DataSpec("python", text, target=target)
     raise UserError(
         f"cannot read --data '{spec}'",
-        "use FILE.safetensors, FILE.py:FN, randn:B,D1,... or randint:HIGH:B,T",
+        "use FILE.safetensors, FILE.py:FN, randn:B,D1,..., randint:HIGH:B,T or (hf: models) FILE.txt",
     )
 
 
