@@ -73,7 +73,7 @@ class Options:
         "source",
         "--data",
         "-d",
-        help="FILE.safetensors (inputs[, targets]), FILE.py:FN, randn:B,D1,... or randint:HIGH:B,T.",
+        help="FILE.safetensors (inputs[, targets]), FILE.py:FN, randn:B,D1,..., randint:HIGH:B,T, or FILE.txt (hf:).",
     )
     task: str | None = option(
         None,

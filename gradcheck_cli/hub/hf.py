@@ -10,6 +10,7 @@ directory or the cache: the directory is only read, and the hub libraries run of
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,7 @@ def offline() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def locate(name: str) -> Path:
@@ -99,6 +101,8 @@ def build_hf(name: str, options: Options) -> Built:
     offline()
     directory = locate(name)
     transformers = library("transformers")
+    with contextlib.suppress(AttributeError):  # "Loading weights" bars on stderr are not the report's
+        transformers.utils.logging.disable_progress_bar()
     config = calling(
         "reading config.json", lambda: transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
     )
