@@ -7,6 +7,9 @@ keeps its traceback.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 
 class UserError(Exception):
     """A mistake in the input, with what to do about it.
@@ -54,6 +57,19 @@ def exited(exc: SystemExit, where: str) -> UserError:
     return UserError(
         f"{where} called sys.exit({exc.code!r})", "raise an exception instead of exiting (--debug shows the traceback)"
     )
+
+
+def calling(label: str, function: Callable[[], Any], hint: str = "--debug shows the traceback") -> Any:
+    """Code run on the user's behalf (their build_optimizer, a hub library's loader): a failure is one line
+    naming what failed, an attempted exit is exit 2, never its own code."""
+    try:
+        return function()
+    except UserError:
+        raise
+    except SystemExit as exc:
+        raise exited(exc, label) from exc
+    except Exception as exc:
+        raise ModelRunError(f"{label} raised {type(exc).__name__}: {first_line(exc)}", hint) from exc
 
 
 def first_line(exc: BaseException, empty: str | None = None) -> str:

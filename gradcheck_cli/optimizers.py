@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradcheck_cli.errors import ModelRunError, UserError, exited, first_line
+from gradcheck_cli.errors import UserError, calling
 
+FIX = "fix it (--debug shows the traceback)"
 # SGD with momentum as most recipes use it (torchvision's reference scripts, the 2017 tutorial's successors).
 MOMENTUM = 0.9
 
@@ -56,7 +57,8 @@ def build(source: OptimizerSource, model: nn.Module, lr: float, weight_decay: fl
         extra = f", momentum {MOMENTUM:g}" if source.name == "momentum" else ""
         description = f"{source.name} (lr {lr:g}{extra}, weight decay {decay:g})"
     else:
-        optimizer = _call(source.build, model, source.name)
+        build = source.build
+        optimizer = calling(source.name, lambda: build(model), FIX)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise UserError(
                 f"{source.name} returned {type(optimizer).__name__}, not a torch.optim.Optimizer",
@@ -66,7 +68,8 @@ def build(source: OptimizerSource, model: nn.Module, lr: float, weight_decay: fl
         description = f"{source.name}: {type(optimizer).__name__} (lr {first.get('lr', float('nan')):g})"
     scheduler = None
     if source.scheduler is not None:
-        scheduler = _call(source.scheduler, optimizer, "build_scheduler()")
+        make = source.scheduler
+        scheduler = calling("build_scheduler()", lambda: make(optimizer), FIX)
         if not callable(getattr(scheduler, "step", None)):
             raise UserError(
                 f"build_scheduler() returned {type(scheduler).__name__}, which has no step()",
@@ -74,19 +77,6 @@ def build(source: OptimizerSource, model: nn.Module, lr: float, weight_decay: fl
             )
         description += f", scheduler {type(scheduler).__name__}"
     return Built(optimizer, scheduler, description)
-
-
-def _call(function: Callable[..., Any], argument: Any, label: str) -> Any:
-    try:
-        return function(argument)
-    except UserError:
-        raise
-    except SystemExit as exc:
-        raise exited(exc, label) from exc
-    except Exception as exc:
-        raise ModelRunError(
-            f"{label} raised {type(exc).__name__}: {first_line(exc)}", "fix it (--debug shows the traceback)"
-        ) from exc
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from gradcheck_cli.errors import ModelRunError, UserError, exited, first_line
+from gradcheck_cli.errors import UserError, first_line
 
 if TYPE_CHECKING:
     from torch import nn
@@ -123,17 +123,3 @@ def import_torchvision() -> ModuleType:
         with contextlib.suppress(RuntimeError):  # already defined
             torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     return importlib.import_module("torchvision")
-
-
-def calling(label: str, function: Callable[[], Any]) -> Any:
-    """A library call on the user's behalf: its failure is one line naming what failed."""
-    try:
-        return function()
-    except UserError:
-        raise
-    except SystemExit as exc:
-        raise exited(exc, label) from exc
-    except Exception as exc:
-        raise ModelRunError(
-            f"{label} failed: {type(exc).__name__}: {first_line(exc)}", "--debug shows the traceback"
-        ) from exc

@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gradcheck_cli.errors import UserError
-from gradcheck_cli.hub import Built, calling, library
+from gradcheck_cli.errors import UserError, calling
+from gradcheck_cli.hub import Built, library
 
 if TYPE_CHECKING:
     from gradcheck_cli.options import Options

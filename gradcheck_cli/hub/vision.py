@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from gradcheck_cli.errors import UserError
-from gradcheck_cli.hub import Built, calling, library
+from gradcheck_cli.errors import UserError, calling
+from gradcheck_cli.hub import Built, library
 
 DEFAULT_SIZE = 224  # ImageNet's crop, when the model does not say
 IMAGE_BATCH = 8  # synthetic images per batch unless --batch-size says otherwise

@@ -23,7 +23,7 @@ from gradcheck_cli.render.common import (
     trend_sparkline,
 )
 from gradcheck_cli.render.rows import Row
-from gradcheck_cli.report import Finding, Layer, Report, Training
+from gradcheck_cli.report import Finding, Layer, Report, Training, TrainingLayer
 from gradcheck_cli.series import median
 
 
@@ -101,26 +101,26 @@ def _spark(row: Row, context: TableContext) -> str:
     return sparkline(merged, context.window)
 
 
+def _per_step(
+    row: Row, context: TableContext, pick: Callable[[TrainingLayer], tuple[float | None, ...]]
+) -> list[float | None]:
+    """One series over the watched steps for the row: its layer's, or a folded row's median layer's."""
+    if context.training is None:
+        return []
+    series = [pick(found) for layer in row.layers if (found := context.training.layer(layer.name)) is not None]
+    return [median(values) for values in zip(*series, strict=True)] if series else []
+
+
 def _over_steps(row: Row, context: TableContext) -> str:
     """The layer's ||g|| over the watched steps (the tutorial's picture over time), on its own log scale."""
-    if context.training is None:
-        return ""
-    series = [found.grad_norm for layer in row.layers if (found := context.training.layer(layer.name)) is not None]
-    if not series:
-        return ""
-    per_step = [median(values) for values in zip(*series, strict=True)]  # a folded row: the median layer
-    return trend_sparkline(per_step)
+    per_step = _per_step(row, context, lambda layer: layer.grad_norm)
+    return trend_sparkline(per_step) if per_step else ""
 
 
 def _dead_over_steps(row: Row, context: TableContext) -> str:
     """The share of the layer's units with no gradient in each watched step, 0 to 100% (linear)."""
-    if context.training is None:
-        return ""
-    series = [found.dead_fraction for layer in row.layers if (found := context.training.layer(layer.name)) is not None]
-    if not series:
-        return ""
-    per_step = [median(values) for values in zip(*series, strict=True)]
-    return fraction_sparkline(per_step)
+    per_step = _per_step(row, context, lambda layer: layer.dead_fraction)
+    return fraction_sparkline(per_step) if per_step else ""
 
 
 def _update(row: Row, context: TableContext) -> str:
