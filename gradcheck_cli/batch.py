@@ -34,6 +34,12 @@ def tensors_in(value: Any) -> Iterator[torch.Tensor]:
 
 def first_tensor(value: Any) -> torch.Tensor | None:
     """The primary tensor of a module's output or input: the first tensor found, depth first."""
+    import torch
+
+    if isinstance(value, torch.Tensor):  # the usual cases first: every hook of every step asks
+        return value
+    if type(value) is tuple and value and isinstance(value[0], torch.Tensor):
+        return value[0]
     return next(tensors_in(value), None)
 
 

@@ -8,43 +8,41 @@ copy of a gradient. `finish` hands everything to records.py, which builds the re
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
-from gradcheck_cli.distributed import Combiner, local
-from gradcheck_cli.layers import LayerSpec, has_units
-from gradcheck_cli.probe import StepTape
+from gradcheck_cli.distributed import GRADIENT_MAX, GRADIENT_SUM, Combiner, local
+from gradcheck_cli.layers import LayerSpec
 from gradcheck_cli.records import Finished, Measured, build_records
 from gradcheck_cli.reduce import (
     STARVED_UNIT,
+    batchable,
     dense_values,
     histograms_of,
     norm_dtype,
+    on_device,
     prepare_sampling,
     reduce_gradient,
+    reduce_small,
     shift_histogram,
     value_histogram,
 )
 from gradcheck_cli.report import Layer, ParameterRecord, ValueHistogram
 from gradcheck_cli.series import HISTOGRAM_BINS, StepSeries
-from gradcheck_cli.steps import LayerSeries, LayerStep, ParamInfo, ParamSeries, ParamStep, Step, transfer
-
-
-def unique_params(layers: list[LayerSpec]) -> list[ParamInfo]:
-    """Every tensor the layers own, once (tied weights are one tensor owned by several layers)."""
-    owners: dict[int, list[int]] = {}
-    tensors: dict[int, tuple[str, torch.Tensor]] = {}  # id -> (qualified name, tensor)
-    for spec in layers:
-        for name, param in spec.params:
-            owners.setdefault(id(param), []).append(spec.index)
-            tensors.setdefault(id(param), (name, param))
-    params: list[ParamInfo] = []
-    for key, (name, tensor) in tensors.items():
-        owning = tuple(owners[key])
-        embedding = any(layers[i].category == "embedding" for i in owning)
-        rows = tensor.dim() >= 2 and any(has_units(layers[i]) for i in owning)
-        params.append(ParamInfo(len(params), name, tensor, owning, rows or embedding, embedding))
-    return params
+from gradcheck_cli.steps import (
+    Block,
+    LayerSeries,
+    LayerStep,
+    ParamInfo,
+    ParamSeries,
+    ParamStep,
+    Step,
+    transfer,
+    unique_params,
+)
+from gradcheck_cli.tape import StepTape
 
 
 class Collector:
@@ -72,6 +70,10 @@ class Collector:
         # Accumulators over steps, allocated before the first step and updated in place (see prepare()).
         self._rows_ever: dict[int, torch.Tensor] = {}
         self._rows_seen: set[int] = set()  # params whose rows got a gradient in some step
+        self._rows_flat = torch.zeros(0, dtype=torch.bool)
+        self._row_start: dict[int, int] = {}  # where each tensor's rows begin in _rows_flat
+        # per group of small tensors (their indices): (rows of the group's vector to keep, where in _rows_flat)
+        self._small_rows: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
         self._histograms: torch.Tensor | None = None  # (params, bins)
         self._binned: set[int] = set()
         # layer index -> (step, limit, counts) per step, on the device until finish()
@@ -90,12 +92,22 @@ class Collector:
         allocated here, while the heap is still small, and updated in place."""
         self.measure_weights()
         trainable = [info for info in self.params if info.tensor.requires_grad]
-        for info in trainable:
-            if info.rows:
-                weight = local(info.tensor.detach())
-                self._rows_ever[info.index] = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
+        # one flag per row of every tensor with rows, in one vector; self._rows_ever holds views of it
+        with_rows = [info for info in trainable if info.rows]
+        counts = [local(info.tensor.detach()).shape[0] for info in with_rows]
+        self._rows_flat = torch.zeros(sum(counts), dtype=torch.bool, device=self.device)
+        start = 0
+        for info, count in zip(with_rows, counts, strict=True):
+            self._rows_ever[info.index] = self._rows_flat[start : start + count]
+            self._row_start[info.index] = start
+            start += count
         self._histograms = torch.zeros(len(self.params), HISTOGRAM_BINS, device=self.device)
-        prepare_sampling([local(info.tensor.detach()) for info in trainable], self.device)
+        large, small = _partition(trainable, lambda info: info.tensor.detach())
+        prepare_sampling(
+            [local(info.tensor.detach()) for info in large],
+            [local(info.tensor.detach()).numel() for group in small for info in group],
+            self.device,
+        )
 
     def measure_weights(self) -> None:
         """Weight norms (and per-row norms of embeddings), once: weights do not change while measuring."""
@@ -116,8 +128,8 @@ class Collector:
         (fp16 AMP), a step whose gradients overflowed is not recorded and None is returned, as GradScaler
         skips such steps; the caller retries it at a lower scale. Otherwise returns the loss.
         """
-        step, rows, histograms = self._reduce(tape, loss)
-        host = transfer(step, self.combiner, self.device)
+        reduced = self._reduce(tape, loss)
+        host = transfer(reduced.step, self.combiner, self.device)
         # Only the backward can be rescued by a smaller loss scale: a non-finite loss overflowed in the forward.
         overflow = math.isfinite(host.loss) and any(
             p.norm_sq is not None and not math.isfinite(p.norm_sq) for p in host.params.values()
@@ -126,7 +138,7 @@ class Collector:
             self.skipped_steps += 1
             return None
         self._unscale(host, scale)
-        self._merge(rows, histograms, scale)
+        self._merge(reduced, scale)
         if self.want_value_histograms:
             self._add_value_histograms(scale)
         self._record(host, tape)
@@ -134,21 +146,17 @@ class Collector:
         self.steps += 1
         return host.loss
 
-    def _reduce(
-        self, tape: StepTape, loss: torch.Tensor
-    ) -> tuple[Step[torch.Tensor], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-        """The step on the device: per-parameter reductions, per-layer sums of what the hooks recorded, the
-        rows that got a gradient and the |g| histograms (binned for every tensor at once)."""
-        step: Step[torch.Tensor] = Step(loss=loss)
-        rows: dict[int, torch.Tensor] = {}
-        to_bin: list[tuple[int, torch.Tensor, float]] = []
-        for info in self.params:
-            grad = info.tensor.grad
-            if grad is None:
-                continue
-            # an embedding's rows are tokens: one looked up rarely is not a unit that cannot learn
-            starved = 0.0 if info.embedding else STARVED_UNIT
-            sample = reduce_gradient(local(grad), info.rows, self.amp_tiny, starved)
+    def _reduce(self, tape: StepTape, loss: torch.Tensor) -> _Reduced:
+        """The step on the device: per-parameter reductions (small tensors together, reduce_small), per-layer
+        sums of what the hooks recorded, the rows that got a gradient and the |g| histograms (binned for every
+        tensor at once)."""
+        reduced = _Reduced(Step(loss=loss))
+        step, rows = reduced.step, reduced.rows
+        to_bin: list[tuple[list[int], torch.Tensor, list[float], list[int]]] = []  # indices, values, scales, sizes
+        large, small = _partition(self.params, lambda info: info.tensor.grad)
+        for info in large:
+            grad = _grad(info)
+            sample = reduce_gradient(grad, info.rows, self.amp_tiny, _starved(info))
             record = ParamStep(sample.norm_sq, sample.zeros, sample.max_abs)
             if sample.underflow is not None:
                 record.underflow = sample.underflow
@@ -158,15 +166,64 @@ class Collector:
                 if info.embedding:
                     record.touched_weight_sq = (self._row_weight_sq[info.index] * sample.touched_rows).sum()
             if sample.histogram_sample is not None:
-                to_bin.append((info.index, sample.histogram_sample, sample.histogram_scale))
+                n = sample.histogram_sample.numel()
+                to_bin.append(([info.index], sample.histogram_sample, [sample.histogram_scale], [n]))
             step.params[info.index] = record
-        histograms: dict[int, torch.Tensor] = {}
+        for group in small:
+            self._reduce_small(reduced, to_bin, group)
         if to_bin:
-            binned = histograms_of([v for _, v, _ in to_bin], [c for _, _, c in to_bin])
-            histograms = {index: row for (index, _, _), row in zip(to_bin, binned.unbind(0), strict=True)}
+            reduced.binned = histograms_of(
+                [v for _, v, _, _ in to_bin],
+                [c for _, _, scales, _ in to_bin for c in scales],
+                [n for _, _, _, sizes in to_bin for n in sizes],
+            )
+            reduced.binned_order = [index for indices, _, _, _ in to_bin for index in indices]
         for spec in self.layers:
             step.layers[spec.index] = _layer_step(tape, spec.index)
-        return step, rows, histograms
+        step.blocks += tape.blocks(self.device)
+        return reduced
+
+    def _reduce_small(
+        self,
+        reduced: _Reduced,
+        to_bin: list[tuple[list[int], torch.Tensor, list[float], list[int]]],
+        group: list[ParamInfo],
+    ) -> None:
+        """Small gradients of one dtype reduced together: their statistics enter the step as whole vectors."""
+        grads = [_grad(info) for info in group]
+        batch = reduce_small(grads, [info.rows for info in group], [_starved(info) for info in group], self.amp_tiny)
+        indices = [info.index for info in group]
+        fields = [("norm_sq", batch.norm_sq, GRADIENT_SUM), ("zeros", batch.zeros, GRADIENT_SUM)]
+        fields.append(("max_abs", batch.max_abs, GRADIENT_MAX))
+        if batch.underflow is not None:
+            sampled = on_device([float(n) for n in batch.sizes], batch.underflow.device)
+            fields += [("underflow", batch.underflow, GRADIENT_SUM), ("sampled", sampled, GRADIENT_SUM)]
+        for name, vector, policy in fields:
+            reduced.step.blocks.append(Block(policy, vector, [("params", i, name) for i in indices]))
+        for index in indices:
+            reduced.step.params[index] = ParamStep()
+        keep, positions = self._small_row_places(group, batch.counts)
+        if keep:
+            reduced.small_rows.append((batch.touched_rows, keep, positions))
+            reduced.rows_seen.update(info.index for info in group if info.index in self._row_start)
+        to_bin.append((indices, batch.values, [1.0] * len(indices), batch.sizes))
+
+    def _small_row_places(self, group: list[ParamInfo], counts: list[int]) -> tuple[list[int], list[int]]:
+        """Which entries of a small group's row vector are rows of tensors with rows, and their places in
+        _rows_flat (computed once per group)."""
+        key = tuple(info.index for info in group)
+        if key not in self._small_rows:
+            keep: list[int] = []
+            positions: list[int] = []
+            at = 0
+            for info, count in zip(group, counts, strict=True):
+                start = self._row_start.get(info.index)
+                if start is not None and count == self._rows_ever[info.index].numel():
+                    keep += range(at, at + count)
+                    positions += range(start, start + count)
+                at += count
+            self._small_rows[key] = (keep, positions)
+        return self._small_rows[key]
 
     def _unscale(self, step: Step[float], scale: float) -> None:
         """Report gradients of the global mean loss, without the AMP loss scale.
@@ -186,15 +243,20 @@ class Collector:
                 layer.output_sq /= scale * scale
                 layer.output_sq /= world * world
 
-    def _merge(self, rows: dict[int, torch.Tensor], histograms: dict[int, torch.Tensor], scale: float) -> None:
+    def _merge(self, reduced: _Reduced, scale: float) -> None:
+        """OR the step's rows into the accumulators, add its |g| histograms (each at once where batched)."""
         shift = round(math.log2(scale)) if scale > 1 else 0
-        for index, touched in rows.items():
+        for index, touched in reduced.rows.items():
             self._rows_ever[index] |= touched  # prepared for every trainable tensor with rows
             self._rows_seen.add(index)
-        if self._histograms is not None:
-            for index, histogram in histograms.items():
-                self._histograms[index] += shift_histogram(histogram, shift)
-                self._binned.add(index)
+        for touched, keep, positions in reduced.small_rows:
+            at = on_device(positions, self._rows_flat.device, torch.long)
+            self._rows_flat[at] |= touched[on_device(keep, touched.device, torch.long)]
+        self._rows_seen |= reduced.rows_seen
+        if self._histograms is not None and reduced.binned is not None:
+            order = on_device(reduced.binned_order, self._histograms.device, torch.long)
+            self._histograms.index_add_(0, order, shift_histogram(reduced.binned, shift))
+            self._binned.update(reduced.binned_order)
 
     def _record(self, step: Step[float], tape: StepTape) -> None:
         self.loss.add(step.loss)
@@ -297,23 +359,59 @@ class Collector:
         return True
 
 
-def _layer_step(tape: StepTape, index: int) -> LayerStep[torch.Tensor]:
-    """One layer's sums over its calls in this step, from what the hooks appended to the tape."""
+@dataclass
+class _Reduced:
+    """One step on the device, before its transfer: the records, and what the accumulators take from it."""
 
-    def total(values: dict[int, list[torch.Tensor]]) -> torch.Tensor | None:
-        got = values.get(index)
-        return torch.stack([v.float() for v in got]).sum() if got else None
+    step: Step[torch.Tensor]
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)  # rows that got a gradient, per large tensor
+    # small groups': (bool per row of the group, which of those to keep, their places in Collector._rows_flat)
+    small_rows: list[tuple[torch.Tensor, list[int], list[int]]] = field(default_factory=list)
+    rows_seen: set[int] = field(default_factory=set)
+    binned: torch.Tensor | None = None  # |g| histograms, one row per tensor in binned_order
+    binned_order: list[int] = field(default_factory=list)
+
+
+def _grad(info: ParamInfo) -> torch.Tensor:
+    grad = info.tensor.grad
+    assert grad is not None  # _partition leaves out the tensors without one
+    return local(grad)
+
+
+def _starved(info: ParamInfo) -> float:
+    """The row test's floor: an embedding's rows are tokens, one looked up rarely is not a unit that cannot learn."""
+    return 0.0 if info.embedding else STARVED_UNIT
+
+
+def _partition(
+    params: list[ParamInfo], tensor_of: Callable[[ParamInfo], torch.Tensor | None]
+) -> tuple[list[ParamInfo], list[list[ParamInfo]]]:
+    """The tensors reduced one by one (large, sparse, embeddings) and the groups of small ones reduced together,
+    one group per dtype, in parameter order; a parameter whose tensor is None is left out."""
+    large: list[ParamInfo] = []
+    small: dict[torch.dtype, list[ParamInfo]] = {}
+    for info in params:
+        tensor = tensor_of(info)
+        if tensor is None:
+            continue
+        tensor = local(tensor)
+        if batchable(tensor) and not info.embedding:
+            small.setdefault(tensor.dtype, []).append(info)
+        else:
+            large.append(info)
+    return large, list(small.values())
+
+
+def _layer_step(tape: StepTape, index: int) -> LayerStep[torch.Tensor]:
+    """One layer's host counts for this step, and its dL/dz underflow under AMP; the device sums of what the
+    hooks recorded come as whole vectors (StepTape.blocks)."""
 
     def count(values: dict[int, int]) -> float | None:
         return float(values[index]) if index in values else None
 
+    underflow = tape.output_underflow.get(index)
     return LayerStep(
-        output_sq=total(tape.output_sq),
-        output_underflow=total(tape.output_underflow),
-        input_sq=total(tape.input_sq),
-        input_zero=total(tape.input_zero) if index in tape.input_sq else None,
-        saturated=total(tape.saturated),
-        bounded_numel=total(tape.bounded_numel),
+        output_underflow=torch.stack([v.float() for v in underflow]).sum() if underflow else None,
         output_positions=count(tape.output_positions),
         output_sampled=count(tape.output_sampled),
         input_numel=count(tape.input_numel),

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -28,46 +27,9 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradcheck_cli.batch import first_tensor
-from gradcheck_cli.layers import (
-    DEAD_TYPES,
-    SATURATION_LIMITS,
-    SIGMOID_SATURATED_HIGH,
-    SIGMOID_SATURATED_LOW,
-    TANH_SATURATED,
-    LayerSpec,
-)
+from gradcheck_cli.layers import DEAD_TYPES, SATURATION_LIMITS, LayerSpec
 from gradcheck_cli.reduce import count_subnormal, norm_dtype, sample
-
-
-@dataclass
-class StepTape:
-    """What the hooks recorded during one step: device tensors, appended as hooks fire."""
-
-    calls: dict[int, int] = field(default_factory=dict)
-    order: list[int] = field(default_factory=list)
-    output_sq: dict[int, list[torch.Tensor]] = field(default_factory=dict)
-    output_positions: dict[int, int] = field(default_factory=dict)
-    output_underflow: dict[int, list[torch.Tensor]] = field(default_factory=dict)
-    output_sampled: dict[int, int] = field(default_factory=dict)
-    input_sq: dict[int, list[torch.Tensor]] = field(default_factory=dict)
-    input_zero: dict[int, list[torch.Tensor]] = field(default_factory=dict)
-    input_numel: dict[int, int] = field(default_factory=dict)
-    saturated: dict[int, list[torch.Tensor]] = field(default_factory=dict)
-    saturated_numel: dict[int, int] = field(default_factory=dict)
-    bounded_numel: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # functional tanh/sigmoid inputs
-
-    def release(self) -> None:
-        """Drop the device tensors once they are read (the host counts and the call order stay): nothing
-        allocated during a step may outlive it (Collector.prepare says why)."""
-        for tensors in (
-            self.output_sq,
-            self.output_underflow,
-            self.input_sq,
-            self.input_zero,
-            self.saturated,
-            self.bounded_numel,
-        ):
-            tensors.clear()
+from gradcheck_cli.tape import StepTape
 
 
 class Probe:
@@ -169,15 +131,13 @@ class Probe:
                 self.feeds_norm.add(self._last_layer)
             previous, self._last_layer = self._last_layer, index
             if inputs is not None and inputs.numel() and inputs.dtype.is_floating_point:
-                # RMS and zero fraction of what the layer reads: estimated from a sample, constant work.
-                values = sample(inputs.detach())
-                tape.input_sq.setdefault(index, []).append(
-                    torch.linalg.vector_norm(values, dtype=norm_dtype(values)).square()
-                )
-                tape.input_zero.setdefault(index, []).append(values.numel() - torch.count_nonzero(values))
-                tape.input_numel[index] = tape.input_numel.get(index, 0) + values.numel()
-                if category in ("linear", "conv") and previous is not None and previous not in tape.saturated_numel:
-                    self._record_squashed(previous, values)
+                # RMS and zero fraction of what the layer reads, from a sample (reduced at the step's end, tape.py).
+                # Saturation whatever form the activation takes (torch.tanh, F.sigmoid, inside a gated unit): a
+                # weight layer's input squashed into [-1, 1] or [0, 1] counts for the layer before it, as a module
+                # activation's would (tape._sample_blocks has the rule).
+                squashed = category in ("linear", "conv") and previous not in tape.saturated_numel
+                tape.keep(inputs, layer=index, squashed_for=previous if squashed else None)
+                tape.input_numel[index] = tape.input_numel.get(index, 0) + tape.samples[-1].values.numel()
             self._last_output = weakref.ref(out) if out is not None else None
             if out is not None and out.requires_grad and out.dtype.is_floating_point:
                 out.register_hook(self._output_grad_hook(index, unit_dim))
@@ -186,10 +146,9 @@ class Probe:
 
     def _output_grad_hook(self, index: int, unit_dim: int) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
-            # Sum of squares over every call in the step: the norm of all of this module's dL/dz together.
-            self.tape.output_sq.setdefault(index, []).append(
-                torch.linalg.vector_norm(grad.detach(), dtype=norm_dtype(grad)).square()
-            )
+            # Squares summed over every call in the step (tape.py): the norm of all of this module's dL/dz together.
+            self.tape.output_norms.append(torch.linalg.vector_norm(grad.detach(), dtype=norm_dtype(grad)))
+            self.tape.output_layers.append(index)
             # Positions = elements per unit (batch x sequence x spatial): what the signal view averages over.
             units = grad.shape[unit_dim] if grad.dim() else 1
             positions = grad.numel() // max(1, units)
@@ -221,35 +180,12 @@ class Probe:
             if dead:
                 self._record_active_units(layer, x)
             if limit is not None:
-                # A fraction: estimated from a sample (reduce.sample), constant work per call.
-                values = sample(x)
-                self.tape.saturated.setdefault(layer, []).append(torch.count_nonzero(values.abs() > limit))
-                self.tape.saturated_numel[layer] = self.tape.saturated_numel.get(layer, 0) + values.numel()
+                # A fraction: estimated from a sample (reduced at the step's end, tape.py).
+                self.tape.keep(x, layer=None, saturated_for=layer, limit=limit)
+                numel = self.tape.samples[-1].values.numel()
+                self.tape.saturated_numel[layer] = self.tape.saturated_numel.get(layer, 0) + numel
 
         return hook
-
-    def _record_squashed(self, layer: int, values: torch.Tensor) -> None:
-        """Saturation whatever form the activation takes (torch.tanh, F.sigmoid, inside a gated unit): a weight
-        layer's input that spans most of [-1, 1], or most of [0, 1] with few exact zeros (a ReLU's output has
-        many), has been squashed by a tanh or a sigmoid; the part near the bounds sat where the derivative is
-        under 5% of its peak. Counted for the layer before it, as a module activation would be; nothing when the
-        input is not bounded so. Spanning most of the range is required so that a small raw output, bounded by
-        chance in one batch and not in another, is not taken for an activation's."""
-        values = values.float()
-        low, high = torch.aminmax(values)
-        tanh_like = (low >= -1) & (high <= 1) & (low < -0.5) & (high > 0.5)
-        # A sigmoid reaches exactly 0 only below -88 (float32 underflow): a tenth of exact zeros is a ReLU's.
-        few_zeros = torch.count_nonzero(values == 0) * 10 < values.numel()
-        sigmoid_like = (low >= 0) & (high <= 1) & (high - low > 0.5) & few_zeros
-        near_bounds = torch.where(
-            tanh_like,
-            torch.count_nonzero(values.abs() > TANH_SATURATED),
-            torch.count_nonzero(((values < SIGMOID_SATURATED_LOW) & (values != 0)) | (values > SIGMOID_SATURATED_HIGH)),
-        )
-        bounded = tanh_like | sigmoid_like
-        zero = torch.zeros((), dtype=near_bounds.dtype, device=values.device)
-        self.tape.saturated.setdefault(layer, []).append(torch.where(bounded, near_bounds, zero))
-        self.tape.bounded_numel.setdefault(layer, []).append(torch.where(bounded, values.numel() + zero, zero))
 
     def _record_active_units(self, layer: int, x: torch.Tensor) -> None:
         """OR into ever_active[layer] which units had a positive input somewhere in this batch."""

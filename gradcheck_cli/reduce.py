@@ -53,8 +53,8 @@ def dense_values(grad: torch.Tensor) -> tuple[torch.Tensor, int]:
 # where a strided gather of single values touches a cache line per value (0.65 ms per tensor on a CPU, more
 # than the statistics themselves), and random runs cannot alias with the tensor's rows the way evenly spaced
 # ones do (spaced ~2 images apart, runs over MNIST batches all began near the top rows of an image).
-SAMPLE_SIZE = 65536
-SAMPLE_RUN = 128
+SAMPLE_SIZE = 8192
+SAMPLE_RUN = 16
 
 
 def sample(values: torch.Tensor, size: int = SAMPLE_SIZE) -> torch.Tensor:
@@ -83,6 +83,21 @@ def _sample_index(numel: int, size: int, device: torch.device) -> torch.Tensor:
     return (runs[:, None] * SAMPLE_RUN + torch.arange(SAMPLE_RUN)).reshape(-1).to(device)
 
 
+def on_device(values: Sequence[int | float], device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small constant vector (segment lengths, indices, scales) on the device. On a GPU a copy from host
+    memory waits for the device to finish its queued work, a host synchronisation each time: there these
+    vectors, the same every step, are made once and kept (until the run ends). On a CPU they are made anew:
+    a tensor kept from inside a step would fragment the heap (Collector.prepare says why)."""
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=dtype)
+    return _kept_on_device(tuple(values), device, dtype)
+
+
+@functools.lru_cache(maxsize=1024)  # a few layouts per model; emptied after each run
+def _kept_on_device(values: tuple[int | float, ...], device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype).to(device)
+
+
 @contextlib.contextmanager
 def released_caches() -> Iterator[None]:
     """One run's sampling indices (512 KiB per distinct tensor size) and bin offsets live as long as the run: a
@@ -92,18 +107,20 @@ def released_caches() -> Iterator[None]:
     finally:
         _sample_index.cache_clear()
         _bin_offsets.cache_clear()
+        _kept_on_device.cache_clear()
 
 
-def prepare_sampling(tensors: Sequence[torch.Tensor], device: torch.device) -> None:
-    """Before the first step: the sampling indices and histogram bin offsets for tensors of these sizes, so
+def prepare_sampling(tensors: Sequence[torch.Tensor], small: Sequence[int], device: torch.device) -> None:
+    """Before the first step: the sampling indices and histogram bin offsets for tensors of these sizes (those
+    reduced one by one, then the sizes of the small ones reduced together, in the order the steps bin them), so
     that the steps allocate nothing that outlives them (collect.Collector.prepare says why)."""
     sampled = [
         _sample_index(t.numel(), SAMPLE_SIZE, t.device).numel() if t.numel() > SAMPLE_SIZE else t.numel()
         for t in tensors
         if t.numel()
     ]
-    if sampled:
-        _bin_offsets(tuple(sampled), device)
+    if sampled or small:
+        _bin_offsets((*sampled, *small), device)
 
 
 # A unit (row of dL/dW) whose gradient is below this fraction of its layer's RMS row gets no usable gradient:
@@ -144,6 +161,62 @@ def reduce_gradient(
     return result
 
 
+# Tensors of at most this many elements are reduced together, concatenated (reduce_small): for them each
+# operation's dispatch (microseconds) costs more than its arithmetic, and a CNN has hundreds of them (biases,
+# norm scales), a model of many small layers thousands. The sample's bound, so that a small tensor's |g|
+# histogram is over all of its values, as when it is reduced alone.
+SMALL_TENSOR = SAMPLE_SIZE
+
+
+@dataclass
+class SmallBatch:
+    """What reduce_gradient gives, for many small gradients at once: one device vector per statistic."""
+
+    norm_sq: torch.Tensor  # (k,) float64
+    zeros: torch.Tensor  # (k,)
+    max_abs: torch.Tensor  # (k,)
+    touched_rows: torch.Tensor  # bool per row of every tensor (a tensor without rows: one), as in GradientSample
+    counts: list[int]  # rows per tensor in that vector
+    values: torch.Tensor  # every value, float32: the |g| histograms' sample (all of them)
+    sizes: list[int]
+    underflow: torch.Tensor | None = None  # (k,), with tiny
+
+
+def batchable(grad: torch.Tensor) -> bool:
+    """Whether reduce_small can take this gradient (dense, small, nonempty, on a device with segment ops)."""
+    return not grad.is_sparse and 0 < grad.numel() <= SMALL_TENSOR and grad.device.type in ("cpu", "cuda")
+
+
+def reduce_small(
+    grads: Sequence[torch.Tensor], rows: Sequence[bool], starved: Sequence[float], tiny: float | None = None
+) -> SmallBatch:
+    """reduce_gradient for many small dense gradients of one dtype: concatenated once, then segment sums and
+    maxima over the tensors (and over the rows of those with rows): about ten operations whatever their
+    number. Sums of squares are taken in float64: exact to float32 precision at any segment length."""
+    from torch._utils import _flatten_dense_tensors
+
+    device = grads[0].device
+    sizes = [g.numel() for g in grads]
+    counts = [g.shape[0] if want and g.dim() >= 2 else 1 for g, want in zip(grads, rows, strict=True)]
+    row_lengths = [length for size, count in zip(sizes, counts, strict=True) for length in [size // count] * count]
+    flat = _flatten_dense_tensors([g.detach() for g in grads])
+    lengths = on_device(sizes, device)
+    row_sq = torch.segment_reduce(flat.to(torch.float64).square(), "sum", lengths=on_device(row_lengths, device))
+    per_tensor = on_device(counts, device)
+    norm_sq = torch.segment_reduce(row_sq, "sum", lengths=per_tensor)
+    values = flat.float()
+    magnitude = values.abs()
+    max_abs = torch.segment_reduce(magnitude, "max", lengths=lengths, initial=0.0)
+    zeros = torch.segment_reduce((values == 0).float(), "sum", lengths=lengths)
+    floor_sq = norm_sq / per_tensor * on_device(starved, device, torch.float64).square()
+    touched = ~(row_sq <= floor_sq.repeat_interleave(per_tensor, output_size=row_sq.numel()))
+    result = SmallBatch(norm_sq, zeros, max_abs, touched, counts, values, sizes)
+    if tiny is not None:
+        below = ((magnitude < tiny) & (values != 0)).float()
+        result.underflow = torch.segment_reduce(below, "sum", lengths=lengths)
+    return result
+
+
 def count_subnormal(values: torch.Tensor, tiny: float) -> torch.Tensor:
     """Nonzero values below `tiny` (a dtype's smallest normal): they are, or would be, subnormal or flushed
     to zero in that dtype. Exact zeros are not counted: ReLU and sparse inputs make them by design."""
@@ -165,23 +238,28 @@ def _for_histogram(flat: torch.Tensor) -> tuple[torch.Tensor | None, float]:
     return values, flat.numel() / values.numel()
 
 
-def histograms_of(samples: Sequence[torch.Tensor], scales: Sequence[float]) -> torch.Tensor:
+def histograms_of(
+    samples: Sequence[torch.Tensor], scales: Sequence[float], sizes: Sequence[int] | None = None
+) -> torch.Tensor:
     """Counts of floor(log2 |g|) in the fixed bins, one row per sample, each scaled to the elements its sample
     stands for: every tensor at once (one concatenation, one bincount), since per-tensor calls cost more
-    in dispatch than in arithmetic for the many small tensors of a CNN. Exact zeros are not counted
+    in dispatch than in arithmetic for the many small tensors of a CNN. `sizes` (default: each sample's size)
+    splits the concatenated samples into rows otherwise (reduce_small's values hold many tensors). Exact zeros
+    are not counted
     (zero_fraction has them); values below the range count in the first bin, above it in the last."""
     device = samples[0].device
     values = torch.cat([s.reshape(-1).to(torch.float32) for s in samples])
     width = _EXPONENT_BINS
     exponent = (values.view(torch.int32) >> 23) & 0xFF  # 0: zero or subnormal, 255: inf or nan
     exponent = torch.where(values == 0, width - 1, exponent)
-    offsets = _bin_offsets(tuple(s.numel() for s in samples), device)
-    counts = torch.bincount(offsets + exponent, minlength=width * len(samples)).reshape(len(samples), width)
+    rows = tuple(sizes) if sizes is not None else tuple(s.numel() for s in samples)
+    offsets = _bin_offsets(rows, device)
+    counts = torch.bincount(offsets + exponent, minlength=width * len(rows)).reshape(len(rows), width)
     low, high = _FLOAT32_BIAS + HISTOGRAM_LOW, _FLOAT32_BIAS + HISTOGRAM_HIGH
     result = counts[:, low:high].float()
     result[:, 0] += counts[:, :low].sum(dim=1)  # tiny values and subnormals
     result[:, -1] += counts[:, high:255].sum(dim=1)
-    return result * torch.tensor(scales, device=device).unsqueeze(1)
+    return result * on_device(scales, device).unsqueeze(1)
 
 
 _EXPONENT_BINS = 257  # 256 float32 exponents, and one more bin for exact zeros
@@ -213,13 +291,15 @@ def _reduce_sparse(grad: torch.Tensor, want_rows: bool) -> GradientSample:
 
 def shift_histogram(histogram: torch.Tensor, bins: int) -> torch.Tensor:
     """Move counts `bins` power-of-two bins down (dividing the values by 2^bins), piling what falls off the
-    bottom into bin 0: how gradients measured at an AMP loss scale 2^k are reported unscaled."""
+    bottom into bin 0: how gradients measured at an AMP loss scale 2^k are reported unscaled. Along the last
+    dimension: one histogram, or one per row."""
     if bins <= 0:
         return histogram
     shifted = torch.zeros_like(histogram)
-    bins = min(bins, histogram.numel())
-    shifted[: histogram.numel() - bins] = histogram[bins:]
-    shifted[0] += histogram[:bins].sum()
+    width = histogram.shape[-1]
+    bins = min(bins, width)
+    shifted[..., : width - bins] = histogram[..., bins:]
+    shifted[..., 0] += histogram[..., :bins].sum(dim=-1)
     return shifted
 
 

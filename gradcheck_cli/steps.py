@@ -8,12 +8,14 @@ so the transfer needs no list of keys: it reads the fields.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import torch
 
 from gradcheck_cli.distributed import GRADIENT_MAX, GRADIENT_SUM, HOST_COUNT, LOCAL_SUM, Combiner
+from gradcheck_cli.layers import LayerSpec, has_units
 from gradcheck_cli.series import StepSeries
 
 V = TypeVar("V")  # torch.Tensor on the device, float on the host
@@ -53,12 +55,24 @@ class LayerStep(Generic[V]):
 
 
 @dataclass
+class Block:
+    """Many records' values of one field kind, reduced together into one device vector (collect.py's batched
+    small tensors, the probe's batched samples): value i goes to `places[i]` = (records, key, field name) of
+    the host step. Saves stacking thousands of 0-d tensors one by one."""
+
+    policy: str
+    vector: torch.Tensor
+    places: list[tuple[str, int, str]]  # ("params" | "layers", record key, field)
+
+
+@dataclass
 class Step(Generic[V]):
     """Everything one step measured: the loss, per parameter (by ParamInfo.index), per layer (by index)."""
 
     loss: V = combined(LOCAL_SUM)
     params: dict[int, Any] = field(default_factory=dict)  # ParamStep[V] (watched training: TrainParamStep[V])
     layers: dict[int, LayerStep[V]] = field(default_factory=dict)
+    blocks: list[Block] = field(default_factory=list)  # device side only: values given as whole vectors
 
 
 _POLICIES = (GRADIENT_SUM, GRADIENT_MAX, LOCAL_SUM)
@@ -69,35 +83,83 @@ def transfer(step: Step[torch.Tensor], combiner: Combiner, device: torch.device)
     copied with one transfer (the step's single host synchronisation)."""
     host: Step[float] = Step(
         loss=0.0,
-        params={i: type(record)() for i, record in step.params.items()},  # ParamStep, or watch.TrainParamStep
-        layers={i: LayerStep() for i in step.layers},
+        params={i: _blank(type(record)) for i, record in step.params.items()},  # ParamStep, watch.TrainParamStep
+        layers={i: _blank(LayerStep) for i in step.layers},
     )
     pairs: list[tuple[Any, Any]] = [(step, host)]
     pairs += [(record, host.params[i]) for i, record in step.params.items()]
     pairs += [(record, host.layers[i]) for i, record in step.layers.items()]
     slots: dict[str, list[tuple[Any, str, torch.Tensor]]] = {policy: [] for policy in _POLICIES}
     for record, target in pairs:
-        for item in dataclasses.fields(record):
-            policy, value = item.metadata.get("combine"), getattr(record, item.name)
-            if policy is None or value is None:
+        kind: type = type(record)
+        for name, policy in _combined_fields(kind):
+            value = getattr(record, name)
+            if value is None:
                 continue
             if policy == HOST_COUNT:
                 if not combiner.active:
-                    setattr(target, item.name, float(value))
+                    setattr(target, name, float(value))
                     continue
                 # Counts kept on the host differ per rank too: sum them with the rest.
                 policy, value = LOCAL_SUM, torch.tensor(float(value), device=device)
-            # float64: a squared norm of 1e19-sized gradients (a diverging run) overflows float32
-            slots[policy].append((target, item.name, value.detach().to(torch.float64).reshape(())))
-    vectors = [
-        torch.stack([v for _, _, v in slots[p]]) if slots[p] else torch.zeros(0, device=device) for p in _POLICIES
-    ]
+            slots[policy].append((target, name, value.detach()))
+    vectors, places = [], []
+    for policy in _POLICIES:
+        vector, placed = _stacked(slots[policy], device)
+        blocks = [block for block in step.blocks if block.policy == policy]
+        vectors.append(torch.cat([vector, *(b.vector.detach().to(torch.float64) for b in blocks)]))
+        places += placed
+        for block in blocks:
+            records = {"params": host.params, "layers": host.layers}
+            places += [(records[kind][key], name) for kind, key, name in block.places]
     combiner(*vectors)
     values = torch.cat(vectors).tolist()
-    places = [(target, name) for p in _POLICIES for target, name, _ in slots[p]]
     for (target, name), value in zip(places, values, strict=True):
         setattr(target, name, value)
     return host
+
+
+@functools.cache
+def _combined_fields(cls: type) -> tuple[tuple[str, str], ...]:
+    """A record type's per-step fields and their policies (read once per type: a step has thousands of records)."""
+    found = ((item.name, item.metadata.get("combine")) for item in dataclasses.fields(cls))
+    return tuple((name, policy) for name, policy in found if policy is not None)
+
+
+@functools.cache
+def _defaults(cls: type) -> dict[str, Any] | None:
+    """The field defaults of a record type whose fields all have plain defaults, else None."""
+    items = dataclasses.fields(cls)
+    if any(item.default is dataclasses.MISSING for item in items):
+        return None
+    return {item.name: item.default for item in items}
+
+
+def _blank(cls: type) -> Any:
+    """A record with every field at its default, built without running __init__ (thousands per step)."""
+    defaults = _defaults(cls)
+    if defaults is None:
+        return cls()
+    record: Any = object.__new__(cls)
+    record.__dict__.update(defaults)
+    return record
+
+
+def _stacked(
+    slots: list[tuple[Any, str, torch.Tensor]], device: torch.device
+) -> tuple[torch.Tensor, list[tuple[Any, str]]]:
+    """One float64 vector of 0-d values, stacked a dtype at a time (a per-value cast costs more in dispatch
+    than the whole stack), and where each value goes, in the vector's order. float64: a squared norm of
+    1e19-sized gradients (a diverging run) overflows float32."""
+    groups: dict[torch.dtype, list[tuple[Any, str, torch.Tensor]]] = {}
+    for slot in slots:
+        groups.setdefault(slot[2].dtype, []).append(slot)
+    parts = [
+        torch.stack([v if v.dim() == 0 else v.reshape(()) for _, _, v in group]).to(torch.float64)
+        for group in groups.values()
+    ]
+    places = [(target, name) for group in groups.values() for target, name, _ in group]
+    return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)), places
 
 
 # -- over the steps -----------------------------------------------------------------------------------------
@@ -135,3 +197,20 @@ class LayerSeries:
     input_rms: StepSeries = field(default_factory=StepSeries)
     input_zero: StepSeries = field(default_factory=StepSeries)
     saturated: StepSeries = field(default_factory=StepSeries)
+
+
+def unique_params(layers: list[LayerSpec]) -> list[ParamInfo]:
+    """Every tensor the layers own, once (tied weights are one tensor owned by several layers)."""
+    owners: dict[int, list[int]] = {}
+    tensors: dict[int, tuple[str, torch.Tensor]] = {}  # id -> (qualified name, tensor)
+    for spec in layers:
+        for name, param in spec.params:
+            owners.setdefault(id(param), []).append(spec.index)
+            tensors.setdefault(id(param), (name, param))
+    params: list[ParamInfo] = []
+    for key, (name, tensor) in tensors.items():
+        owning = tuple(owners[key])
+        embedding = any(layers[i].category == "embedding" for i in owning)
+        rows = tensor.dim() >= 2 and any(has_units(layers[i]) for i in owning)
+        params.append(ParamInfo(len(params), name, tensor, owning, rows or embedding, embedding))
+    return params

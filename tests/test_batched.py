@@ -1,0 +1,147 @@
+"""The batched reductions (issue 18): many small gradients reduced together (reduce.reduce_small) and the hooks'
+samples reduced at the step's end (tape.StepTape.blocks) give what each tensor reduced alone gives, checked
+against plain torch arithmetic written out here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gradcheck_cli.layers import SIGMOID_SATURATED_HIGH, SIGMOID_SATURATED_LOW, TANH_SATURATED
+from gradcheck_cli.reduce import STARVED_UNIT, on_device, reduce_small
+from gradcheck_cli.tape import StepTape
+
+
+def _expected(grad: torch.Tensor, rows: bool, starved: float) -> tuple[float, float, float, list[bool] | None]:
+    values = grad.detach().double().reshape(-1)
+    norm_sq = float(values.square().sum())
+    touched = None
+    if rows and grad.dim() >= 2:
+        row_sq = grad.detach().double().reshape(grad.shape[0], -1).square().sum(1)
+        floor = norm_sq / grad.shape[0] * starved**2
+        touched = [not (float(r) <= floor) for r in row_sq]
+    return norm_sq, float((values == 0).sum()), float(values.abs().max()), touched
+
+
+def test_small_gradients_reduced_together_equal_each_alone() -> None:
+    g = torch.Generator().manual_seed(3)
+    grads = [
+        torch.randn(6, 5, generator=g),
+        torch.randn(7, generator=g),
+        torch.zeros(3, 4),
+        torch.randn(4, 2, 3, generator=g),
+        torch.randn(1, generator=g),
+    ]
+    grads[0][2] = 0.0  # a row with no gradient
+    grads[0][4] *= 1e-7  # a starved row: below STARVED_UNIT of the RMS row
+    grads[3][1] = 0.0
+    rows = [True, False, True, True, False]
+    starved = [STARVED_UNIT, STARVED_UNIT, 0.0, STARVED_UNIT, 0.0]
+    batch = reduce_small(grads, rows, starved)
+    at = 0
+    for i, (grad, want, floor) in enumerate(zip(grads, rows, starved, strict=True)):
+        norm_sq, zeros, max_abs, touched = _expected(grad, want, floor)
+        assert float(batch.norm_sq[i]) == pytest.approx(norm_sq, rel=1e-12)
+        assert float(batch.zeros[i]) == zeros
+        assert float(batch.max_abs[i]) == pytest.approx(max_abs, rel=1e-7)
+        count = batch.counts[i]
+        if touched is not None:
+            assert batch.touched_rows[at : at + count].tolist() == touched
+        at += count
+    assert batch.touched_rows[0:6].tolist() == [True, True, False, True, False, True]
+    assert batch.sizes == [g.numel() for g in grads]
+
+
+def test_small_gradients_keep_nan_and_count_underflow() -> None:
+    grads = [torch.tensor([[1.0, float("nan")], [0.5, 0.0]]), torch.tensor([1e-6, 0.0, 2.0, 1e-8])]
+    batch = reduce_small(grads, [True, False], [STARVED_UNIT, 0.0], tiny=1e-5)
+    assert math.isnan(float(batch.norm_sq[0])) and math.isnan(float(batch.max_abs[0]))
+    assert batch.touched_rows[:2].tolist() == [True, True]  # a NaN row got a gradient (the numeric rule's finding)
+    assert float(batch.norm_sq[1]) == pytest.approx(1e-12 + 4.0 + 1e-16)
+    assert batch.underflow is not None and batch.underflow.tolist() == [0.0, 2.0]  # nonzero values below tiny
+
+
+def test_float64_small_gradients_keep_their_precision() -> None:
+    grad = torch.full((3,), 1.0 + 1e-12, dtype=torch.float64)
+    batch = reduce_small([grad], [False], [0.0])
+    assert float(batch.norm_sq[0]) == pytest.approx(3 * (1.0 + 1e-12) ** 2, rel=1e-15)
+
+
+def _blocks(tape: StepTape) -> dict[tuple[int, str], float]:
+    found = {}
+    for block in tape.blocks(torch.device("cpu")):
+        for (kind, layer, name), value in zip(block.places, block.vector.tolist(), strict=True):
+            assert kind == "layers"
+            found[(layer, name)] = value
+    return found
+
+
+def test_tape_sums_each_layers_calls_and_applies_the_squash_rule() -> None:
+    g = torch.Generator().manual_seed(0)
+    tanh_out = torch.tanh(3 * torch.randn(40, 30, generator=g))  # spans [-1, 1], many near the bounds
+    sigmoid_out = torch.sigmoid(4 * torch.randn(50, 20, generator=g))
+    relu_out = torch.relu(torch.randn(30, 20, generator=g))  # in [0, inf), half exact zeros: not squashed
+    small = 0.1 * torch.rand(10, 10, generator=g)  # bounded by chance, spans little of [0, 1]: not squashed
+    tape = StepTape()
+    tape.keep(tanh_out, layer=1, squashed_for=0)
+    tape.keep(tanh_out, layer=1, squashed_for=0)  # a second call of layer 1
+    tape.keep(sigmoid_out, layer=2, squashed_for=5)
+    tape.keep(relu_out, layer=3, squashed_for=6)
+    tape.keep(small, layer=4, squashed_for=7)
+    pre = 3 * torch.randn(20, 20, generator=g)
+    tape.keep(pre, layer=None, saturated_for=8, limit=2.0)  # an nn.Tanh module's input
+    found = _blocks(tape)
+    assert found[(1, "input_sq")] == pytest.approx(2 * float(tanh_out.double().square().sum()))
+    assert found[(3, "input_zero")] == float((relu_out == 0).sum())
+    assert found[(0, "saturated")] == 2 * float((tanh_out.abs() > TANH_SATURATED).sum())
+    assert found[(0, "bounded_numel")] == 2 * tanh_out.numel()
+    near = ((sigmoid_out < SIGMOID_SATURATED_LOW) & (sigmoid_out != 0)) | (sigmoid_out > SIGMOID_SATURATED_HIGH)
+    assert found[(5, "saturated")] == float(near.sum())
+    assert found[(6, "bounded_numel")] == 0.0 and found[(7, "bounded_numel")] == 0.0
+    assert found[(8, "saturated")] == float((pre.abs() > 2.0).sum())
+    assert (8, "bounded_numel") not in found and (8, "input_sq") not in found
+
+
+def test_tape_copies_its_samples() -> None:
+    """The model may change a tensor in place after a layer read it: the tape keeps what the layer read."""
+    x = torch.ones(4, 4)
+    tape = StepTape()
+    tape.keep(x, layer=0)
+    x.mul_(3.0)
+    assert _blocks(tape)[(0, "input_sq")] == 16.0
+
+
+def test_many_small_layers_measure_what_autograd_gives() -> None:
+    """End to end: 300 small layers side by side (all reduced together) next to one large one (alone)."""
+    import gradcheck_cli
+
+    torch.manual_seed(0)
+
+    class SideBySide(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.small = nn.ModuleList(nn.Linear(32, 2) for _ in range(300))
+            self.large = nn.Linear(32, 600)  # 19,200 weights: reduced alone
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = torch.cat([layer(x) for layer in self.small], dim=1) + self.large(x).tanh()
+            return out.reshape(x.shape[0], -1, 10).sum(1)
+
+    model = SideBySide()
+    x, y = torch.randn(16, 32), torch.randint(0, 10, (16,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    expected = {name: float(p.grad.norm()) for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    report = gradcheck_cli.analyze(model, (x, y), steps=1)
+    measured = {p.name: p.grad_norm for p in report.parameters}
+    assert measured.keys() == expected.keys()
+    for name, value in expected.items():
+        assert measured[name] == pytest.approx(value, rel=1e-5), name
+
+
+def test_constant_vectors_are_not_kept_on_a_cpu() -> None:
+    first, second = on_device([1, 2, 3], torch.device("cpu")), on_device([1, 2, 3], torch.device("cpu"))
+    assert first.tolist() == [1, 2, 3] and first.data_ptr() != second.data_ptr()
