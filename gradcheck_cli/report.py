@@ -55,7 +55,7 @@ class ParameterRecord:
 @dataclass(frozen=True)
 class ValueHistogram:
     """A layer's gradient values in one step, the tutorial's histogram: counts in len(counts) equal bins over
-    [-limit, limit] (limit = the largest |g| seen), estimated from a sample of at most 65,536 values per tensor
+    [-limit, limit] (limit = the largest |g| seen), estimated from a sample of at most 8,192 values per tensor
     and scaled to all elements."""
 
     step: int  # measurement step (0-based)
