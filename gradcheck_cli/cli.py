@@ -240,13 +240,14 @@ DEMO_OPTIONS = {
 
 
 def _demo(name: str | None, list_demos: bool, mnist: Path | None, debug: bool, **values: Any) -> None:
-    """Replay the 2017 tutorial's sigmoid MLP (sigmoid-mlp), its fixed twin (relu-he-mlp), or watch the twin's
-    units die under too large SGD steps (dying-relu)."""
-    from gradcheck_cli.demo_names import DEMO_SUMMARIES
+    """Replay the 2017 tutorial's sigmoid MLP (sigmoid-mlp) and its fixed twin (relu-he-mlp), watch the twin's
+    units die under too large SGD steps (dying-relu), or see the CI gate fail on nets whose gradients vanish or
+    explode by theory (deep-sigmoid, exploding-relu) and pass on their fixed twin (deep-relu-he)."""
+    from gradcheck_cli.demo_names import DEMO_SUMMARIES, listing_lines
 
     if list_demos:
-        for demo_name, summary in DEMO_SUMMARIES.items():
-            typer.echo(f"{demo_name}  {summary}")
+        for line in listing_lines():
+            typer.echo(line)
         return
     with _errors(debug):
         if name is None:
@@ -278,7 +279,7 @@ _DEMO_BEFORE = [
     inspect.Parameter(
         "list_demos",
         inspect.Parameter.KEYWORD_ONLY,
-        default=typer.Option(False, "--list", help="List the demos, one per line."),
+        default=typer.Option(False, "--list", help="List the demos: the exit code to expect and what each shows."),
         annotation=bool,
     ),
     inspect.Parameter(

@@ -1,4 +1,5 @@
-"""The 2017 tutorial's network ("Dificuldades no Treinamento de Redes Neurais") and its fixed twin.
+"""The 2017 tutorial's network ("Dificuldades no Treinamento de Redes Neurais"), its fixed twin, and deep
+relatives whose verdict theory gives: the CI gate failing and passing.
 
 sigmoid-mlp: 784-128-128-128-128-10, sigmoid hidden units, every weight N(0, 1) with no fan-in scaling, zero
 biases, softmax cross-entropy, batch 128, SGD at lr 0.01: the tutorial's exact setup.
@@ -6,6 +7,18 @@ relu-he-mlp: the fixes the tutorial announces: ReLU units and He initialisation 
 dying-relu: relu-he-mlp trained (--train-steps 60 by default) with plain SGD at lr 1.0 (by default), 100 times
 the tutorial's: the large steps push ReLU units' inputs below 0 for every example, and those units never get
 a gradient again (the watched run shows the dead fraction rising and the step where it began).
+
+The CI gate, by theory: 784-128x20-10 nets with zero biases, whose per-layer gain mean-field theory gives
+(Poole et al. 2016, Schoenholz et al. 2017). With weights N(0, sw2/fan_in) on square layers, the pre-activation
+variance settles at the fixed point q* of q = sw2 E[phi(h)^2] (h ~ N(0, q)), and each layer multiplies the
+backpropagated ||dL/dz||^2 by chi1 = sw2 E[phi'(h)^2]: ||dL/dz|| changes by sqrt(chi1) per layer.
+deep-sigmoid: the tutorial's sigmoid units with Glorot (xavier_normal_, sw2 = 1 on square layers):
+sigmoid' <= 1/4, so chi1 <= 1/16; at q* = 0.265, chi1 = 0.056 and the gain is 0.236, so the 20 steps of the
+chain of 21 linear layers shrink dL/dz by 0.236^20 = 3e-13 (why Glorot & Bengio 2010 found deep sigmoid nets
+hard to train). Exit 1: far past the signal view's error factor (400).
+exploding-relu: ReLU with N(0, 4/fan_in), twice He's variance: relu'^2 is 1 on half of N(0, q) at any q, so
+chi1 = sw2 / 2 = 2 and dL/dz grows by sqrt(2) per layer, 2^10 = 1024 over the 20 steps. Exit 1.
+deep-relu-he: the fix of both, ReLU with He's N(0, 2/fan_in): chi1 = 1 exactly (He et al. 2015). Exit 0.
 
 Without a network, the data are synthetic digits with MNIST's pixel statistics: 28x28 pen strokes in [0, 1],
 about 80% exact zeros, mean about 0.13 (MNIST: 0.1307, std 0.3081), ten classes each drawn from its own
@@ -16,6 +29,7 @@ files, or a .safetensors file with `inputs` (N, 784) and `targets`.
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
@@ -42,10 +56,14 @@ TUTORIAL_BATCH = 128
 class TutorialMLP(nn.Module):
     """784-128-128-128-128-10 with one activation type; layers named fc1..fc4 and out as in the tutorial."""
 
-    def __init__(self, activation: Callable[[], nn.Module], init: Callable[[torch.Tensor], object]) -> None:
+    def __init__(
+        self,
+        activation: Callable[[], nn.Module],
+        init: Callable[[torch.Tensor], object],
+        widths: tuple[int, ...] = TUTORIAL_WIDTHS,
+    ) -> None:
         super().__init__()
         modules: OrderedDict[str, nn.Module] = OrderedDict()
-        widths = TUTORIAL_WIDTHS
         for i in range(len(widths) - 2):
             modules[f"fc{i + 1}"] = nn.Linear(widths[i], widths[i + 1])
             modules[f"act{i + 1}"] = activation()
@@ -70,6 +88,85 @@ def relu_he_mlp() -> TutorialMLP:
     return TutorialMLP(nn.ReLU, lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"))
 
 
+DEEP_WIDTHS = (784, *(128,) * 20, 10)  # the tutorial's width and input, 20 hidden layers
+
+
+class DeepMLP(TutorialMLP):
+    """784-128x20-10, fc1..fc20 and out: the tutorial's net made deep, for the demos theory labels."""
+
+    def __init__(self, activation: Callable[[], nn.Module], init: Callable[[torch.Tensor], object]) -> None:
+        super().__init__(activation, init, DEEP_WIDTHS)
+
+
+def deep_sigmoid() -> DeepMLP:
+    """Sigmoid units with Glorot's N(0, 2/(fan_in + fan_out)): weight variance 1/fan_in on square layers."""
+    return DeepMLP(nn.Sigmoid, nn.init.xavier_normal_)
+
+
+def exploding_relu() -> DeepMLP:
+    """ReLU units with N(0, 4/fan_in): twice He's variance."""
+    return DeepMLP(nn.ReLU, lambda w: nn.init.normal_(w, 0.0, math.sqrt(4.0 / w.shape[1])))
+
+
+def deep_relu_he() -> DeepMLP:
+    """ReLU units with He's N(0, 2/fan_in): the fix of deep-sigmoid (the tutorial's) and of exploding-relu."""
+    return DeepMLP(nn.ReLU, lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"))
+
+
+@dataclass(frozen=True)
+class MeanField:
+    """Mean-field theory's per-layer gain of ||dL/dz|| for a deep stack of square layers with weights
+    N(0, weight_variance / fan_in) and zero biases (Poole et al. 2016; Schoenholz et al. 2017)."""
+
+    activation: str  # "sigmoid" or "relu"
+    weight_variance: float  # sw2
+    twin: str  # a note on the fixed twin, or on what this demo fixes
+
+    def chi1(self) -> float:
+        """The factor of ||dL/dz||^2 per layer: sw2 E[phi'(h)^2], h ~ N(0, q*)."""
+        if self.activation == "relu":
+            return self.weight_variance / 2  # relu'(h)^2 is 1 on half of N(0, q) at any q (He et al. 2015)
+        return self.weight_variance * gaussian_mean(lambda h: _sigmoid_slope(h) ** 2, self.fixed_point())
+
+    def fixed_point(self) -> float:
+        """q* of q = sw2 E[sigmoid(h)^2], h ~ N(0, q): the variance every layer's pre-activations settle at."""
+        variance = 1.0
+        for _ in range(100):  # a contraction for sw2 = 1: converged to 1e-12 within 30 steps
+            variance = self.weight_variance * gaussian_mean(lambda h: _sigmoid(h) ** 2, variance)
+        return variance
+
+    def notes(self, measured: float | None) -> list[str]:
+        """Theory's gain beside the measured one, and the twin."""
+        chi1 = self.chi1()
+        regime = "vanishing" if chi1 < 0.99 else "exploding" if chi1 > 1.01 else "critical"
+        seen = "not fitted" if measured is None else f"x{measured:.3g}"
+        theory = (
+            f"theory (mean field): {self.activation}, weights N(0, {self.weight_variance:g}/fan_in): chi1 = "
+            f"{chi1:.3g}, so ||dL/dz|| x{math.sqrt(chi1):.3g} per layer toward the input ({regime}); measured {seen}"
+        )
+        return [theory, self.twin]
+
+
+def gaussian_mean(f: Callable[[float], float], variance: float, intervals: int = 400) -> float:
+    """E[f(h)] for h ~ N(0, variance): Simpson's rule over +-10 standard deviations (the tails beyond weigh
+    below 1e-22)."""
+    step = 20.0 / intervals
+    total = 0.0
+    for i in range(intervals + 1):
+        z = -10.0 + i * step
+        weight = 1 if i in (0, intervals) else 4 if i % 2 else 2
+        total += weight * f(math.sqrt(variance) * z) * math.exp(-z * z / 2)
+    return total * step / 3 / math.sqrt(2 * math.pi)
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def _sigmoid_slope(x: float) -> float:
+    return _sigmoid(x) * (1.0 - _sigmoid(x))
+
+
 @dataclass(frozen=True)
 class Demo:
     name: str
@@ -77,18 +174,34 @@ class Demo:
     build: Callable[[], nn.Module]
     # settings the demo is about, used unless the command line changes them from their defaults
     settings: tuple[tuple[str, object], ...] = ()
+    theory: MeanField | None = None  # printed as a note beside the measured gain
 
 
 # dying-relu: a step 100x the tutorial's (lr 0.01): measured on the synthetic digits, most units of every hidden
 # layer die within the first ten steps, where at lr 0.05 none does.
 DYING_LR = 1.0
 DYING_STEPS = 60
-_BUILDERS: dict[str, tuple[Callable[[], nn.Module], tuple[tuple[str, object], ...]]] = {
-    "sigmoid-mlp": (sigmoid_mlp, ()),
-    "relu-he-mlp": (relu_he_mlp, ()),
-    "dying-relu": (relu_he_mlp, (("train_steps", DYING_STEPS), ("lr", DYING_LR))),
+_FIXED_TWIN = "fixed twin: gradcheck demo deep-relu-he (nn.ReLU with nn.init.kaiming_normal_: chi1 = 1)"
+_BUILDERS: dict[str, tuple[Callable[[], nn.Module], tuple[tuple[str, object], ...], MeanField | None]] = {
+    "sigmoid-mlp": (sigmoid_mlp, (), None),
+    "relu-he-mlp": (relu_he_mlp, (), None),
+    "dying-relu": (relu_he_mlp, (("train_steps", DYING_STEPS), ("lr", DYING_LR)), None),
+    "deep-sigmoid": (
+        deep_sigmoid,
+        (),
+        MeanField("sigmoid", 1.0, _FIXED_TWIN + "; at Glorot's scale, sigmoid' <= 1/4 caps the gain at 1/4"),
+    ),
+    "exploding-relu": (exploding_relu, (), MeanField("relu", 4.0, _FIXED_TWIN)),
+    "deep-relu-he": (
+        deep_relu_he,
+        (),
+        MeanField("relu", 2.0, "the fixed twin of gradcheck demo deep-sigmoid and exploding-relu"),
+    ),
 }
-DEMOS = {name: Demo(name, DEMO_SUMMARIES[name], build, settings) for name, (build, settings) in _BUILDERS.items()}
+DEMOS = {
+    name: Demo(name, DEMO_SUMMARIES[name], build, settings, theory)
+    for name, (build, settings, theory) in _BUILDERS.items()
+}
 
 
 def run_demo(name: str, options: Options, mnist: Path | None, progress: Progress | None = None) -> Report:
@@ -104,9 +217,12 @@ def run_demo(name: str, options: Options, mnist: Path | None, progress: Progress
     else:
         batches, source = synthetic_digits(count, options.seed), "synthetic MNIST-like digits (no download)"
     model = chosen.build()
-    return run(
+    report = run(
         model, batches, "cross-entropy", options, target=f"demo {name}", notes=[f"data: {source}"], progress=progress
     )
+    if chosen.theory is not None:
+        report.notes += chosen.theory.notes(report.signal.gain_per_layer)
+    return report
 
 
 def _with_demo_settings(options: Options, demo: Demo) -> Options:

@@ -138,7 +138,7 @@ def test_demo_list_prints_one_name_per_line(cli) -> None:
     result = cli("demo", "--list")
     assert result.exit_code == 0
     names = [line.split()[0] for line in result.stdout.splitlines()]
-    assert names == ["sigmoid-mlp", "relu-he-mlp", "dying-relu"]
+    assert names == ["sigmoid-mlp", "relu-he-mlp", "dying-relu", "deep-sigmoid", "exploding-relu", "deep-relu-he"]
 
 
 def test_sigmoid_demo_flags_layer_one_with_the_honest_cause(cli) -> None:
