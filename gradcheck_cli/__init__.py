@@ -2,7 +2,7 @@
 
     import gradcheck_cli
     report = gradcheck_cli.analyze(model, (inputs, targets))
-    assert report.healthy, report.findings
+    gradcheck_cli.assert_healthy(model, (inputs, targets))  # in a test: fails with the findings table
 
 Nothing heavy is imported here: `gradcheck --help` must start without importing torch. The public names are
 loaded on first use.
@@ -16,6 +16,7 @@ from gradcheck_cli._version import __version__
 
 if TYPE_CHECKING:
     from gradcheck_cli.api import analyze
+    from gradcheck_cli.assertions import assert_healthy
     from gradcheck_cli.diagnose.thresholds import Thresholds
     from gradcheck_cli.errors import UserError
     from gradcheck_cli.options import Options
@@ -31,10 +32,12 @@ __all__ = [
     "UserError",
     "__version__",
     "analyze",
+    "assert_healthy",
 ]
 
 _LAZY = {
     "analyze": "gradcheck_cli.api",
+    "assert_healthy": "gradcheck_cli.assertions",
     "Thresholds": "gradcheck_cli.diagnose.thresholds",
     "UserError": "gradcheck_cli.errors",
     "Options": "gradcheck_cli.options",
