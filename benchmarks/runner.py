@@ -106,11 +106,24 @@ def main() -> None:
         "step_ms": times,
         "median_step_ms": statistics.median(times[1:] if len(times) > 1 else times),
         "params": sum(p.numel() for p in model.parameters()),
+        "hooked": hooked(model) if args.mode == "gradcheck" else 0,
     }
     if device.type == "cuda":
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(result))
     sys.stdout.flush()
+
+
+def hooked(model: torch.nn.Module) -> int:
+    """Modules gradcheck hooks: those owning parameters directly, and the activations it watches."""
+    from gradcheck_cli.layers import DEAD_TYPES, SATURATION_LIMITS
+
+    activations = (*DEAD_TYPES, *SATURATION_LIMITS)
+    return sum(
+        1
+        for module in model.modules()
+        if any(True for _ in module.parameters(recurse=False)) or isinstance(module, activations)
+    )
 
 
 def attach(mode: str, model: torch.nn.Module, out: Path) -> Any:

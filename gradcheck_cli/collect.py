@@ -13,26 +13,23 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gradcheck_cli.distributed import GRADIENT_MAX, GRADIENT_SUM, Combiner, local
+from gradcheck_cli.distributed import Combiner, local
+from gradcheck_cli.groups import SmallGroup, plan, starved
 from gradcheck_cli.layers import LayerSpec
 from gradcheck_cli.records import Finished, Measured, build_records
 from gradcheck_cli.reduce import (
-    STARVED_UNIT,
-    batchable,
     dense_values,
     histograms_of,
     norm_dtype,
     on_device,
     prepare_sampling,
     reduce_gradient,
-    reduce_small,
     shift_histogram,
     value_histogram,
 )
 from gradcheck_cli.report import Layer, ParameterRecord, ValueHistogram
 from gradcheck_cli.series import HISTOGRAM_BINS, StepSeries
 from gradcheck_cli.steps import (
-    Block,
     LayerSeries,
     LayerStep,
     ParamInfo,
@@ -42,7 +39,7 @@ from gradcheck_cli.steps import (
     transfer,
     unique_params,
 )
-from gradcheck_cli.tape import StepTape
+from gradcheck_cli.tape import COUNTS, StepTape
 
 
 class Collector:
@@ -73,7 +70,7 @@ class Collector:
         self._rows_flat = torch.zeros(0, dtype=torch.bool)
         self._row_start: dict[int, int] = {}  # where each tensor's rows begin in _rows_flat
         # per group of small tensors (their indices): (rows of the group's vector to keep, where in _rows_flat)
-        self._small_rows: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
+        self._plan: tuple[list[ParamInfo], list[SmallGroup]] = ([], [])  # groups.plan, made in prepare()
         self._histograms: torch.Tensor | None = None  # (params, bins)
         self._binned: set[int] = set()
         # layer index -> (step, limit, counts) per step, on the device until finish()
@@ -102,12 +99,19 @@ class Collector:
             self._row_start[info.index] = start
             start += count
         self._histograms = torch.zeros(len(self.params), HISTOGRAM_BINS, device=self.device)
-        large, small = _partition(trainable, lambda info: info.tensor.detach())
+        self._plan = self._plan_for(trainable, lambda info: info.tensor.detach())
+        large, small = self._plan
         prepare_sampling(
             [local(info.tensor.detach()) for info in large],
-            [local(info.tensor.detach()).numel() for group in small for info in group],
+            [n for group in small for n in group.layout.sizes],
             self.device,
         )
+
+    def _plan_for(
+        self, params: list[ParamInfo], tensor_of: Callable[[ParamInfo], torch.Tensor | None]
+    ) -> tuple[list[ParamInfo], list[SmallGroup]]:
+        counts = {index: rows.numel() for index, rows in self._rows_ever.items()}
+        return plan(params, tensor_of, self._row_start, counts)
 
     def measure_weights(self) -> None:
         """Weight norms (and per-row norms of embeddings), once: weights do not change while measuring."""
@@ -131,8 +135,9 @@ class Collector:
         reduced = self._reduce(tape, loss)
         host = transfer(reduced.step, self.combiner, self.device)
         # Only the backward can be rescued by a smaller loss scale: a non-finite loss overflowed in the forward.
-        overflow = math.isfinite(host.loss) and any(
-            p.norm_sq is not None and not math.isfinite(p.norm_sq) for p in host.params.values()
+        overflow = math.isfinite(host.loss) and (
+            any(p.norm_sq is not None and not math.isfinite(p.norm_sq) for p in host.params.values())
+            or any(not math.isfinite(v) for name, c in host.columns.items() if name.endswith(":norm_sq") for v in c)
         )
         if retry_overflow and overflow:
             self.skipped_steps += 1
@@ -141,7 +146,7 @@ class Collector:
         self._merge(reduced, scale)
         if self.want_value_histograms:
             self._add_value_histograms(scale)
-        self._record(host, tape)
+        self._record(host, tape, reduced.groups)
         self.loss_scale = scale if scale != 1.0 else self.loss_scale
         self.steps += 1
         return host.loss
@@ -153,10 +158,16 @@ class Collector:
         reduced = _Reduced(Step(loss=loss))
         step, rows = reduced.step, reduced.rows
         to_bin: list[tuple[list[int], torch.Tensor, list[float], list[int]]] = []  # indices, values, scales, sizes
-        large, small = _partition(self.params, lambda info: info.tensor.grad)
+        large, small = self._plan
+        gradients = [group.gradients() for group in small]
+        if any(grads is None for grads in gradients):  # a tensor got no gradient this step: plan this step alone
+            large, small = self._plan_for(self.params, lambda info: info.tensor.grad)
+            gradients = [group.gradients() for group in small]
         for info in large:
-            grad = _grad(info)
-            sample = reduce_gradient(grad, info.rows, self.amp_tiny, _starved(info))
+            if info.tensor.grad is None:
+                continue
+            grad = local(info.tensor.grad)
+            sample = reduce_gradient(grad, info.rows, self.amp_tiny, starved(info))
             record = ParamStep(sample.norm_sq, sample.zeros, sample.max_abs)
             if sample.underflow is not None:
                 record.underflow = sample.underflow
@@ -169,8 +180,15 @@ class Collector:
                 n = sample.histogram_sample.numel()
                 to_bin.append(([info.index], sample.histogram_sample, [sample.histogram_scale], [n]))
             step.params[info.index] = record
-        for group in small:
-            self._reduce_small(reduced, to_bin, group)
+        for group, grads in zip(small, gradients, strict=True):
+            assert grads is not None
+            batch, blocks = group.reduce(grads, self.amp_tiny)
+            step.blocks += blocks
+            reduced.groups.append(group)
+            if group.keep:
+                reduced.small_rows.append((batch.touched_rows, group.keep, group.positions))
+                reduced.rows_seen.update(i for i in group.indices if i in self._row_start)
+            to_bin.append((group.indices, batch.values, [1.0] * len(group.infos), batch.sizes))
         if to_bin:
             reduced.binned = histograms_of(
                 [v for _, v, _, _ in to_bin],
@@ -178,52 +196,8 @@ class Collector:
                 [n for _, _, _, sizes in to_bin for n in sizes],
             )
             reduced.binned_order = [index for indices, _, _, _ in to_bin for index in indices]
-        for spec in self.layers:
-            step.layers[spec.index] = _layer_step(tape, spec.index)
-        step.blocks += tape.blocks(self.device)
+        step.blocks += tape.blocks(self.device, counts=self.combiner.active)
         return reduced
-
-    def _reduce_small(
-        self,
-        reduced: _Reduced,
-        to_bin: list[tuple[list[int], torch.Tensor, list[float], list[int]]],
-        group: list[ParamInfo],
-    ) -> None:
-        """Small gradients of one dtype reduced together: their statistics enter the step as whole vectors."""
-        grads = [_grad(info) for info in group]
-        batch = reduce_small(grads, [info.rows for info in group], [_starved(info) for info in group], self.amp_tiny)
-        indices = [info.index for info in group]
-        fields = [("norm_sq", batch.norm_sq, GRADIENT_SUM), ("zeros", batch.zeros, GRADIENT_SUM)]
-        fields.append(("max_abs", batch.max_abs, GRADIENT_MAX))
-        if batch.underflow is not None:
-            sampled = on_device([float(n) for n in batch.sizes], batch.underflow.device)
-            fields += [("underflow", batch.underflow, GRADIENT_SUM), ("sampled", sampled, GRADIENT_SUM)]
-        for name, vector, policy in fields:
-            reduced.step.blocks.append(Block(policy, vector, [("params", i, name) for i in indices]))
-        for index in indices:
-            reduced.step.params[index] = ParamStep()
-        keep, positions = self._small_row_places(group, batch.counts)
-        if keep:
-            reduced.small_rows.append((batch.touched_rows, keep, positions))
-            reduced.rows_seen.update(info.index for info in group if info.index in self._row_start)
-        to_bin.append((indices, batch.values, [1.0] * len(indices), batch.sizes))
-
-    def _small_row_places(self, group: list[ParamInfo], counts: list[int]) -> tuple[list[int], list[int]]:
-        """Which entries of a small group's row vector are rows of tensors with rows, and their places in
-        _rows_flat (computed once per group)."""
-        key = tuple(info.index for info in group)
-        if key not in self._small_rows:
-            keep: list[int] = []
-            positions: list[int] = []
-            at = 0
-            for info, count in zip(group, counts, strict=True):
-                start = self._row_start.get(info.index)
-                if start is not None and count == self._rows_ever[info.index].numel():
-                    keep += range(at, at + count)
-                    positions += range(start, start + count)
-                at += count
-            self._small_rows[key] = (keep, positions)
-        return self._small_rows[key]
 
     def _unscale(self, step: Step[float], scale: float) -> None:
         """Report gradients of the global mean loss, without the AMP loss scale.
@@ -238,10 +212,13 @@ class Collector:
                 param.norm_sq /= scale * scale
             if param.max_abs is not None:
                 param.max_abs /= scale
-        for layer in step.layers.values():
-            if layer.output_sq is not None:
-                layer.output_sq /= scale * scale
-                layer.output_sq /= world * world
+        if scale != 1.0:
+            for name, values in step.columns.items():
+                divisor = scale * scale if name.endswith(":norm_sq") else scale if name.endswith(":max_abs") else 1.0
+                step.columns[name] = [v / divisor for v in values]
+        output_sq = step.keyed.get("output_sq", {})
+        for layer, value in output_sq.items():
+            output_sq[layer] = value / (scale * scale) / (world * world)
 
     def _merge(self, reduced: _Reduced, scale: float) -> None:
         """OR the step's rows into the accumulators, add its |g| histograms (each at once where batched)."""
@@ -258,21 +235,39 @@ class Collector:
             self._histograms.index_add_(0, order, shift_histogram(reduced.binned, shift))
             self._binned.update(reduced.binned_order)
 
-    def _record(self, step: Step[float], tape: StepTape) -> None:
+    def _record(self, step: Step[float], tape: StepTape, groups: list[SmallGroup]) -> None:
         self.loss.add(step.loss)
+        grouped: set[int] = set()
+        for group in groups:  # values in columns, one list per statistic
+            columns = [step.columns.get(f"{group.name}:{name}") for name in _COLUMNS]
+            for position, info in enumerate(group.infos):
+                got = ParamStep(*(column[position] if column is not None else None for column in columns))
+                self._record_param(info, got)
+                grouped.add(info.index)
         for info in self.params:
-            series = self.param_series[info.index]
-            got = step.params.get(info.index) or ParamStep()
-            norm = math.sqrt(got.norm_sq) if got.norm_sq is not None and got.norm_sq >= 0 else got.norm_sq
-            series.norm.add(norm)
-            series.max_abs.add(got.max_abs)
-            series.zeros.add(got.zeros)
-            series.touched_weight_sq.add(got.touched_weight_sq)
-            series.underflow.add(_fraction(got.underflow, got.sampled))
-            nonfinite = self._nonfinite(info) if norm is not None and not math.isfinite(norm) else 0.0
-            series.nonfinite.add(nonfinite if norm is not None else None)
+            if info.index not in grouped:
+                self._record_param(info, step.params.get(info.index) or ParamStep())
+        keyed = step.keyed
+        device = {name: keyed.get(name, {}) for name in _LAYER_SUMS}
+        counts = {name: keyed.get(name, {}) if self.combiner.active else getattr(tape, name) for name in COUNTS}
         for spec in self.layers:
-            _record_layer(self.layer_series[spec.index], step.layers[spec.index], tape.calls.get(spec.index, 0))
+            i = spec.index
+            measured: LayerStep[float] = LayerStep(
+                **{name: values.get(i) for name, values in device.items()},
+                **{name: float(values[i]) if i in values else None for name, values in counts.items()},
+            )
+            _record_layer(self.layer_series[i], measured, tape.calls.get(i, 0))
+
+    def _record_param(self, info: ParamInfo, got: ParamStep[float]) -> None:
+        series = self.param_series[info.index]
+        norm = math.sqrt(got.norm_sq) if got.norm_sq is not None and got.norm_sq >= 0 else got.norm_sq
+        series.norm.add(norm)
+        series.max_abs.add(got.max_abs)
+        series.zeros.add(got.zeros)
+        series.touched_weight_sq.add(got.touched_weight_sq)
+        series.underflow.add(_fraction(got.underflow, got.sampled))
+        nonfinite = self._nonfinite(info) if norm is not None and not math.isfinite(norm) else 0.0
+        series.nonfinite.add(nonfinite if norm is not None else None)
 
     def _nonfinite(self, info: ParamInfo) -> float:
         """Failure path only: a second sync to count the NaN/Inf entries (summed over shards)."""
@@ -359,6 +354,12 @@ class Collector:
         return True
 
 
+# the per-layer sums the tape gives as keyed columns (StepTape.blocks)
+_LAYER_SUMS = ("output_sq", "output_underflow", "input_sq", "input_zero", "saturated", "bounded_numel")
+# the column blocks of a small group (groups.SmallGroup.reduce), in ParamStep's field order
+_COLUMNS = ("norm_sq", "zeros", "max_abs", "touched_weight_sq", "underflow", "sampled")
+
+
 @dataclass
 class _Reduced:
     """One step on the device, before its transfer: the records, and what the accumulators take from it."""
@@ -368,55 +369,9 @@ class _Reduced:
     # small groups': (bool per row of the group, which of those to keep, their places in Collector._rows_flat)
     small_rows: list[tuple[torch.Tensor, list[int], list[int]]] = field(default_factory=list)
     rows_seen: set[int] = field(default_factory=set)
+    groups: list[SmallGroup] = field(default_factory=list)  # the small groups reduced, their values in columns
     binned: torch.Tensor | None = None  # |g| histograms, one row per tensor in binned_order
     binned_order: list[int] = field(default_factory=list)
-
-
-def _grad(info: ParamInfo) -> torch.Tensor:
-    grad = info.tensor.grad
-    assert grad is not None  # _partition leaves out the tensors without one
-    return local(grad)
-
-
-def _starved(info: ParamInfo) -> float:
-    """The row test's floor: an embedding's rows are tokens, one looked up rarely is not a unit that cannot learn."""
-    return 0.0 if info.embedding else STARVED_UNIT
-
-
-def _partition(
-    params: list[ParamInfo], tensor_of: Callable[[ParamInfo], torch.Tensor | None]
-) -> tuple[list[ParamInfo], list[list[ParamInfo]]]:
-    """The tensors reduced one by one (large, sparse, embeddings) and the groups of small ones reduced together,
-    one group per dtype, in parameter order; a parameter whose tensor is None is left out."""
-    large: list[ParamInfo] = []
-    small: dict[torch.dtype, list[ParamInfo]] = {}
-    for info in params:
-        tensor = tensor_of(info)
-        if tensor is None:
-            continue
-        tensor = local(tensor)
-        if batchable(tensor) and not info.embedding:
-            small.setdefault(tensor.dtype, []).append(info)
-        else:
-            large.append(info)
-    return large, list(small.values())
-
-
-def _layer_step(tape: StepTape, index: int) -> LayerStep[torch.Tensor]:
-    """One layer's host counts for this step, and its dL/dz underflow under AMP; the device sums of what the
-    hooks recorded come as whole vectors (StepTape.blocks)."""
-
-    def count(values: dict[int, int]) -> float | None:
-        return float(values[index]) if index in values else None
-
-    underflow = tape.output_underflow.get(index)
-    return LayerStep(
-        output_underflow=torch.stack([v.float() for v in underflow]).sum() if underflow else None,
-        output_positions=count(tape.output_positions),
-        output_sampled=count(tape.output_sampled),
-        input_numel=count(tape.input_numel),
-        saturated_numel=count(tape.saturated_numel),
-    )
 
 
 def _record_layer(series: LayerSeries, got: LayerStep[float], calls: int) -> None:

@@ -46,6 +46,7 @@ class Probe:
         amp_tiny: float | None = None,
     ) -> None:
         self.model = model
+        self.parameters = list(model.parameters())  # listed once: the measured steps clear their gradients
         self.amp_tiny = amp_tiny
         self.layers = layers
         self.tape = StepTape()
@@ -136,8 +137,8 @@ class Probe:
                 # weight layer's input squashed into [-1, 1] or [0, 1] counts for the layer before it, as a module
                 # activation's would (tape._sample_blocks has the rule).
                 squashed = category in ("linear", "conv") and previous not in tape.saturated_numel
-                tape.keep(inputs, layer=index, squashed_for=previous if squashed else None)
-                tape.input_numel[index] = tape.input_numel.get(index, 0) + tape.samples[-1].values.numel()
+                kept = tape.keep(inputs, index, previous if squashed else None)
+                tape.input_numel[index] = tape.input_numel.get(index, 0) + kept
             self._last_output = weakref.ref(out) if out is not None else None
             if out is not None and out.requires_grad and out.dtype.is_floating_point:
                 out.register_hook(self._output_grad_hook(index, unit_dim))
@@ -181,9 +182,8 @@ class Probe:
                 self._record_active_units(layer, x)
             if limit is not None:
                 # A fraction: estimated from a sample (reduced at the step's end, tape.py).
-                self.tape.keep(x, layer=None, saturated_for=layer, limit=limit)
-                numel = self.tape.samples[-1].values.numel()
-                self.tape.saturated_numel[layer] = self.tape.saturated_numel.get(layer, 0) + numel
+                kept = self.tape.keep(x, None, saturated_for=layer, limit=limit)
+                self.tape.saturated_numel[layer] = self.tape.saturated_numel.get(layer, 0) + kept
 
         return hook
 

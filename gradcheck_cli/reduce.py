@@ -187,30 +187,50 @@ def batchable(grad: torch.Tensor) -> bool:
     return not grad.is_sparse and 0 < grad.numel() <= SMALL_TENSOR and grad.device.type in ("cpu", "cuda")
 
 
+@dataclass(frozen=True)
+class GroupLayout:
+    """What reduce_small needs to know about its tensors besides their values: the same every step."""
+
+    sizes: list[int]
+    counts: list[int]  # rows per tensor in the row vector (a tensor without rows: one)
+    row_lengths: list[int]  # elements per row, every row of every tensor
+    starved: list[float]  # per tensor: the row test's floor (reduce_gradient's `starved`)
+
+    @staticmethod
+    def of(tensors: Sequence[torch.Tensor], rows: Sequence[bool], starved: Sequence[float]) -> GroupLayout:
+        sizes = [t.numel() for t in tensors]
+        counts = [t.shape[0] if want and t.dim() >= 2 else 1 for t, want in zip(tensors, rows, strict=True)]
+        row_lengths = [n for size, count in zip(sizes, counts, strict=True) for n in [size // count] * count]
+        return GroupLayout(sizes, counts, row_lengths, list(starved))
+
+
 def reduce_small(
-    grads: Sequence[torch.Tensor], rows: Sequence[bool], starved: Sequence[float], tiny: float | None = None
+    grads: Sequence[torch.Tensor],
+    rows: Sequence[bool] = (),
+    starved: Sequence[float] = (),
+    tiny: float | None = None,
+    layout: GroupLayout | None = None,
 ) -> SmallBatch:
     """reduce_gradient for many small dense gradients of one dtype: concatenated once, then segment sums and
     maxima over the tensors (and over the rows of those with rows): about ten operations whatever their
-    number. Sums of squares are taken in float64: exact to float32 precision at any segment length."""
+    number. Sums of squares are taken in float64: exact to float32 precision at any segment length.
+    `layout` (GroupLayout.of(grads, rows, starved)) can be given instead of rows and starved."""
     from torch._utils import _flatten_dense_tensors
 
+    layout = layout or GroupLayout.of(grads, rows, starved)
     device = grads[0].device
-    sizes = [g.numel() for g in grads]
-    counts = [g.shape[0] if want and g.dim() >= 2 else 1 for g, want in zip(grads, rows, strict=True)]
-    row_lengths = [length for size, count in zip(sizes, counts, strict=True) for length in [size // count] * count]
     flat = _flatten_dense_tensors([g.detach() for g in grads])
-    lengths = on_device(sizes, device)
-    row_sq = torch.segment_reduce(flat.to(torch.float64).square(), "sum", lengths=on_device(row_lengths, device))
-    per_tensor = on_device(counts, device)
+    lengths = on_device(layout.sizes, device)
+    row_sq = torch.segment_reduce(flat.to(torch.float64).square(), "sum", lengths=on_device(layout.row_lengths, device))
+    per_tensor = on_device(layout.counts, device)
     norm_sq = torch.segment_reduce(row_sq, "sum", lengths=per_tensor)
     values = flat.float()
     magnitude = values.abs()
     max_abs = torch.segment_reduce(magnitude, "max", lengths=lengths, initial=0.0)
     zeros = torch.segment_reduce((values == 0).float(), "sum", lengths=lengths)
-    floor_sq = norm_sq / per_tensor * on_device(starved, device, torch.float64).square()
+    floor_sq = norm_sq / per_tensor * on_device(layout.starved, device, torch.float64).square()
     touched = ~(row_sq <= floor_sq.repeat_interleave(per_tensor, output_size=row_sq.numel()))
-    result = SmallBatch(norm_sq, zeros, max_abs, touched, counts, values, sizes)
+    result = SmallBatch(norm_sq, zeros, max_abs, touched, layout.counts, values, layout.sizes)
     if tiny is not None:
         below = ((magnitude < tiny) & (values != 0)).float()
         result.underflow = torch.segment_reduce(below, "sum", lengths=lengths)

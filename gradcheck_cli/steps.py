@@ -56,13 +56,15 @@ class LayerStep(Generic[V]):
 
 @dataclass
 class Block:
-    """Many records' values of one field kind, reduced together into one device vector (collect.py's batched
-    small tensors, the probe's batched samples): value i goes to `places[i]` = (records, key, field name) of
-    the host step. Saves stacking thousands of 0-d tensors one by one."""
+    """Many records' values of one field kind, reduced together into one device vector (groups.py's small
+    tensors, the tape's samples): value i goes to `places[i]` = (records, key, field name) of the host step, or
+    all of them, as a list, to the host step's columns[column]. Saves stacking thousands of 0-d tensors."""
 
     policy: str
     vector: torch.Tensor
-    places: list[tuple[str, int, str]]  # ("params" | "layers", record key, field)
+    places: list[tuple[str, int, str]] = field(default_factory=list)  # ("params" | "layers", key, field name)
+    column: str | None = None
+    keys: list[int] | None = None  # with column: whose each value is; the host gets keyed[column][key] = value
 
 
 @dataclass
@@ -73,6 +75,8 @@ class Step(Generic[V]):
     params: dict[int, Any] = field(default_factory=dict)  # ParamStep[V] (watched training: TrainParamStep[V])
     layers: dict[int, LayerStep[V]] = field(default_factory=dict)
     blocks: list[Block] = field(default_factory=list)  # device side only: values given as whole vectors
+    columns: dict[str, list[float]] = field(default_factory=dict)  # host side: the column blocks' values
+    keyed: dict[str, dict[int, float]] = field(default_factory=dict)  # host side: keyed column blocks' values
 
 
 _POLICIES = (GRADIENT_SUM, GRADIENT_MAX, LOCAL_SUM)
@@ -103,19 +107,31 @@ def transfer(step: Step[torch.Tensor], combiner: Combiner, device: torch.device)
                 # Counts kept on the host differ per rank too: sum them with the rest.
                 policy, value = LOCAL_SUM, torch.tensor(float(value), device=device)
             slots[policy].append((target, name, value.detach()))
-    vectors, places = [], []
+    vectors: list[torch.Tensor] = []
+    places: list[tuple[Any, str] | None] = []
+    columns: list[tuple[str, int, int, list[int] | None]] = []  # (name, first value, count, keys)
+    records = {"params": host.params, "layers": host.layers}
     for policy in _POLICIES:
         vector, placed = _stacked(slots[policy], device)
         blocks = [block for block in step.blocks if block.policy == policy]
         vectors.append(torch.cat([vector, *(b.vector.detach().to(torch.float64) for b in blocks)]))
         places += placed
         for block in blocks:
-            records = {"params": host.params, "layers": host.layers}
-            places += [(records[kind][key], name) for kind, key, name in block.places]
+            if block.column is not None:
+                columns.append((block.column, len(places), block.vector.numel(), block.keys))
+                places += [None] * block.vector.numel()
+            else:
+                places += [(records[kind][key], name) for kind, key, name in block.places]
     combiner(*vectors)
     values = torch.cat(vectors).tolist()
-    for (target, name), value in zip(places, values, strict=True):
-        setattr(target, name, value)
+    for place, value in zip(places, values, strict=True):
+        if place is not None:
+            setattr(place[0], place[1], value)
+    for name, start, count, keys in columns:
+        if keys is None:
+            host.columns[name] = values[start : start + count]
+        else:
+            host.keyed[name] = dict(zip(keys, values[start : start + count], strict=True))
     return host
 
 

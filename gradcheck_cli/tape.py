@@ -21,17 +21,8 @@ from gradcheck_cli.reduce import on_device, sample
 from gradcheck_cli.steps import Block
 
 NO_LIMIT = float("inf")
-
-
-@dataclass
-class Sampled:
-    """One sample a hook kept: whose input it was, and what else it is evidence for."""
-
-    values: torch.Tensor  # float32, 1-D, a copy
-    layer: int | None  # the layer whose input this is (its RMS and zero fraction); None for activation inputs
-    squashed_for: int | None = None  # the layer before, whose output may have been squashed by a tanh/sigmoid
-    saturated_for: int | None = None  # the layer an activation module's saturation is counted for
-    limit: float = NO_LIMIT  # that activation's saturation limit
+# the counts the tape keeps on the host, per layer (LayerStep's HOST_COUNT fields)
+COUNTS = ("output_positions", "output_sampled", "input_numel", "saturated_numel")
 
 
 @dataclass
@@ -40,7 +31,14 @@ class StepTape:
 
     calls: dict[int, int] = field(default_factory=dict)
     order: list[int] = field(default_factory=list)
-    samples: list[Sampled] = field(default_factory=list)
+    # the samples the hooks kept (float32 copies, 1-D), and for each: the layer whose input it is (its RMS and
+    # zero fraction; None for an activation module's input), the layer before whose output may have been
+    # squashed by a tanh/sigmoid, the layer an activation module's saturation counts for, and its limit
+    samples: list[torch.Tensor] = field(default_factory=list)
+    sample_layer: list[int | None] = field(default_factory=list)
+    squashed_for: list[int | None] = field(default_factory=list)
+    saturated_for: list[int | None] = field(default_factory=list)
+    limits: list[float] = field(default_factory=list)
     output_norms: list[torch.Tensor] = field(default_factory=list)  # ||dL/dz|| per call, 0-d
     output_layers: list[int] = field(default_factory=list)
     output_positions: dict[int, int] = field(default_factory=dict)
@@ -49,24 +47,50 @@ class StepTape:
     input_numel: dict[int, int] = field(default_factory=dict)
     saturated_numel: dict[int, int] = field(default_factory=dict)
 
-    def keep(self, values: torch.Tensor, **owners: int | float | None) -> None:
-        """Keep a sample of `values` (reduce.sample, copied when it would alias them) for the step's end."""
+    def keep(
+        self,
+        values: torch.Tensor,
+        layer: int | None,
+        squashed_for: int | None = None,
+        saturated_for: int | None = None,
+        limit: float = NO_LIMIT,
+    ) -> int:
+        """Keep a sample of `values` (reduce.sample, copied when it would alias them) for the step's end;
+        returns its size."""
         kept = sample(values.detach())
         if kept._is_view() or kept.dtype != torch.float32:
             kept = kept.to(torch.float32, copy=True)
-        self.samples.append(Sampled(kept, **owners))  # type: ignore[arg-type]
+        self.samples.append(kept)
+        self.sample_layer.append(layer)
+        self.squashed_for.append(squashed_for)
+        self.saturated_for.append(saturated_for)
+        self.limits.append(limit)
+        return kept.numel()
 
     def release(self) -> None:
         """Drop the device tensors once they are read (the host counts and the call order stay): nothing
         allocated during a step may outlive it (Collector.prepare says why)."""
-        self.samples.clear()
+        for kept in (self.samples, self.sample_layer, self.squashed_for, self.saturated_for, self.limits):
+            kept.clear()
         self.output_norms.clear()
         self.output_layers.clear()
         self.output_underflow.clear()
 
-    def blocks(self, device: torch.device) -> list[Block]:
-        """The step's per-layer sums as device vectors: output_sq, input_sq, input_zero, saturated, bounded_numel."""
+    def blocks(self, device: torch.device, counts: bool = False) -> list[Block]:
+        """The step's per-layer sums as device vectors, keyed by layer: output_sq, output_underflow, input_sq,
+        input_zero, saturated, bounded_numel; with `counts` (several processes, whose counts add up) also the
+        host counts (COUNTS), which a single process reads from the tape as they are."""
         blocks: list[Block] = []
+        if self.output_underflow:
+            owners = [layer for layer, found in self.output_underflow.items() for _ in found]
+            found = torch.stack([v.float() for values in self.output_underflow.values() for v in values])
+            blocks.append(_per_layer(found, owners, "output_underflow"))
+        if counts:
+            for name in COUNTS:
+                values: dict[int, int] = getattr(self, name)
+                if values:
+                    vector = on_device([float(v) for v in values.values()], device)
+                    blocks.append(Block(LOCAL_SUM, vector, column=name, keys=list(values)))
         if self.output_norms:
             norms = self.output_norms
             same = all(n.dtype == norms[0].dtype for n in norms)
@@ -74,23 +98,24 @@ class StepTape:
             squares = stacked.double().square()  # 1e20 squared: float64
             blocks.append(_per_layer(squares, self.output_layers, "output_sq"))
         if self.samples:
-            blocks += _sample_blocks(self.samples, device)
+            blocks += _sample_blocks(self, device)
         return blocks
 
 
-def _sample_blocks(samples: list[Sampled], device: torch.device) -> list[Block]:
+def _sample_blocks(tape: StepTape, device: torch.device) -> list[Block]:
     """Every sample's statistics at once: sum of squares, exact zeros, extrema, counts beyond the saturation
     limits; then what they mean per layer (probe.py's rules for squashed inputs, written out as vectors)."""
-    sizes = [s.values.numel() for s in samples]
-    values = torch.cat([s.values for s in samples])
+    sizes = [kept.numel() for kept in tape.samples]
+    values = torch.cat(tape.samples)
     lengths = on_device(sizes, device)
-    numel = lengths.double()
+    numel = lengths.float()
 
-    def total(mask_or_values: torch.Tensor) -> torch.Tensor:
-        return torch.segment_reduce(mask_or_values.double(), "sum", lengths=lengths)
+    def total(mask: torch.Tensor) -> torch.Tensor:  # float32 counts: exact up to 2^24, and samples are 8192
+        return torch.segment_reduce(mask.float(), "sum", lengths=lengths)
 
     magnitude = values.abs()
-    squares, zeros = total(values.double().square()), total(values == 0)
+    squares = torch.segment_reduce(values.double().square(), "sum", lengths=lengths)  # 1e20 squared: float64
+    zeros = total(values == 0)
     low = torch.segment_reduce(values, "min", lengths=lengths)
     high = torch.segment_reduce(values, "max", lengths=lengths)
     # A tanh's output spans most of [-1, 1]; a sigmoid's most of [0, 1], with few exact zeros (a ReLU's has
@@ -104,25 +129,25 @@ def _sample_blocks(samples: list[Sampled], device: torch.device) -> list[Block]:
     squashed = torch.where(bounded, torch.where(tanh_like, near_tanh, near_sigmoid), 0.0)
     bounded_numel = torch.where(bounded, numel, 0.0)
 
-    inputs = [i for i, s in enumerate(samples) if s.layer is not None]
-    squash = [i for i, s in enumerate(samples) if s.squashed_for is not None]
-    saturate = [i for i, s in enumerate(samples) if s.saturated_for is not None]
+    inputs = [i for i, layer in enumerate(tape.sample_layer) if layer is not None]
+    squash = [i for i, layer in enumerate(tape.squashed_for) if layer is not None]
+    saturate = [i for i, layer in enumerate(tape.saturated_for) if layer is not None]
     blocks = []
     if inputs:
         at = on_device(inputs, device, torch.long)
-        owners = [samples[i].layer for i in inputs]
+        owners = [tape.sample_layer[i] for i in inputs]
         blocks += [_per_layer(squares[at], owners, "input_sq"), _per_layer(zeros[at], owners, "input_zero")]
     if squash or saturate:
         at_squash, at_saturate = (on_device(found, device, torch.long) for found in (squash, saturate))
         counts = squashed[at_squash]
         if saturate:  # activation modules' inputs beyond their limit (each its own)
-            limits = on_device([s.limit for s in samples], device)
+            limits = on_device(tape.limits, device)
             beyond = total(magnitude > limits.repeat_interleave(lengths, output_size=values.numel()))
             counts = torch.cat([counts, beyond[at_saturate]])
-        owners = [samples[i].squashed_for for i in squash] + [samples[i].saturated_for for i in saturate]
+        owners = [tape.squashed_for[i] for i in squash] + [tape.saturated_for[i] for i in saturate]
         blocks.append(_per_layer(counts, owners, "saturated"))
     if squash:
-        blocks.append(_per_layer(bounded_numel[at_squash], [samples[i].squashed_for for i in squash], "bounded_numel"))
+        blocks.append(_per_layer(bounded_numel[at_squash], [tape.squashed_for[i] for i in squash], "bounded_numel"))
     return blocks
 
 
@@ -134,4 +159,4 @@ def _per_layer(values: torch.Tensor, owners: Sequence[int | None], name: str) ->
         slots.setdefault(owner, len(slots))
     index = on_device([slots[owner] for owner in owners if owner is not None], values.device, torch.long)
     sums = torch.zeros(len(slots), dtype=values.dtype, device=values.device).index_add_(0, index, values)
-    return Block(LOCAL_SUM, sums, [("layers", layer, name) for layer in slots])
+    return Block(LOCAL_SUM, sums, column=name, keys=list(slots))

@@ -73,9 +73,9 @@ def test_float64_small_gradients_keep_their_precision() -> None:
 def _blocks(tape: StepTape) -> dict[tuple[int, str], float]:
     found = {}
     for block in tape.blocks(torch.device("cpu")):
-        for (kind, layer, name), value in zip(block.places, block.vector.tolist(), strict=True):
-            assert kind == "layers"
-            found[(layer, name)] = value
+        assert block.column is not None and block.keys is not None  # one value per layer
+        for layer, value in zip(block.keys, block.vector.tolist(), strict=True):
+            found[(layer, block.column)] = value
     return found
 
 
