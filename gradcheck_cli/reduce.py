@@ -274,12 +274,20 @@ def histograms_of(
     exponent = torch.where(values == 0, width - 1, exponent)
     rows = tuple(sizes) if sizes is not None else tuple(s.numel() for s in samples)
     offsets = _bin_offsets(rows, device)
-    counts = torch.bincount(offsets + exponent, minlength=width * len(rows)).reshape(len(rows), width)
+    counts = bin_counts(offsets + exponent, width * len(rows), device.type == "cpu").reshape(len(rows), width)
     low, high = _FLOAT32_BIAS + HISTOGRAM_LOW, _FLOAT32_BIAS + HISTOGRAM_HIGH
     result = counts[:, low:high].float()
     result[:, 0] += counts[:, :low].sum(dim=1)  # tiny values and subnormals
     result[:, -1] += counts[:, high:255].sum(dim=1)
     return result * on_device(scales, device).unsqueeze(1)
+
+
+def bin_counts(bins: torch.Tensor, size: int, bincount: bool) -> torch.Tensor:
+    """How many times each of `size` bins occurs: torch.bincount on a CPU; elsewhere an index_add, since a
+    GPU's bincount reads the largest bin back to size its output, a host synchronisation."""
+    if bincount:
+        return torch.bincount(bins, minlength=size)
+    return torch.zeros(size, dtype=torch.long, device=bins.device).index_add_(0, bins, torch.ones_like(bins))
 
 
 _EXPONENT_BINS = 257  # 256 float32 exponents, and one more bin for exact zeros

@@ -145,3 +145,36 @@ def test_many_small_layers_measure_what_autograd_gives() -> None:
 def test_constant_vectors_are_not_kept_on_a_cpu() -> None:
     first, second = on_device([1, 2, 3], torch.device("cpu")), on_device([1, 2, 3], torch.device("cpu"))
     assert first.tolist() == [1, 2, 3] and first.data_ptr() != second.data_ptr()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_one_host_synchronisation_per_measured_step_on_cuda() -> None:
+    """Each further measured step adds exactly one synchronisation (its transfer): counted with torch's sync
+    debug mode, which warns on every operation that waits for the device."""
+    import warnings
+
+    import gradcheck_cli
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10)).cuda()
+    batch = (torch.randn(32, 64, device="cuda"), torch.randint(0, 10, (32,), device="cuda"))
+
+    def synchronisations(steps: int) -> int:
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                gradcheck_cli.analyze(model, batch, steps=steps, device="cuda")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    assert synchronisations(5) - synchronisations(3) == 2
+
+
+def test_bin_counts_without_bincount_are_the_same() -> None:
+    """The GPU path of the |g| histograms (no bincount, which synchronises there) counts as bincount does."""
+    from gradcheck_cli.reduce import bin_counts
+
+    bins = torch.randint(0, 300, (5000,), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(bin_counts(bins, 300, bincount=False), torch.bincount(bins, minlength=300))
