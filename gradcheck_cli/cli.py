@@ -417,5 +417,10 @@ def main() -> None:
     raise_on_sigterm()
     try:
         app()
+    except SystemExit as exc:
+        distributed = sys.modules.get("gradcheck_cli.distributed")  # only a run that used it (torch-free here)
+        if distributed is not None:
+            distributed.exit_after_group(exc.code)
+        raise
     finally:
         gc.enable()

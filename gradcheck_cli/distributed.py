@@ -69,11 +69,36 @@ def setup(mode: str, device: str | torch.device | None) -> Parallel:
     return Parallel(mode, dist.get_rank(), dist.get_world_size(), run_device)
 
 
+# Whether this process left a process group: it then ends with os._exit (cli.main, exit_after_group).
+LEFT_GROUP = False
+
+
 def teardown() -> None:
+    global LEFT_GROUP
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.destroy_process_group()
+        LEFT_GROUP = True
+
+
+def exit_after_group(code: object) -> None:
+    """End a process that was in a process group without running C++ static destructors: on a loaded machine
+    a backend thread still joinable when they run aborts the process ("terminate called without an active
+    exception", SIGABRT, after the report was printed), which torchrun reports as a failure. Everything is
+    written by then; the streams are flushed first. Does nothing in a process that never joined a group."""
+    if not LEFT_GROUP:
+        return
+    import sys
+
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code or 0)
 
 
 def wrap(model: nn.Module, parallel: Parallel) -> nn.Module:
