@@ -57,14 +57,13 @@ class LayerStep(Generic[V]):
 @dataclass
 class Block:
     """Many records' values of one field kind, reduced together into one device vector (groups.py's small
-    tensors, the tape's samples): value i goes to `places[i]` = (records, key, field name) of the host step, or
-    all of them, as a list, to the host step's columns[column]. Saves stacking thousands of 0-d tensors."""
+    tensors, the tape's samples): the host step gets them as a list in columns[column], or with `keys` (whose
+    each value is) as keyed[column][key]. Saves stacking thousands of 0-d tensors."""
 
     policy: str
     vector: torch.Tensor
-    places: list[tuple[str, int, str]] = field(default_factory=list)  # ("params" | "layers", key, field name)
-    column: str | None = None
-    keys: list[int] | None = None  # with column: whose each value is; the host gets keyed[column][key] = value
+    column: str
+    keys: list[int] | None = None
 
 
 @dataclass
@@ -108,25 +107,22 @@ def transfer(step: Step[torch.Tensor], combiner: Combiner, device: torch.device)
                 policy, value = LOCAL_SUM, torch.tensor(float(value), device=device)
             slots[policy].append((target, name, value.detach()))
     vectors: list[torch.Tensor] = []
-    places: list[tuple[Any, str] | None] = []
+    places: list[tuple[tuple[Any, str], int]] = []  # (record, field) and where its value is
     columns: list[tuple[str, int, int, list[int] | None]] = []  # (name, first value, count, keys)
-    records = {"params": host.params, "layers": host.layers}
+    at = 0
     for policy in _POLICIES:
         vector, placed = _stacked(slots[policy], device)
+        places += [(place, at + i) for i, place in enumerate(placed)]
+        at += len(placed)
         blocks = [block for block in step.blocks if block.policy == policy]
         vectors.append(torch.cat([vector, *(b.vector.detach().to(torch.float64) for b in blocks)]))
-        places += placed
         for block in blocks:
-            if block.column is not None:
-                columns.append((block.column, len(places), block.vector.numel(), block.keys))
-                places += [None] * block.vector.numel()
-            else:
-                places += [(records[kind][key], name) for kind, key, name in block.places]
+            columns.append((block.column, at, block.vector.numel(), block.keys))
+            at += block.vector.numel()
     combiner(*vectors)
     values = torch.cat(vectors).tolist()
-    for place, value in zip(places, values, strict=True):
-        if place is not None:
-            setattr(place[0], place[1], value)
+    for (target, name), index in places:
+        setattr(target, name, values[index])
     for name, start, count, keys in columns:
         if keys is None:
             host.columns[name] = values[start : start + count]
