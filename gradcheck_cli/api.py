@@ -216,7 +216,7 @@ def _confirm(
 ) -> tuple[bool | None, list[str]]:
     """What the records raise and one replay settles (confirm.py): zero gradients explained by zero-initialised
     gates (the layers are marked gated), and whether a strong signal trend runs through a plain chain."""
-    from gradcheck_cli.confirm import find_bypass, open_gates, through_time
+    from gradcheck_cli.confirm import find_bypass, gated_cells, open_gates, through_time
     from gradcheck_cli.diagnose.signal import signal_view
 
     if measurement.nan_origin is not None:
@@ -233,8 +233,10 @@ def _confirm(
         )
     in_time = through_time(setup, measurement.layers, combiner)
     if in_time:
+        gated = gated_cells(setup)
         measurement.layers = [
-            dataclasses.replace(layer, time_grad_norms=in_time.get(layer.name)) for layer in measurement.layers
+            dataclasses.replace(layer, time_grad_norms=in_time.get(layer.name), time_gated=layer.name in gated)
+            for layer in measurement.layers
         ]
     summary, _ = signal_view(measurement.layers, options.thresholds)
     total = summary.total_factor

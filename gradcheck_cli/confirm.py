@@ -165,6 +165,15 @@ def through_time(setup: Setup, layers: Sequence[Layer], combiner: Combiner) -> d
     return _per_step_norms(squares, combiner, setup.device)
 
 
+def gated_cells(setup: Setup) -> set[str]:
+    """Layers whose recurrence is gated: nn.LSTM and nn.GRU, fused or as cells. Their gain per time step is
+    the forget (update) gate's value, which learns; a plain RNN's is fixed by W_hh and the nonlinearity."""
+    from torch import nn
+
+    gated = (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell)
+    return {spec.name for spec in setup.layers if isinstance(spec.module, gated)}
+
+
 def _probe_input(
     name: str, module: torch.nn.Module, probes: dict[str, tuple[torch.Tensor, int]]
 ) -> Callable[..., object]:

@@ -125,6 +125,9 @@ class Layer:
     alias_of: str | None = None
     # recurrent layers: ||dL/dx_t|| per time step under the model's loss, the first step first (confirm.through_time)
     time_grad_norms: tuple[float, ...] | None = None
+    # recurrent layers whose memory is gated (nn.LSTM, nn.GRU and their cells): the through-time gain at
+    # initialisation is set by gates that learn (Gers et al. 2000), not fixed by W_hh's spectrum
+    time_gated: bool = False
     # the views that compared this layer with others (signal, update, time): empty for a weight layer means it
     # was checked numerically (NaN, all-zero) but nothing could say whether its gradient is too small or large
     views: tuple[str, ...] = ()

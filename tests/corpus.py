@@ -321,6 +321,27 @@ def irnn() -> nn.Module:
     return model
 
 
+class GatedClassifier(nn.Module):
+    """nn.LSTM or nn.GRU reading a whole sequence, classified from its last output: a sentiment-classifier
+    shape. At PyTorch's default init every gate bias is ~0, so the forget/update gate sits at sigmoid(0) = 1/2
+    and the cell's gradient halves per step: by design, since the gates learn to open (Gers et al. 2000).
+    forget_bias (LSTM): the forget gate's bias; -5 holds it closed (sigmoid(-5) = 0.0067 per step) and W_hh
+    x0.1 caps the path around the cell, so theory gives a decay far faster than x0.5 per step: vanishing."""
+
+    def __init__(self, cell: type[nn.RNNBase], forget_bias: float | None = None) -> None:
+        super().__init__()
+        self.rnn = cell(16, 64, batch_first=True)
+        self.head = nn.Linear(64, 10)
+        if forget_bias is not None:
+            with torch.no_grad():
+                self.rnn.bias_ih_l0[64:128].fill_(forget_bias)  # PyTorch's gate order: input, forget, cell, out
+                self.rnn.bias_hh_l0[64:128].zero_()
+                self.rnn.weight_hh_l0.mul_(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
 class LoopedTanhRNN(nn.Module):
     """The same contracting RNN written as a Python loop over a Linear cell, as tutorials write it."""
 
@@ -451,6 +472,22 @@ def cases() -> list[Case]:
         Case("torch-lstm-lm", "torch", lambda: RecurrentLM(nn.LSTM), lm_batches, True, "2-layer LSTM LM"),
         Case("torch-gru-lm", "torch", lambda: RecurrentLM(nn.GRU), lm_batches, True, "2-layer GRU LM"),
         Case("torch-irnn", "torch", irnn, sequences, True, "IRNN over 64 steps: ReLU, W_hh = I (Le et al. 2015)"),
+        Case(
+            "torch-lstm-classifier",
+            "torch",
+            lambda: GatedClassifier(nn.LSTM),
+            sequences,
+            True,
+            "nn.LSTM read over 64 steps, classified from the last: gates at their neutral point (GatedClassifier)",
+        ),
+        Case(
+            "torch-gru-classifier",
+            "torch",
+            lambda: GatedClassifier(nn.GRU),
+            sequences,
+            True,
+            "nn.GRU read over 64 steps, classified from the last: the update gate at its neutral point",
+        ),
         # -- broken, by theory --
         Case(
             "deep-tanh-chaotic",
@@ -479,6 +516,15 @@ def cases() -> list[Case]:
             False,
             "many-to-one tanh RNN over 64 steps, ||W_hh|| = 0.5 < 1/gamma: the gradient decays at least x0.5 per "
             "step, x0.5^63 ~ 1e-19 to the first step (Pascanu et al. 2013)",
+            ("vanishing",),
+        ),
+        Case(
+            "lstm-forget-gate-closed",
+            "torch",
+            lambda: GatedClassifier(nn.LSTM, forget_bias=-5.0),
+            sequences,
+            False,
+            "forget-gate bias -5 (sigmoid(-5) = 0.0067 per step), W_hh x0.1: the gradient through time vanishes",
             ("vanishing",),
         ),
         Case(

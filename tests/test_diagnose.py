@@ -232,3 +232,29 @@ def test_the_slope_fit_is_exact_on_small_chains_and_sampled_within_a_hair_on_lon
         assert fitted == pytest.approx(exact, rel=0.01)
     assert fitted == pytest.approx(-0.3, rel=0.1)  # the outliers (every fifth point) do not move it
     assert theil_sen_slope(xs, ys) == fitted  # the sample is fixed: the same chain, the same fit
+
+
+@pytest.mark.parametrize(
+    ("gated", "gain", "expected"),
+    [
+        (False, 0.6, "vanishing"),  # a plain recurrence: x0.6^63 = 1e-14 over 64 steps
+        (True, 0.6, None),  # a gate near its neutral point sigmoid(0) = 0.5: by design at init
+        (True, 0.5, None),  # exactly neutral
+        (True, 0.3, "vanishing"),  # gates held closed: faster than a neutral gate decays
+        (True, 1.3, "exploding"),  # growth is judged for every recurrence
+    ],
+)
+def test_gated_cells_decay_through_time_by_design_down_to_a_neutral_gate(
+    gated: bool, gain: float, expected: str | None
+) -> None:
+    norms = tuple(gain ** (63 - t) for t in range(64))  # the first step first; the last step's gradient is 1
+    rnn = dataclasses.replace(
+        layer("rnn", 0), type="LSTM", category="recurrent", time_grad_norms=norms, time_gated=gated
+    )
+    verdict = diagnose([rnn], [1.0], Thresholds())
+    kinds = [(f.kind, f.severity) for f in verdict.findings if f.view == "time"]
+    assert kinds == ([] if expected is None else [(expected, "error")])
+    noted = [note for note in verdict.notes if note.startswith("rnn (LSTM)")]
+    assert len(noted) == (1 if expected is None else 0)
+    if noted:
+        assert f"x{gain:.3g} per step" in noted[0]

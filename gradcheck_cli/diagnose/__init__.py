@@ -26,7 +26,7 @@ from gradcheck_cli.diagnose.common import LOSS_LAYER, Context
 from gradcheck_cli.diagnose.numeric import numeric, underflow
 from gradcheck_cli.diagnose.signal import signal_view
 from gradcheck_cli.diagnose.thresholds import Thresholds
-from gradcheck_cli.diagnose.time import through_time
+from gradcheck_cli.diagnose.time import gated_memory_notes, through_time
 from gradcheck_cli.diagnose.training import training
 from gradcheck_cli.diagnose.update import expects_comparison, peer_group, update_view
 from gradcheck_cli.diagnose.views import MODEL_LAYER, unjudged, views
@@ -66,7 +66,7 @@ def diagnose(
     update = update_view(layers, thresholds, lr, signal[0])
     context = Context(layers, loss, thresholds, nan_origin, lr, amp, signal, update, training_run)
     findings = [finding for rule in RULES for finding in rule(context)]
-    notes = _tied_notes(layers)
+    notes = _tied_notes(layers) + gated_memory_notes(layers, thresholds)
     compared = _compared(layers, signal[0], update[0], thresholds)
     layers = [dataclasses.replace(layer, views=compared.get(layer.name, ())) for layer in layers]
     return Verdict(_with_status(layers, findings), _ordered(findings, layers), signal[0], update[0], notes)
