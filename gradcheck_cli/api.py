@@ -231,6 +231,7 @@ def _confirm(
             f"{len(opened)} layer(s) get exactly zero gradient only because zero-initialised layers after them "
             f"({shown}) gate their path (checked by opening them); they learn once those move: see --train-steps 1"
         )
+    notes += _mark_side_outputs(setup, measurement) if parallel is None else []
     in_time = through_time(setup, measurement.layers, combiner)
     if in_time:
         gated = gated_cells(setup)
@@ -244,6 +245,22 @@ def _confirm(
         return None, notes
     by_name = {layer.name: layer for layer in measurement.layers}
     return find_bypass(setup, [by_name[name] for name in summary.chain], combiner), notes
+
+
+def _mark_side_outputs(setup: Setup, measurement: Measurement) -> list[str]:
+    """Auxiliary heads: layers that feed only outputs the loss does not read (confirm.side_outputs)."""
+    from gradcheck_cli.confirm import side_outputs
+
+    aside = side_outputs(setup, measurement.layers)
+    if not aside:
+        return []
+    measurement.layers = [dataclasses.replace(layer, side_output=layer.name in aside) for layer in measurement.layers]
+    names = [layer.name for layer in measurement.layers if layer.name in aside]
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return [
+        f"{len(names)} layer(s) ({shown}) feed only outputs of the model that the loss does not read (auxiliary "
+        "heads): not measured, status unjudged; a --loss that reads those outputs measures them"
+    ]
 
 
 def _combiner(parallel: Parallel | None) -> Combiner:

@@ -114,6 +114,41 @@ def _replay(setup: Setup, combiner: Combiner, watched: list[str], perturb: Calla
     return {name for name, value in zip(watched, got, strict=True) if value > 0}
 
 
+def side_outputs(setup: Setup, layers: Sequence[Layer]) -> set[str]:
+    """Layers that got no gradient in any step only because they feed outputs of the model that the loss does
+    not read (GoogLeNet's and Inception's auxiliary classifiers in training mode): one forward of the first
+    batch, and a backward from those other outputs alone. What the loss did not read was not measured; it is
+    not a bug of the model."""
+    from gradcheck_cli.batch import tensors_in
+    from gradcheck_cli.passes import forward
+    from gradcheck_cli.resolve.losses import model_output_loss, prediction
+
+    silent = [
+        layer.name
+        for layer in layers
+        if layer.trainable_params and layer.alias_of is None and all(v is None for v in layer.grad_norm_steps)
+    ]
+    if not silent:
+        return set()
+    specs = {spec.name: spec for spec in setup.layers}
+    passes = Passes(setup.runner, setup.loss, setup.device, setup.amp_dtype)
+    with Restorer(setup.model):
+        clear_grads(setup.model)
+        with passes.autocast():
+            output = forward(setup.runner, setup.batches[0].to(setup.device))
+            read = {id(prediction(output)), id(model_output_loss(output))}
+            others = [
+                t
+                for t in tensors_in(output)
+                if id(t) not in read and t.requires_grad and (t.dtype.is_floating_point or t.dtype.is_complex)
+            ]
+        if others:
+            torch.autograd.backward([t.float().sum().real for t in others])
+        reached = {name for name in silent if any(p.grad is not None for _, p in specs[name].params if p.requires_grad)}
+        clear_grads(setup.model)
+    return reached
+
+
 # Fewest time steps for a through-time fit: the same least number of points as a signal-view chain.
 MIN_TIME_STEPS = 5
 

@@ -121,6 +121,9 @@ class Layer:
     # every gradient is exactly 0 only because a zero-initialised layer after it multiplies its signal by 0:
     # measured by opening those layers (passes.open_gates); it learns once they move
     gated: bool = False
+    # no gradient in any step only because it feeds outputs of the model that the loss does not read (an
+    # auxiliary classifier): measured by a backward from those outputs (confirm.side_outputs); not judged
+    side_output: bool = False
     # a tied tensor is one verdict: this module only reuses the parameters of `alias_of` (its dL/dz is its own)
     alias_of: str | None = None
     # recurrent layers: ||dL/dx_t|| per time step under the model's loss, the first step first (confirm.through_time)

@@ -95,6 +95,11 @@ def tv_vgg11() -> nn.Module:
     return torchvision().models.vgg11(num_classes=10)  # no BatchNorm; kaiming fan_out convs, N(0, 0.01) linears
 
 
+def tv_googlenet() -> nn.Module:
+    """Two auxiliary classifiers, returned beside the logits in training mode (Szegedy et al. 2015)."""
+    return torchvision().models.googlenet(num_classes=10, aux_logits=True, init_weights=True)
+
+
 def tv_densenet() -> nn.Module:
     densenet = torchvision().models.densenet
     return densenet.DenseNet(growth_rate=8, block_config=(6, 12, 24, 16), num_init_features=16, num_classes=10)
@@ -451,6 +456,14 @@ def cases() -> list[Case]:
             lambda: images(size=128, count=3, batch=2),
             True,
             "VGG-11 without BN, kaiming fan_out init, 128 px",
+        ),
+        Case(
+            "tv-googlenet",
+            "torchvision",
+            tv_googlenet,
+            lambda: images(size=96, count=2, batch=8),
+            True,
+            "GoogLeNet: auxiliary heads the default loss does not read",
         ),
         Case("tv-densenet", "torchvision", tv_densenet, small, True, "DenseNet-121 layout (120 layers), narrow"),
         Case("tv-mobilenet-v3", "torchvision", tv_mobilenet, small, True, "MobileNetV3-small: SE, hardswish"),

@@ -262,3 +262,36 @@ def test_gated_recurrent_classifiers_decay_through_time_by_design_and_a_closed_f
         assert any(note.startswith("rnn (") and "halves every" in note for note in report.notes)
     closed = _report("lstm-forget-gate-closed")
     assert [(f.layer, f.view) for f in closed.findings if f.kind == "vanishing"] == [("rnn", "time")]
+
+
+class _AuxiliaryHead(torch.nn.Module):
+    """A trunk, a head the loss reads, an auxiliary head returned beside it, and a layer the forward never
+    calls: only the last one is a bug."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = torch.nn.Linear(8, 16)
+        self.head = torch.nn.Linear(16, 4)
+        self.aux = torch.nn.Linear(16, 4)
+        self.forgotten = torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.trunk(x))
+        return self.head(h), self.aux(h)
+
+
+def test_auxiliary_heads_the_loss_does_not_read_are_unmeasured_not_unused() -> None:
+    """The default loss reads the first output; a backward from the second reaches `aux` alone, so `aux`
+    is a head that was not measured (a note, status unjudged) and `forgotten` still warns unused."""
+    torch.manual_seed(0)
+    report = gradcheck_cli.analyze(_AuxiliaryHead(), (torch.randn(16, 8), torch.randint(0, 4, (16,))))
+    unused = [f.layer for f in report.findings if f.kind == "unused"]
+    assert unused == ["forgotten"]
+    aux = report.layer("aux")
+    assert aux.side_output and aux.status == "unjudged" and aux.grad_norm is None
+    assert not report.layer("forgotten").side_output
+    assert any("(aux) feed only outputs of the model that the loss does not read" in note for note in report.notes)
+    googlenet = _report("tv-googlenet")
+    heads = {layer.name for layer in googlenet.layers if layer.side_output}
+    assert heads and all(name.startswith(("aux1.", "aux2.")) for name in heads), heads
+    assert not [f for f in googlenet.findings if f.kind == "unused"]

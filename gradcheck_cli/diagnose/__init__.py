@@ -104,7 +104,8 @@ def _with_status(layers: Sequence[Layer], findings: Sequence[Finding]) -> list[L
             status, severity = "frozen", None
         elif layer.gated:  # not judged: its gradient is 0 until the gate after it moves
             status, severity = "gated", None
-        elif not layer.views and expects_comparison(layer):  # checked numerically, but compared by no view
+        # an auxiliary head the loss does not read, or a weight layer checked numerically but compared by no view
+        elif layer.side_output or (not layer.views and expects_comparison(layer)):
             status, severity = "unjudged", None
         else:
             status, severity = "ok", None

@@ -57,6 +57,8 @@ def usage(context: Context) -> list[Finding]:
     layers = context.layers
     findings = []
     for layer in layers:
+        if layer.side_output:  # an auxiliary head the loss does not read (confirm.side_outputs): not measured
+            continue
         if layer.alias_of is None and layer.trainable_params and all(v is None for v in layer.grad_norm_steps):
             findings.append(
                 Finding(

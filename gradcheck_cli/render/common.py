@@ -245,7 +245,7 @@ def evolution_line(report: Report) -> str | None:
 def coverage_line(report: Report) -> str | None:
     """Which layers the views compared, and which weight layers none could (status unjudged): a layer that
     reads ok was compared; one that reads unjudged was only checked for NaN/Inf and all-zero gradients."""
-    unjudged = [layer for layer in report.layers if layer.status == "unjudged"]
+    unjudged = [layer for layer in report.layers if layer.status == "unjudged" and not layer.side_output]
     if not unjudged:
         return None
     counts = {view: sum(view in layer.views for layer in report.layers) for view in ("signal", "update", "time")}
