@@ -308,6 +308,8 @@ class Collector:
                 k: counts[i] / counts[len(mask_keys) + i] for i, k in enumerate(mask_keys) if counts[len(mask_keys) + i]
             },
             dead={k: 1.0 - alive_host[i] for i, k in enumerate(active_keys)},
+            units={k: mask.numel() for k, mask in zip(active_keys, masks, strict=True)},
+            rows={k: self._rows_ever[k].numel() for k in mask_keys},
             histograms={
                 k: [round(v) for v in hist_flat[i * HISTOGRAM_BINS : (i + 1) * HISTOGRAM_BINS]]
                 for i, k in enumerate(hist_keys)

@@ -38,6 +38,8 @@ class Finished:
     position: dict[int, int]  # order of first forward call
     feeds_norm: set[int]  # layers whose output goes straight into a normalisation layer
     value_histograms: dict[int, tuple[ValueHistogram, ...]]
+    units: dict[int, int] = dataclasses.field(default_factory=dict)  # layer: ReLU units behind `dead`
+    rows: dict[int, int] = dataclasses.field(default_factory=dict)  # parameter: rows behind `zero_rows`
 
 
 def build_records(measured: Measured, finished: Finished) -> tuple[list[Layer], list[ParameterRecord]]:
@@ -143,6 +145,7 @@ def _layer_record(
         dead_fraction=finished.dead.get(spec.index),
         saturated_fraction=layer_series.saturated.median(),
         zero_grad_unit_fraction=finished.zero_rows.get(unit_source.index) if unit_source is not None else None,
+        units=finished.units.get(spec.index, finished.rows.get(unit_source.index) if unit_source is not None else None),
         histogram=tuple(histogram) if histogram is not None else None,
         underflow_fraction=mean(measured.param_series[i.index].underflow.median() for i in trainable),
         output_grad_underflow_fraction=layer_series.output_underflow.median(),

@@ -108,6 +108,8 @@ class Layer:
     feeds_norm: bool = False  # its output goes straight into a normalisation layer: scale-invariant
     # per-step signed-value histograms; only when asked for (analyze(value_histograms=True), --plot, --tensorboard)
     value_histograms: tuple[ValueHistogram, ...] | None = None
+    # the number of units behind dead_fraction (or zero_grad_unit_fraction when that is what was measured)
+    units: int | None = None
     # --amp only: fraction of gradient values that underflow the AMP dtype: nonzero but below its smallest
     # normal number, so subnormal (losing precision) or flushed to zero; sampled; parameter gradients and dL/dz
     underflow_fraction: float | None = None

@@ -295,3 +295,53 @@ def test_auxiliary_heads_the_loss_does_not_read_are_unmeasured_not_unused() -> N
     heads = {layer.name for layer in googlenet.layers if layer.side_output}
     assert heads and all(name.startswith(("aux1.", "aux2.")) for name in heads), heads
     assert not [f for f in googlenet.findings if f.kind == "unused"]
+
+
+class _SqueezeExcite(torch.nn.Module):
+    """Conv-BN-ReLU features, then a squeeze-excitation gate (Hu et al. 2018): fc1 reads the globally pooled
+    post-ReLU features, all positive and nearly alike across noise images, so the sign of each fc1 unit's
+    pre-activation is set by its weights, the same for every image: about half never activate, by chance."""
+
+    def __init__(self, channels: int = 64, squeeze: int = 32) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, channels, 3, padding=1), torch.nn.BatchNorm2d(channels), torch.nn.ReLU()
+        )
+        self.fc1 = torch.nn.Conv2d(channels, squeeze, 1)
+        self.fc2 = torch.nn.Conv2d(squeeze, channels, 1)
+        self.head = torch.nn.Linear(channels, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+        return self.head((x * gate).mean((2, 3)))
+
+
+def test_units_dead_as_often_as_chance_at_init_are_not_a_finding_but_more_are() -> None:
+    """At a symmetric random init each unit of a layer reading nearly constant inputs is off for all of them
+    with probability 1/2, independently: the count of dead units is Binomial(units, 1/2) at worst. Measured
+    fractions near 1/2 are that chance; biases of -3 on fc1 (pre-activations ~N(-3, <1)) kill almost all."""
+    from gradcheck_cli.diagnose.activation import CHANCE_DEAD, chance_of_dead
+
+    assert chance_of_dead(2, 3) == pytest.approx(4 / 8)  # {011, 101, 110, 111} of 8 outcomes
+    assert chance_of_dead(32, 32) == pytest.approx(2.0**-32)
+    assert chance_of_dead(0, 10) == 1.0
+    assert chance_of_dead(1200, 2000) == pytest.approx(8.7e-20, rel=0.5)  # normal tail, z = 8.92
+    batches = images(size=32, count=3, batch=16)
+    fractions = []
+    for seed in range(6):
+        torch.manual_seed(seed)
+        model = _SqueezeExcite()
+        report = gradcheck_cli.analyze(model, batches)
+        fc1 = report.layer("fc1")
+        fraction = fc1.zero_grad_unit_fraction  # F.relu: the units whose weight-gradient row stayed 0
+        assert fc1.units == 32 and fraction is not None
+        fractions.append(fraction)
+        assert not [f for f in report.findings if f.kind == "dead"], (seed, fraction)
+        assert chance_of_dead(round(fraction * 32), 32) >= CHANCE_DEAD
+    assert abs(sum(fractions) / len(fractions) - 0.5) < 3 * 0.5 / (32 * 6) ** 0.5  # Binomial(32, 1/2) means
+    assert max(fractions) > report.thresholds["dead_warning"]  # chance alone crosses the fraction threshold
+    with torch.no_grad():
+        model.fc1.bias.fill_(-3.0)
+    broken = gradcheck_cli.analyze(model, batches)
+    assert ("fc1", "dead") in {(f.layer, f.kind) for f in broken.findings}

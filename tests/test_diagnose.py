@@ -258,3 +258,25 @@ def test_gated_cells_decay_through_time_by_design_down_to_a_neutral_gate(
     assert len(noted) == (1 if expected is None else 0)
     if noted:
         assert f"x{gain:.3g} per step" in noted[0]
+
+
+def test_query_and_key_projections_are_slow_by_design_and_judged_only_past_role_error() -> None:
+    """Uniform attention makes dL/ds_ij a covariance across tokens: query/key projections learn slower than
+    every other layer by design. A plain layer as slow still warns; a q/k 1e6 times below still fails."""
+    layers = [layer(f"mlp{i}", i, ratio=0.01) for i in range(6)]
+    slow = [
+        layer("blocks.0.attn.q_proj", 6, ratio=1e-4),
+        layer("encoder.attention.self.key", 7, ratio=1e-4),
+        layer("lonely", 8, ratio=1e-4),
+        layer("blocks.0.attn.k_proj", 9, ratio=1e-8),
+    ]
+    verdict = diagnose(layers + slow, [1.0], Thresholds())
+    found = {(f.layer, f.severity) for f in verdict.findings if f.view == "update"}
+    assert found == {("lonely", "warning"), ("blocks.0.attn.k_proj", "error")}
+
+
+def test_a_dash_separated_block_index_is_a_position_not_a_role() -> None:
+    from gradcheck_cli.diagnose.update import peer_group
+
+    assert peer_group("trunk_output.block3.block3-4.f.se.fc1") == "trunk_output.block3.block3-#.f.se.fc1"
+    assert peer_group("layer1.0.conv1") == "layer1.#.conv1"  # conv1 and conv2 stay different roles

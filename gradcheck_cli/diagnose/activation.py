@@ -3,8 +3,29 @@ trainable parameters that got no gradient."""
 
 from __future__ import annotations
 
+import math
+
 from gradcheck_cli.diagnose.common import Context, all_zero, level
 from gradcheck_cli.report import Finding
+
+# Dead units, and chance. At a random symmetric initialisation a unit's pre-activation w.x + b is below 0 for
+# any one input with probability 1/2. When the inputs vary little around a nonzero mean (a squeeze-excitation
+# block's fc1 reads globally pooled post-ReLU features: all positive, nearly alike across images), the sign
+# is the same for every input, so up to half the units never activate by chance alone, each independently.
+# A dead fraction is a finding only when its count is improbable under that worst case: a binomial upper
+# tail below CHANCE_DEAD (one healthy layer in a thousand flagged at worst). A small layer all of whose units
+# are dead still gets no gradient at all, which the numeric rule reports.
+CHANCE_DEAD = 1e-3
+
+
+def chance_of_dead(dead: int, units: int) -> float:
+    """P(X >= dead) for X ~ Binomial(units, 1/2): how often init alone leaves that many units dead."""
+    if dead <= 0:
+        return 1.0
+    if units <= 1000:
+        return float(sum(math.comb(units, i) for i in range(dead, units + 1)) / 2**units)
+    z = (dead - 0.5 - units / 2) / (math.sqrt(units) / 2)  # normal approximation, continuity-corrected
+    return 0.5 * math.erfc(z / math.sqrt(2))
 
 
 def activations(context: Context) -> list[Finding]:
@@ -33,6 +54,8 @@ def activations(context: Context) -> list[Finding]:
                 "lower the learning rate, or normalise the pre-activations (nn.LayerNorm)"
             )
         severity = level(dead or 0.0, thresholds.dead_warning, thresholds.dead_error)
+        if dead is not None and layer.units and chance_of_dead(round(dead * layer.units), layer.units) >= CHANCE_DEAD:
+            severity = None  # as many dead units as a random init leaves by chance (CHANCE_DEAD)
         if severity is not None and dead is not None:
             findings.append(Finding(layer.name, "dead", severity, "activation", f"{dead:.0%} of {source}", fix, dead))
         saturated = layer.saturated_fraction

@@ -80,7 +80,14 @@ def _balance(
         # An embedding table has neither: it is read a few rows at a time and initialised on its own scale
         # (N(0, 1) in torch, 0.02 in GPT-2, T5's factor), so its ||g||/||W|| is not comparable to dense layers'.
         severity = None
-        if peer_reference:
+        if attention_logits(layer.name):
+            # At (near-)uniform attention a query/key projection's gradient is second order (ATTENTION_LOGITS):
+            # slow by design, at a rate that follows how alike the tokens it reads are, so it differs from block
+            # to block too. Only a factor no design explains (role_error) is judged.
+            factor, against = ratio / reference, f"the network median {reference:.2g}"
+            if level(reference / ratio, thresholds.role_error, thresholds.role_error):
+                severity = "error"
+        elif peer_reference:
             factor = ratio / peer_reference
             against = f"the median of its {layer.type} peers ({group}) {peer_reference:.2g}"
             severity = level(1 / factor, thresholds.balance_warning, thresholds.balance_error)
@@ -157,13 +164,32 @@ def _judged(layer: Layer) -> bool:
     return bool(layer.trainable_params) and not layer.scale_only and layer.alias_of is None
 
 
-_BLOCK_INDEX = re.compile(r"^(?:\d+|.*_\d+)$")  # "3", "encoder_layer_3": a block's position, not its role
+# "3", "encoder_layer_3", "block3-4" (torchvision RegNet): a block's position, not its role
+_BLOCK_INDEX = re.compile(r"^(?:\d+|.*[_-]\d+)$")
 
 
 def peer_group(name: str) -> str:
     """A layer's role: its name with block indices wildcarded (encoder.layers.3.linear1 -> encoder.layers.#.linear1,
-    encoder.layers.encoder_layer_3.mlp.0 -> encoder.layers.encoder_layer_#.mlp.#)."""
+    encoder.layers.encoder_layer_3.mlp.0 -> encoder.layers.encoder_layer_#.mlp.#,
+    block3.block3-4.f -> block3.block3-#.f)."""
     return ".".join(re.sub(r"\d+$", "#", part) if _BLOCK_INDEX.match(part) else part for part in name.split("."))
+
+
+# Query and key projections, by the names the common implementations give them (Hugging Face BERT/ALBERT/
+# ELECTRA/Swin: query, key; Llama, Mistral, OPT, GPT-Neo, ViT/DeiT: q_proj, k_proj; T5: q, k; DistilBERT:
+# q_lin, k_lin; Meta's Llama: wq, wk; x-transformers and diffusers: to_q, to_k). They only shape the attention
+# logits s_ij = q_i.k_j / sqrt(d): dL/ds_ij = P_ij (dL/do_i).(v_j - sum_l P_il v_l), which at the uniform
+# attention of initialisation is a covariance across tokens between values and keys, small by design and
+# dependent on how alike the tokens are (the first block reads embeddings, later ones the residual stream).
+# Fused projections (GPT-2's c_attn, timm's qkv, nn.MultiheadAttention) carry the values' gradient too.
+ATTENTION_LOGITS = frozenset(
+    {"query", "key", "q_proj", "k_proj", "q", "k", "q_lin", "k_lin", "wq", "wk", "to_q", "to_k"}
+)
+
+
+def attention_logits(name: str) -> bool:
+    """Whether a layer is a query or key projection (ATTENTION_LOGITS), by the last part of its name."""
+    return name.rsplit(".", 1)[-1].lower() in ATTENTION_LOGITS
 
 
 # Fewest layers in a role for a peer median: with two, the same role in another block is already a better
