@@ -232,6 +232,7 @@ def _confirm(
             f"({shown}) gate their path (checked by opening them); they learn once those move: see --train-steps 1"
         )
     notes += _mark_side_outputs(setup, measurement) if parallel is None else []
+    notes += _mark_behind_scales(setup, measurement, options) if parallel is None else []
     in_time = through_time(setup, measurement.layers, combiner)
     if in_time:
         gated = gated_cells(setup)
@@ -260,6 +261,25 @@ def _mark_side_outputs(setup: Setup, measurement: Measurement) -> list[str]:
     return [
         f"{len(names)} layer(s) ({shown}) feed only outputs of the model that the loss does not read (auxiliary "
         "heads): not measured, status unjudged; a --loss that reads those outputs measures them"
+    ]
+
+
+def _mark_behind_scales(setup: Setup, measurement: Measurement, options: Options) -> list[str]:
+    """Layers that small per-channel scales gate far below the network (confirm.open_scales)."""
+    from gradcheck_cli.confirm import open_scales
+
+    behind = open_scales(setup, measurement.layers, options.thresholds.role_error)
+    if not behind:
+        return []
+    measurement.layers = [
+        dataclasses.replace(layer, behind_scales=layer.name in behind) for layer in measurement.layers
+    ]
+    names = [layer.name for layer in measurement.layers if layer.name in behind]
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return [
+        f"{len(names)} layer(s) ({shown}) learn over role_error slower than the network only because small "
+        "per-channel scales (LayerScale) gate their path (checked by setting those to 1): they learn as the "
+        "scales grow"
     ]
 
 

@@ -54,6 +54,57 @@ def open_gates(
     return opened, owners
 
 
+# A per-channel scale this small gates its branch (LayerScale's 1e-6 to 1e-4, CaiT's 1e-5): far below a
+# norm's gamma (1), so what flows through it is attenuated by its size and the layers behind it learn that
+# much slower at init, by design; opened, it reads 1, a branch without LayerScale.
+SMALL_SCALE = 1e-3
+
+
+def open_scales(setup: Setup, layers: Sequence[Layer], role_error: float) -> set[str]:
+    """Weight layers whose ||g||/||W|| lies more than role_error below the network median only because small
+    per-channel scales (SMALL_SCALE) gate their path, as in EdgeNeXt, whose attention branch sits behind two
+    LayerScales (1e-12 at init): with every such scale set to 1 in one replay of the first batch, they come
+    within role_error of the (then) median."""
+    from gradcheck_cli.diagnose.update import BALANCE_CATEGORIES
+    from gradcheck_cli.series import median
+
+    members = {
+        layer.name: layer
+        for layer in layers
+        if layer.category in BALANCE_CATEGORIES
+        and not layer.scale_only
+        and layer.alias_of is None
+        and layer.grad_to_weight is not None
+        and layer.grad_to_weight > 0
+    }
+    reference = median([layer.grad_to_weight for layer in members.values()]) or 0.0
+    slow = [name for name, layer in members.items() if (layer.grad_to_weight or 0.0) * role_error < reference]
+    scales = [
+        p
+        for p in setup.model.parameters()
+        if p.requires_grad and not is_matrix(p) and p.numel() and 0 < float(p.detach().abs().max()) <= SMALL_SCALE
+    ]
+    if not slow or not scales:
+        return set()
+    specs = {spec.name: spec for spec in setup.layers if spec.name in members}
+    passes = Passes(setup.runner, setup.loss, setup.device, setup.amp_dtype)
+    with Restorer(setup.model, save_parameters=True):
+        with torch.no_grad():
+            for scale in scales:
+                scale.fill_(1.0)
+        clear_grads(setup.model)
+        passes.forward_backward(setup.batches[0].to(setup.device))
+        ratios = {}
+        for name, spec in specs.items():
+            weights = [p for _, p in spec.params if p.requires_grad and is_matrix(p)]
+            grad = sum(float(p.grad.float().square().sum()) for p in weights if p.grad is not None)
+            norm = sum(float(p.detach().float().square().sum()) for p in weights)
+            ratios[name] = (grad / norm) ** 0.5 / passes.scale if norm else 0.0
+        clear_grads(setup.model)
+    opened = median(list(ratios.values())) or 0.0
+    return {name for name in slow if ratios.get(name, 0.0) * role_error >= opened > 0}
+
+
 # Where the chain is cut, as fractions of its length: a residual net's stage transitions (a strided block
 # without a skip) are single paths, so one cut can land on one; three are unlikely to all do.
 CUTS = (0.5, 0.25, 0.75)

@@ -130,6 +130,14 @@ def timm_convnext_atto() -> nn.Module:
     return timm.create_model("convnext_atto", pretrained=False, num_classes=10)
 
 
+def timm_edgenext() -> nn.Module:
+    """EdgeNeXt: its transposed-attention branch sits behind two LayerScales (1e-6 x 1e-6 at init)."""
+    torchvision()
+    import timm
+
+    return timm.create_model("edgenext_xx_small", pretrained=False, num_classes=10)
+
+
 def timm_deit3() -> nn.Module:
     torchvision()  # timm imports torchvision: its op schemas first
     from timm.models import vision_transformer
@@ -470,6 +478,14 @@ def cases() -> list[Case]:
         Case("tv-efficientnet-b0", "torchvision", tv_efficientnet, small, True, "EfficientNet-B0: SiLU, SE"),
         Case("tv-swin", "torchvision", tv_swin, small, True, "Swin transformer, shifted windows"),
         Case("timm-convnext-atto", "timm", timm_convnext_atto, small, True, "timm ConvNeXt-atto: layer scale 1e-6"),
+        Case(
+            "timm-edgenext",
+            "timm",
+            timm_edgenext,
+            lambda: images(size=64),
+            True,
+            "EdgeNeXt-xx-small: attention behind two LayerScales",
+        ),
         Case("timm-deit3", "timm", timm_deit3, small, True, "DeiT-III ViT: LayerScale 1e-6"),
         Case("timm-cait", "timm", timm_cait, small, True, "CaiT: LayerScale 1e-5, class attention"),
         Case("timm-resnet18", "timm", timm_resnet, small, True, "timm ResNet-18"),

@@ -345,3 +345,17 @@ def test_units_dead_as_often_as_chance_at_init_are_not_a_finding_but_more_are() 
         model.fc1.bias.fill_(-3.0)
     broken = gradcheck_cli.analyze(model, batches)
     assert ("fc1", "dead") in {(f.layer, f.kind) for f in broken.findings}
+
+
+def test_layers_behind_two_layer_scales_are_explained_by_opening_the_scales() -> None:
+    """EdgeNeXt's attention projections sit behind two LayerScales of 1e-6, so their ||g||/||W|| is ~1e-12 of
+    an ungated layer's and over role_error below the network median (itself behind one scale). Set to 1 in
+    a replay, the scales no longer attenuate them: marked, a note, no finding; the numbers stay measured."""
+    report = _report("timm-edgenext")
+    behind = [layer for layer in report.layers if layer.behind_scales]
+    assert behind and all(".xca." in layer.name for layer in behind), [layer.name for layer in behind]
+    median = sorted(x.grad_to_weight for x in report.layers if x.name in report.update.layers)
+    reference = median[len(median) // 2]
+    assert any((layer.grad_to_weight or 0) * report.thresholds["role_error"] < reference for layer in behind)
+    assert not [f for f in report.findings if f.layer in {layer.name for layer in behind}]
+    assert any("gate their path (checked by setting those to 1)" in note for note in report.notes)

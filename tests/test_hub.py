@@ -195,3 +195,26 @@ def test_json_of_a_hub_run_round_trips(cli: Any, saved: dict[str, Path]) -> None
     code, report = cli.json("analyze", f"hf:{saved['t5']}", "--quiet", "--train-steps", "2", "--optimizer", "adamw")
     assert code == 0
     assert Report.from_dict(json.loads(json.dumps(report))).training is not None
+
+
+def test_a_timm_model_without_a_classifier_head_gets_one(monkeypatch: Any) -> None:
+    """A pretraining layout (pretrained_cfg num_classes 0, EVA-02's MIM checkpoints) returns features: it
+    gets a head of 1000 classes, as fine-tuning adds, instead of labels drawn from an empty range."""
+    import importlib.util
+
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("timm is not installed")
+    from gradcheck_cli.hub import import_torchvision
+    from gradcheck_cli.hub.vision import HEADLESS_CLASSES, build_timm
+
+    import_torchvision()  # timm imports torchvision: its op schemas first
+    import timm
+
+    create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda name, **kw: create(name, **{"num_classes": 0, **kw}))
+    built = build_timm("test_vit")
+    assert built.model.num_classes == HEADLESS_CLASSES
+    assert "no classifier head" in built.description
+    assert built.make_batches is not None
+    batch = next(iter(built.make_batches(1, 2, 0)))
+    assert int(batch.targets.max()) < HEADLESS_CLASSES and built.model(*batch.args).shape[-1] == HEADLESS_CLASSES

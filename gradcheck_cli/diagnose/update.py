@@ -85,13 +85,17 @@ def _balance(
             # slow by design, at a rate that follows how alike the tokens it reads are, so it differs from block
             # to block too. Only a factor no design explains (role_error) is judged.
             factor, against = ratio / reference, f"the network median {reference:.2g}"
-            if level(reference / ratio, thresholds.role_error, thresholds.role_error):
+            if not layer.behind_scales and level(reference / ratio, thresholds.role_error, thresholds.role_error):
                 severity = "error"
         elif peer_reference:
             factor = ratio / peer_reference
             against = f"the median of its {layer.type} peers ({group}) {peer_reference:.2g}"
             severity = level(1 / factor, thresholds.balance_warning, thresholds.balance_error)
-            if severity is None and level(reference / ratio, thresholds.role_error, thresholds.role_error):
+            if (
+                severity is None
+                and not layer.behind_scales
+                and level(reference / ratio, thresholds.role_error, thresholds.role_error)
+            ):
                 factor, against = ratio / reference, f"the network median {reference:.2g}, as all its peers are"
                 severity = "error"
         else:

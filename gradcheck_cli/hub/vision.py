@@ -10,6 +10,7 @@ from gradcheck_cli.hub import Built, library
 
 DEFAULT_SIZE = 224  # ImageNet's crop, when the model does not say
 IMAGE_BATCH = 8  # synthetic images per batch unless --batch-size says otherwise
+HEADLESS_CLASSES = 1000  # the head a model without one gets (ImageNet's classes)
 
 
 def build_timm(name: str) -> Built:
@@ -22,8 +23,16 @@ def build_timm(name: str) -> Built:
     model = calling(f"timm.create_model('{name}')", lambda: timm.create_model(name, pretrained=False))
     config = getattr(model, "pretrained_cfg", None) or {}
     channels, height, width = tuple(config.get("input_size", (3, DEFAULT_SIZE, DEFAULT_SIZE)))
-    classes = int(getattr(model, "num_classes", 0) or config.get("num_classes", 1000))
-    return _images(model, (channels, height, width), classes, "timm pretrained_cfg input_size")
+    classes = int(getattr(model, "num_classes", config.get("num_classes", 0)) or 0)  # the model's own, first
+    source = "timm pretrained_cfg input_size"
+    if classes < 1:  # a feature extractor (a pretraining checkpoint's layout): give it a head, as fine-tuning does
+        classes = HEADLESS_CLASSES
+        model = calling(
+            f"timm.create_model('{name}', num_classes={classes})",
+            lambda: timm.create_model(name, pretrained=False, num_classes=classes),
+        )
+        source += f"; it has no classifier head, so it got one of {classes} classes, as fine-tuning adds"
+    return _images(model, (channels, height, width), classes, source)
 
 
 def build_torchvision(name: str) -> Built:
