@@ -79,12 +79,14 @@ def open_scales(setup: Setup, layers: Sequence[Layer], role_error: float) -> set
     }
     reference = median([layer.grad_to_weight for layer in members.values()]) or 0.0
     slow = [name for name, layer in members.items() if (layer.grad_to_weight or 0.0) * role_error < reference]
-    scales = [
-        p
-        for p in setup.model.parameters()
-        if p.requires_grad and not is_matrix(p) and p.numel() and 0 < float(p.detach().abs().max()) <= SMALL_SCALE
-    ]
-    if not slow or not scales:
+    if not slow:
+        return set()
+    candidates = [p for p in setup.model.parameters() if p.requires_grad and not is_matrix(p) and p.numel()]
+    if not candidates:
+        return set()
+    largest = torch.stack([p.detach().abs().max().float() for p in candidates]).tolist()  # one host read
+    scales = [p for p, value in zip(candidates, largest, strict=True) if 0 < value <= SMALL_SCALE]
+    if not scales:
         return set()
     specs = {spec.name: spec for spec in setup.layers if spec.name in members}
     passes = Passes(setup.runner, setup.loss, setup.device, setup.amp_dtype)
@@ -94,13 +96,18 @@ def open_scales(setup: Setup, layers: Sequence[Layer], role_error: float) -> set
                 scale.fill_(1.0)
         clear_grads(setup.model)
         passes.forward_backward(setup.batches[0].to(setup.device))
-        ratios = {}
-        for name, spec in specs.items():
+        zero = torch.zeros((), device=setup.device)
+        squares = []  # per layer: its weights' ||g||^2 and ||W||^2, read back at once
+        for spec in specs.values():
             weights = [p for _, p in spec.params if p.requires_grad and is_matrix(p)]
-            grad = sum(float(p.grad.float().square().sum()) for p in weights if p.grad is not None)
-            norm = sum(float(p.detach().float().square().sum()) for p in weights)
-            ratios[name] = (grad / norm) ** 0.5 / passes.scale if norm else 0.0
+            squares.append(sum((local(p.grad).float().square().sum() for p in weights if p.grad is not None), zero))
+            squares.append(sum((local(p.detach()).float().square().sum() for p in weights), zero))
+        values = torch.stack(squares).tolist() if squares else []
         clear_grads(setup.model)
+    ratios = {
+        name: (grad / norm) ** 0.5 / passes.scale if norm else 0.0
+        for name, grad, norm in zip(specs, values[::2], values[1::2], strict=True)
+    }
     opened = median(list(ratios.values())) or 0.0
     return {name for name in slow if ratios.get(name, 0.0) * role_error >= opened > 0}
 
