@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from gradcheck_cli.diagnose.common import all_zero
+from gradcheck_cli.diagnose.common import all_zero, got_no_gradient
 from gradcheck_cli.distributed import Combiner, local
 from gradcheck_cli.layers import is_matrix
 from gradcheck_cli.passes import Passes, Setup, clear_grads
@@ -65,17 +65,13 @@ def open_scales(setup: Setup, layers: Sequence[Layer], role_error: float) -> set
     per-channel scales (SMALL_SCALE) gate their path, as in EdgeNeXt, whose attention branch sits behind two
     LayerScales (1e-12 at init): with every such scale set to 1 in one replay of the first batch, they come
     within role_error of the (then) median."""
-    from gradcheck_cli.diagnose.update import BALANCE_CATEGORIES
+    from gradcheck_cli.diagnose.update import expects_comparison
     from gradcheck_cli.series import median
 
     members = {
         layer.name: layer
         for layer in layers
-        if layer.category in BALANCE_CATEGORIES
-        and not layer.scale_only
-        and layer.alias_of is None
-        and layer.grad_to_weight is not None
-        and layer.grad_to_weight > 0
+        if expects_comparison(layer) and layer.grad_to_weight is not None and layer.grad_to_weight > 0
     }
     reference = median([layer.grad_to_weight for layer in members.values()]) or 0.0
     slow = [name for name, layer in members.items() if (layer.grad_to_weight or 0.0) * role_error < reference]
@@ -181,11 +177,7 @@ def side_outputs(setup: Setup, layers: Sequence[Layer]) -> set[str]:
     from gradcheck_cli.passes import forward
     from gradcheck_cli.resolve.losses import model_output_loss, prediction
 
-    silent = [
-        layer.name
-        for layer in layers
-        if layer.trainable_params and layer.alias_of is None and all(v is None for v in layer.grad_norm_steps)
-    ]
+    silent = [layer.name for layer in layers if got_no_gradient(layer)]
     if not silent:
         return set()
     specs = {spec.name: spec for spec in setup.layers}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from gradcheck_cli.diagnose.common import Context, all_zero, level
+from gradcheck_cli.diagnose.common import Context, all_zero, got_no_gradient, level
 from gradcheck_cli.report import Finding
 
 # Dead units, and chance. At a random symmetric initialisation a unit's pre-activation w.x + b is below 0 for
@@ -82,7 +82,7 @@ def usage(context: Context) -> list[Finding]:
     for layer in layers:
         if layer.side_output:  # an auxiliary head the loss does not read (confirm.side_outputs): not measured
             continue
-        if layer.alias_of is None and layer.trainable_params and all(v is None for v in layer.grad_norm_steps):
+        if got_no_gradient(layer):
             findings.append(
                 Finding(
                     layer.name,

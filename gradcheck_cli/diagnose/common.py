@@ -48,6 +48,11 @@ def times(factor: float) -> str:
     return text
 
 
+def got_no_gradient(layer: Layer) -> bool:
+    """A trainable layer that owns its tensors and got no gradient in any step (unused, or an auxiliary head)."""
+    return layer.alias_of is None and bool(layer.trainable_params) and all(v is None for v in layer.grad_norm_steps)
+
+
 def all_zero(layer: Layer) -> bool:
     got = [v for v in layer.grad_norm_steps if v is not None]
     return bool(got) and all(v == 0 for v in got)
