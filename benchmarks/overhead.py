@@ -7,12 +7,14 @@ configurations interleaved within each repeat so machine noise hits them alike; 
 over the repeats:
 - end to end: `gradcheck analyze MODEL.py --steps N` against a plain script doing the same N forward/backward
   passes, process start included: wall time and peak RSS (os.wait4); and against the same script started up
-  as the CLI starts (`runner.py --tuned-start`: the garbage collector off while torch imports), which the CLI
-  gains ~0.2 s on and a plain script does not: that ratio is gradcheck's own cost only;
+  as the CLI starts (`runner.py --tuned-start`: the garbage collector off while torch imports, and glibc's
+  heap thresholds fixed, gradcheck_cli/heap.py), which the CLI gains on and a plain script does not: that
+  ratio is gradcheck's own cost only;
 - per step: the median step time in process (the first step is warm-up), bare vs with each tool attached:
   gradcheck (its analyze(), hooks and statistics), Lightning's grad_norm, TensorBoard add_histogram of every
-  gradient, wandb.watch(log="gradients", log_freq=1) offline. A tool that is not installed is skipped and
-  named;
+  gradient, wandb.watch(log="gradients", log_freq=1) offline, every one of them on a steady heap
+  (`runner.py --steady-heap`: otherwise whether a step re-faults its freed gradients depends on the heap's
+  history, +-10% on the 10M MLP whatever tool runs). A tool that is not installed is skipped and named;
 - the ratio from 1M to 100M parameters (MLP widths), end to end and per step;
 - 10,000 small layers side by side (Linear(4, 1) each): per step and peak memory, the cost that grows with the
   number of layers rather than with their size;
@@ -286,7 +288,9 @@ def main() -> None:
             # per step, in process
             for mode in modes:
                 out_dir = folder / f"out-{workload.name}-{mode}-{repeat}"
+                # every tool on the same steady heap (runner.py says why)
                 command = [*runner_command(mode, path, args.steps, args.device), "--out", str(out_dir)]
+                command.append("--steady-heap")
                 wall, rss, out, _ = run_child(command, env)
                 data = json.loads(out.strip().splitlines()[-1])
                 row.params = data["params"]

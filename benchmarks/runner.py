@@ -1,6 +1,7 @@
 """One measured process: a model file's forward/backward passes, bare or with one gradient tool attached.
 
     python benchmarks/runner.py MODE MODEL_FILE --steps N [--device cpu|cuda] [--out DIR] [--tuned-start]
+                                [--steady-heap]
 
 MODE:
   bare         the passes alone: zero grads, forward, loss, backward (what every tool below adds to)
@@ -9,6 +10,10 @@ MODE:
                (as self.log_dict does)
   tensorboard  bare + SummaryWriter.add_histogram of every gradient, every step
   wandb        bare + wandb.watch(model, log="gradients", log_freq=1), offline, wandb.log every step
+
+--steady-heap fixes glibc's heap thresholds as the CLI does (gradcheck_cli/heap.py): whether a step re-faults
+its freed gradients depends otherwise on the heap's history, a +-10% effect unrelated to any tool, which the
+per-step comparison would read as a tool's cost. --tuned-start implies it.
 
 Prints one JSON line: per-step wall times (ms) and, on CUDA, peak allocated memory. The parent
 (overhead.py) measures the whole process's wall time and peak RSS.
@@ -65,7 +70,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None)
     parser.add_argument("--tuned-start", action="store_true", help="start up as the gradcheck CLI does (above)")
+    parser.add_argument("--steady-heap", action="store_true", help="fix glibc's heap thresholds (heap.py), any mode")
     args = parser.parse_args()
+    if args.tuned_start or args.steady_heap:  # the CLI fixes them too (cli._tune_process)
+        from gradcheck_cli.heap import steady_heap
+
+        steady_heap()
     device = torch.device(args.device)
     module = load(args.model_file)
     torch.manual_seed(0)

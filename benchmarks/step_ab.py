@@ -30,6 +30,9 @@ def main() -> None:
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    from gradcheck_cli.heap import steady_heap
+
+    steady_heap()  # bare and measured steps alike (runner.py --steady-heap says why)
     torch.manual_seed(0)
     model = module.build_model()
     inputs, targets = module.get_batch()

@@ -190,7 +190,7 @@ def _analyze(ctx: typer.Context, target: str, debug: bool, **values: Any) -> Non
         def run(progress: Callable[[str, int, int], None] | None) -> Report:
             from gradcheck_cli.api import analyze_target
 
-            _freeze_imported_objects()
+            _tune_process()
             with contextlib.redirect_stdout(sys.stderr):  # the user's prints must not mix with the document
                 return analyze_target(target, options, progress)
 
@@ -261,7 +261,7 @@ def _demo(name: str | None, list_demos: bool, mnist: Path | None, debug: bool, *
         def run(progress: Callable[[str, int, int], None] | None) -> Report:
             from gradcheck_cli.demos import run_demo
 
-            _freeze_imported_objects()
+            _tune_process()
             with contextlib.redirect_stdout(sys.stderr):
                 return run_demo(name, options, mnist, progress)
 
@@ -359,15 +359,19 @@ def _outputs(options: Options) -> Any:
     return outputs
 
 
-def _freeze_imported_objects() -> None:
+def _tune_process() -> None:
     """Once torch and gradcheck's modules are in, move every object alive now (~10^6 of them, alive until
     exit) out of the garbage collector's reach (gc.freeze), then switch the collector back on (main() turned
     it off): the user's code runs with it on, and no full collection walks the imports again (70-90 ms each
-    on a CI machine). Only in the CLI process: the Python API leaves the caller's collector alone."""
+    on a CI machine). And keep the memory steps free in the process (heap.py says why). Only in the CLI
+    process: the Python API leaves the caller's collector and allocator alone."""
     import gc
+
+    from gradcheck_cli.heap import steady_heap
 
     gc.freeze()
     gc.enable()
+    steady_heap()
 
 
 @contextlib.contextmanager
@@ -410,7 +414,7 @@ def _fail(message: str, code: int, debug: bool) -> NoReturn:
 def main() -> None:
     """Console-script entry point. The garbage collector is off while modules import (they make next to no
     garbage, and importing torch would trigger two full collections); analyze and demo switch it back on
-    once torch is in, after _freeze_imported_objects()."""
+    once torch is in, after _tune_process()."""
     import gc
 
     gc.disable()

@@ -221,7 +221,7 @@ def get_batch():
 
 
 def test_the_cli_runs_the_users_code_with_the_garbage_collector_on(write) -> None:
-    """main() switches the collector off only while gradcheck's own imports load (cli._freeze_imported_objects):
+    """main() switches the collector off only while gradcheck's own imports load (cli._tune_process):
     the model file, its forward passes and whatever runs after main() see it on."""
     path = write("gc_probe.py", GC_PROBE)
     code = (
