@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -236,38 +236,50 @@ class Collector:
             self._binned.update(reduced.binned_order)
 
     def _record(self, step: Step[float], tape: StepTape, groups: list[SmallGroup]) -> None:
+        """The host step into the series. Column by column, with no record object per parameter or layer: a
+        model of 10,000 layers records 20,000 parameters a step, and per-item objects cost 20 ms per 1,000."""
         self.loss.add(step.loss)
         grouped: set[int] = set()
         for group in groups:  # values in columns, one list per statistic
-            columns = [step.columns.get(f"{group.name}:{name}") for name in _COLUMNS]
-            for position, info in enumerate(group.infos):
-                got = ParamStep(*(column[position] if column is not None else None for column in columns))
-                self._record_param(info, got)
-                grouped.add(info.index)
+            absent = [None] * len(group.infos)
+            columns = [step.columns.get(f"{group.name}:{name}") or absent for name in _COLUMNS]
+            for info, *got in zip(group.infos, *columns, strict=True):
+                self._record_param(info, *got)
+            grouped.update(group.indices)
         for info in self.params:
             if info.index not in grouped:
-                self._record_param(info, step.params.get(info.index) or ParamStep())
+                alone = step.params.get(info.index) or ParamStep()
+                self._record_param(info, *(getattr(alone, name) for name in _COLUMNS))
         keyed = step.keyed
-        device = {name: keyed.get(name, {}) for name in _LAYER_SUMS}
-        counts = {name: keyed.get(name, {}) if self.combiner.active else getattr(tape, name) for name in COUNTS}
+        device = [keyed.get(name, {}) for name in _LAYER_SUMS]
+        counts = [keyed.get(name, {}) if self.combiner.active else getattr(tape, name) for name in COUNTS]
+        calls = tape.calls
         for spec in self.layers:
             i = spec.index
-            measured: LayerStep[float] = LayerStep(
-                **{name: values.get(i) for name, values in device.items()},
-                **{name: float(values[i]) if i in values else None for name, values in counts.items()},
-            )
-            _record_layer(self.layer_series[i], measured, tape.calls.get(i, 0))
+            sums = [values.get(i) for values in device]
+            host = [float(values[i]) if i in values else None for values in counts]
+            _record_layer(self.layer_series[i], LayerStep(*sums, *host), calls.get(i, 0))
 
-    def _record_param(self, info: ParamInfo, got: ParamStep[float]) -> None:
+    def _record_param(
+        self,
+        info: ParamInfo,
+        norm_sq: float | None,
+        zeros: float | None,
+        max_abs: float | None,
+        touched_weight_sq: float | None,
+        underflow: float | None,
+        sampled: float | None,
+    ) -> None:
+        """One parameter's step (ParamStep's fields, in _COLUMNS order) into its series."""
         series = self.param_series[info.index]
-        norm = math.sqrt(got.norm_sq) if got.norm_sq is not None and got.norm_sq >= 0 else got.norm_sq
-        series.norm.add(norm)
-        series.max_abs.add(got.max_abs)
-        series.zeros.add(got.zeros)
-        series.touched_weight_sq.add(got.touched_weight_sq)
-        series.underflow.add(_fraction(got.underflow, got.sampled))
+        norm = math.sqrt(norm_sq) if norm_sq is not None and norm_sq >= 0 else norm_sq
+        series.norm.values.append(norm)
+        series.max_abs.values.append(max_abs)
+        series.zeros.values.append(zeros)
+        series.touched_weight_sq.values.append(touched_weight_sq)
+        series.underflow.values.append(_fraction(underflow, sampled))
         nonfinite = self._nonfinite(info) if norm is not None and not math.isfinite(norm) else 0.0
-        series.nonfinite.add(nonfinite if norm is not None else None)
+        series.nonfinite.values.append(nonfinite if norm is not None else None)
 
     def _nonfinite(self, info: ParamInfo) -> float:
         """Failure path only: a second sync to count the NaN/Inf entries (summed over shards)."""
@@ -360,6 +372,9 @@ class Collector:
 _LAYER_SUMS = ("output_sq", "output_underflow", "input_sq", "input_zero", "saturated", "bounded_numel")
 # the column blocks of a small group (groups.SmallGroup.reduce), in ParamStep's field order
 _COLUMNS = ("norm_sq", "zeros", "max_abs", "touched_weight_sq", "underflow", "sampled")
+# Collector._record builds both records by position
+assert tuple(f.name for f in fields(ParamStep)) == _COLUMNS
+assert tuple(f.name for f in fields(LayerStep)) == (*_LAYER_SUMS, *COUNTS)
 
 
 @dataclass

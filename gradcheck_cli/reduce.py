@@ -219,7 +219,8 @@ def reduce_small(
 
     layout = layout or GroupLayout.of(grads, rows, starved)
     device = grads[0].device
-    flat = _flatten_dense_tensors([g.detach() for g in grads])
+    with torch.no_grad():  # a graph-free copy without a detach() per tensor (2-3 us each, 20,000 at 10,000 layers)
+        flat = _flatten_dense_tensors(list(grads))
     lengths = on_device(layout.sizes, device)
     row_sq = torch.segment_reduce(flat.to(torch.float64).square(), "sum", lengths=on_device(layout.row_lengths, device))
     per_tensor = on_device(layout.counts, device)

@@ -10,6 +10,7 @@ thirty per layer, and a hook's operations on a few thousand values cost more in 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -34,7 +35,10 @@ class StepTape:
     # the samples the hooks kept (float32 copies, 1-D), and for each: the layer whose input it is (its RMS and
     # zero fraction; None for an activation module's input), the layer before whose output may have been
     # squashed by a tanh/sigmoid, the layer an activation module's saturation counts for, and its limit
+    # Layers that read the same tensor (attention's query/key/value projections, a network's branches, experts)
+    # share one sample: `samples` holds each tensor's once, `sample_of` which sample each use reads.
     samples: list[torch.Tensor] = field(default_factory=list)
+    sample_of: list[int] = field(default_factory=list)
     sample_layer: list[int | None] = field(default_factory=list)
     squashed_for: list[int | None] = field(default_factory=list)
     saturated_for: list[int | None] = field(default_factory=list)
@@ -46,6 +50,8 @@ class StepTape:
     output_sampled: dict[int, int] = field(default_factory=dict)
     input_numel: dict[int, int] = field(default_factory=dict)
     saturated_numel: dict[int, int] = field(default_factory=dict)
+    # (id, limit) of a tensor sampled this step -> (the tensor, weakly; its version then; its sample's index)
+    _sampled: dict[tuple[int, float], tuple[weakref.ref[torch.Tensor], int, int]] = field(default_factory=dict)
 
     def keep(
         self,
@@ -55,23 +61,40 @@ class StepTape:
         saturated_for: int | None = None,
         limit: float = NO_LIMIT,
     ) -> int:
-        """Keep a sample of `values` (reduce.sample, copied when it would alias them) for the step's end;
-        returns its size."""
-        kept = sample(values.detach())
-        if kept._is_view() or kept.dtype != torch.float32:
-            kept = kept.to(torch.float32, copy=True)
-        self.samples.append(kept)
+        """Keep a sample of `values` (reduce.sample, copied when it would alias them) for the step's end, or
+        reuse the one kept of the same tensor, unchanged since (its version), for another reader; returns its
+        size."""
+        key = (id(values), limit)
+        seen = self._sampled.get(key)
+        if seen is not None and seen[0]() is values and seen[1] == values._version:
+            index = seen[2]
+        else:
+            kept = sample(values.detach())
+            if kept._is_view() or kept.dtype != torch.float32:
+                kept = kept.to(torch.float32, copy=True)
+            index = len(self.samples)
+            self.samples.append(kept)
+            self._sampled[key] = (weakref.ref(values), values._version, index)
+        self.sample_of.append(index)
         self.sample_layer.append(layer)
         self.squashed_for.append(squashed_for)
         self.saturated_for.append(saturated_for)
         self.limits.append(limit)
-        return kept.numel()
+        return self.samples[index].numel()
 
     def release(self) -> None:
         """Drop the device tensors once they are read (the host counts and the call order stay): nothing
         allocated during a step may outlive it (Collector.prepare says why)."""
-        for kept in (self.samples, self.sample_layer, self.squashed_for, self.saturated_for, self.limits):
+        for kept in (
+            self.samples,
+            self.sample_of,
+            self.sample_layer,
+            self.squashed_for,
+            self.saturated_for,
+            self.limits,
+        ):
             kept.clear()
+        self._sampled.clear()
         self.output_norms.clear()
         self.output_layers.clear()
         self.output_underflow.clear()
@@ -129,19 +152,24 @@ def _sample_blocks(tape: StepTape, device: torch.device) -> list[Block]:
     squashed = torch.where(bounded, torch.where(tanh_like, near_tanh, near_sigmoid), 0.0)
     bounded_numel = torch.where(bounded, numel, 0.0)
 
+    # uses (a layer reading a sample), and the sample each reads: statistics above are per sample
     inputs = [i for i, layer in enumerate(tape.sample_layer) if layer is not None]
     squash = [i for i, layer in enumerate(tape.squashed_for) if layer is not None]
     saturate = [i for i, layer in enumerate(tape.saturated_for) if layer is not None]
+    of = tape.sample_of
     blocks = []
     if inputs:
-        at = on_device(inputs, device, torch.long)
+        at = on_device([of[i] for i in inputs], device, torch.long)
         owners = [tape.sample_layer[i] for i in inputs]
         blocks += [_per_layer(squares[at], owners, "input_sq"), _per_layer(zeros[at], owners, "input_zero")]
     if squash or saturate:
-        at_squash, at_saturate = (on_device(found, device, torch.long) for found in (squash, saturate))
+        at_squash, at_saturate = (on_device([of[i] for i in found], device, torch.long) for found in (squash, saturate))
         counts = squashed[at_squash]
-        if saturate:  # activation modules' inputs beyond their limit (each its own)
-            limits = on_device(tape.limits, device)
+        if saturate:  # activation modules' inputs beyond their limit (each its own: a sample is kept per limit)
+            limit_of = [NO_LIMIT] * len(sizes)
+            for use, limit in zip(of, tape.limits, strict=True):
+                limit_of[use] = limit
+            limits = on_device(limit_of, device)
             beyond = total(magnitude > limits.repeat_interleave(lengths, output_size=values.numel()))
             counts = torch.cat([counts, beyond[at_saturate]])
         owners = [tape.squashed_for[i] for i in squash] + [tape.saturated_for[i] for i in saturate]

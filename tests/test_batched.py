@@ -178,3 +178,24 @@ def test_bin_counts_without_bincount_are_the_same() -> None:
 
     bins = torch.randint(0, 300, (5000,), generator=torch.Generator().manual_seed(1))
     assert torch.equal(bin_counts(bins, 300, bincount=False), torch.bincount(bins, minlength=300))
+
+
+def test_layers_reading_one_tensor_share_its_sample_until_it_changes() -> None:
+    """Query, key and value projections read one tensor: one sample, each layer's sums as if it had its own;
+    a tensor changed in place since is sampled again (its version)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 8, generator=g)
+    tape = StepTape()
+    for layer in (0, 1, 2):
+        tape.keep(x, layer=layer)
+    tape.keep(x, layer=None, saturated_for=2, limit=1.0)  # an activation's limit: a sample of its own
+    assert len(tape.samples) == 2
+    x.mul_(2.0)
+    tape.keep(x, layer=3)
+    assert len(tape.samples) == 3
+    found = _blocks(tape)
+    expected = float(x.double().square().sum()) / 4  # x before the doubling
+    for layer in (0, 1, 2):
+        assert found[(layer, "input_sq")] == pytest.approx(expected)
+    assert found[(3, "input_sq")] == pytest.approx(4 * expected)
+    assert found[(2, "saturated")] == float((x.abs() / 2 > 1.0).sum())
