@@ -1,6 +1,6 @@
 """Per-step cost in one process: bare passes and gradcheck's measured passes in alternating rounds.
 
-    python benchmarks/step_ab.py MODEL_FILE [--rounds 4] [--steps 5]
+    python benchmarks/step_ab.py MODEL_FILE [--rounds 4] [--steps 5] [--default-heap]
 
 MODEL_FILE defines build_model() and get_batch() -> (inputs, targets), like the workloads overhead.py writes.
 Each round runs `--steps` bare steps (zero grads, forward, cross-entropy, backward), then analyze() over as
@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("model_file")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--default-heap", action="store_true", help="leave glibc's heap thresholds adaptive")
     args = parser.parse_args()
     spec = importlib.util.spec_from_file_location("bench_model", args.model_file)
     assert spec and spec.loader
@@ -32,7 +33,8 @@ def main() -> None:
     spec.loader.exec_module(module)
     from gradcheck_cli.heap import steady_heap
 
-    steady_heap()  # bare and measured steps alike (runner.py --steady-heap says why)
+    if not args.default_heap:
+        steady_heap()  # bare and measured steps alike (runner.py --steady-heap says why)
     torch.manual_seed(0)
     model = module.build_model()
     inputs, targets = module.get_batch()

@@ -105,6 +105,7 @@ class Probe:
     def _forward_hook(self, index: int) -> Callable[[nn.Module, Any, Any], None]:
         category = self._layer_category[index]
         unit_dim = 1 if category == "conv" else -1
+        grad_hook = self._output_grad_hook(index, unit_dim)  # one per layer, not one per call
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if not self._recording:
@@ -114,7 +115,7 @@ class Probe:
                 # torch.utils.checkpoint recomputing the forward during backward: not another call (its inputs
                 # were measured the first time), but the only output that gets a gradient (reentrant mode)
                 if out is not None and out.requires_grad and out.dtype.is_floating_point:
-                    out.register_hook(self._output_grad_hook(index, unit_dim))
+                    out.register_hook(grad_hook)
                 return
             tape = self.tape
             if index not in tape.calls:
@@ -141,7 +142,7 @@ class Probe:
                 tape.input_numel[index] = tape.input_numel.get(index, 0) + kept
             self._last_output = weakref.ref(out) if out is not None else None
             if out is not None and out.requires_grad and out.dtype.is_floating_point:
-                out.register_hook(self._output_grad_hook(index, unit_dim))
+                out.register_hook(grad_hook)
 
         return hook
 
