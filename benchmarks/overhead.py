@@ -347,7 +347,8 @@ def print_report(rows: list[Row], startup: dict[str, float], skipped: list[str],
     print()
     print("End to end (process start included): gradcheck analyze vs a plain script with the same passes;")
     print("ratios are medians of the ratios within each repeat (the two runs back to back)")
-    print("(tuned: the plain script starting up as the CLI does, the garbage collector off while torch imports, a steady heap)")
+    print("(tuned: the plain script starting up as the CLI does, the garbage collector off while torch imports,")
+    print(" a steady heap)")
     header = (
         f"{'workload':14} {'params':>8} {'bare s':>8} {'gradcheck s':>12} {'wall x':>7} {'tuned x':>8} "
         f"{'cpu x':>7} {'bare MiB':>9} {'gradcheck MiB':>14} {'memory x':>9}"
