@@ -32,17 +32,17 @@ class StepTape:
 
     calls: dict[int, int] = field(default_factory=dict)
     order: list[int] = field(default_factory=list)
-    # the samples the hooks kept (float32 copies, 1-D), and for each: the layer whose input it is (its RMS and
-    # zero fraction; None for an activation module's input), the layer before whose output may have been
-    # squashed by a tanh/sigmoid, the layer an activation module's saturation counts for, and its limit
-    # Layers that read the same tensor (attention's query/key/value projections, a network's branches, experts)
-    # share one sample: `samples` holds each tensor's once, `sample_of` which sample each use reads.
+    # the samples the hooks kept (float32 copies, 1-D) and each one's saturation limit; and for each use of a
+    # sample: which sample it reads, the layer whose input it is (its RMS and zero fraction; None for an
+    # activation module's input), the layer before whose output may have been squashed by a tanh/sigmoid, the
+    # layer an activation module's saturation counts for. Layers that read the same tensor (attention's
+    # query/key/value projections, a network's branches, experts) share its sample.
     samples: list[torch.Tensor] = field(default_factory=list)
+    limits: list[float] = field(default_factory=list)
     sample_of: list[int] = field(default_factory=list)
     sample_layer: list[int | None] = field(default_factory=list)
     squashed_for: list[int | None] = field(default_factory=list)
     saturated_for: list[int | None] = field(default_factory=list)
-    limits: list[float] = field(default_factory=list)
     output_norms: list[torch.Tensor] = field(default_factory=list)  # ||dL/dz|| per call, 0-d
     output_layers: list[int] = field(default_factory=list)
     output_positions: dict[int, int] = field(default_factory=dict)
@@ -74,12 +74,12 @@ class StepTape:
                 kept = kept.to(torch.float32, copy=True)
             index = len(self.samples)
             self.samples.append(kept)
+            self.limits.append(limit)
             self._sampled[key] = (weakref.ref(values), values._version, index)
         self.sample_of.append(index)
         self.sample_layer.append(layer)
         self.squashed_for.append(squashed_for)
         self.saturated_for.append(saturated_for)
-        self.limits.append(limit)
         return self.samples[index].numel()
 
     def release(self) -> None:
@@ -166,10 +166,7 @@ def _sample_blocks(tape: StepTape, device: torch.device) -> list[Block]:
         at_squash, at_saturate = (on_device([of[i] for i in found], device, torch.long) for found in (squash, saturate))
         counts = squashed[at_squash]
         if saturate:  # activation modules' inputs beyond their limit (each its own: a sample is kept per limit)
-            limit_of = [NO_LIMIT] * len(sizes)
-            for use, limit in zip(of, tape.limits, strict=True):
-                limit_of[use] = limit
-            limits = on_device(limit_of, device)
+            limits = on_device(tape.limits, device)
             beyond = total(magnitude > limits.repeat_interleave(lengths, output_size=values.numel()))
             counts = torch.cat([counts, beyond[at_saturate]])
         owners = [tape.squashed_for[i] for i in squash] + [tape.saturated_for[i] for i in saturate]

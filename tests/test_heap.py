@@ -38,19 +38,19 @@ glibc = pytest.mark.skipif(
 )
 
 
-def _fault_share(mode: str) -> tuple[str, float]:
+def _faults_per_step(mode: str) -> tuple[str, float]:
     out = subprocess.run([sys.executable, "-c", STEPS, mode], capture_output=True, text=True, check=True).stdout
-    steady, share = out.split()
-    return steady, float(share)
+    steady, faults = out.split()
+    return steady, float(faults)
 
 
 @glibc
 def test_a_steady_heap_keeps_freed_blocks_without_faulting_them_in_again() -> None:
-    steady, share = _fault_share("steady")
+    steady, faults = _faults_per_step("steady")
     assert steady == "True"
     # glibc's own thresholds re-fault most of the gradients' pages every step here (~11,000 faults measured);
     # steady, the blocks come back from the heap
-    assert share < 0.1 * GRADIENT_PAGES
+    assert faults < 0.1 * GRADIENT_PAGES
 
 
 def test_steady_heap_declines_where_the_c_library_is_not_glibc(monkeypatch) -> None:
