@@ -233,11 +233,16 @@ def _confirm(
         )
     notes += _mark_side_outputs(setup, measurement) if parallel is None else []
     notes += _mark_behind_scales(setup, measurement, options) if parallel is None else []
-    in_time = through_time(setup, measurement.layers, combiner)
-    if in_time:
-        gated = gated_cells(setup)
+    in_time, gated_loops = through_time(setup, measurement.layers, combiner)
+    gated = gated_cells(setup)
+    if in_time or gated:
         measurement.layers = [
-            dataclasses.replace(layer, time_grad_norms=in_time.get(layer.name), time_gated=layer.name in gated)
+            dataclasses.replace(
+                layer,
+                time_grad_norms=in_time.get(layer.name),
+                time_gated=layer.name in gated or layer.name in gated_loops,
+                neutral_gate_gain=gated.get(layer.name),
+            )
             for layer in measurement.layers
         ]
     summary, _ = signal_view(measurement.layers, options.thresholds)

@@ -18,6 +18,7 @@ squared norms combined across ranks), so all ranks replay alike.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -25,6 +26,7 @@ import torch
 from gradcheck_cli.diagnose.common import all_zero, got_no_gradient
 from gradcheck_cli.distributed import Combiner, local
 from gradcheck_cli.layers import is_matrix
+from gradcheck_cli.loops import GateWatch
 from gradcheck_cli.passes import Passes, Setup, clear_grads
 from gradcheck_cli.report import Layer, ParameterRecord
 from gradcheck_cli.restore import Restorer
@@ -203,7 +205,9 @@ def side_outputs(setup: Setup, layers: Sequence[Layer]) -> set[str]:
 MIN_TIME_STEPS = 5
 
 
-def through_time(setup: Setup, layers: Sequence[Layer], combiner: Combiner) -> dict[str, tuple[float, ...]]:
+def through_time(
+    setup: Setup, layers: Sequence[Layer], combiner: Combiner
+) -> tuple[dict[str, tuple[float, ...]], set[str]]:
     """||dL/dx_t|| per time step for every recurrent layer, input end first, under the model's own loss (one
     replay of the first batch).
 
@@ -212,7 +216,8 @@ def through_time(setup: Setup, layers: Sequence[Layer], combiner: Combiner) -> d
     (nn.RNNCell..., or any layer called at least MIN_TIME_STEPS times in one forward, such as a hand-written
     W_hh): ||dL/dh|| at each call's output. When the loss is taken at the last step (a model that reads the
     whole sequence), this is the textbook view of Bengio et al. 1994 and Pascanu et al. 2013: how the gradient
-    decays or grows with its distance from the loss."""
+    decays or grows with its distance from the loss. Also returns the looped layers that form a gated
+    recurrence (a hand-written LSTM or GRU cell: loops.GateWatch)."""
     from torch import nn
 
     calls = {layer.name: layer.calls for layer in layers}
@@ -225,16 +230,19 @@ def through_time(setup: Setup, layers: Sequence[Layer], combiner: Combiner) -> d
         and spec.module is not setup.model
     ]
     if not fused and not looped:
-        return {}
+        return {}, set()
     probes: dict[str, tuple[torch.Tensor, int]] = {}
     steps: dict[str, list[torch.Tensor]] = {spec.name: [] for spec in looped}
+    watch = GateWatch()
     handles = [spec.module.register_forward_pre_hook(_probe_input(spec.name, spec.module, probes)) for spec in fused]
-    handles += [spec.module.register_forward_hook(_record_calls(steps[spec.name])) for spec in looped]
+    handles += [spec.module.register_forward_pre_hook(_watch_input(watch)) for spec in looped]
+    handles += [spec.module.register_forward_hook(_record_calls(spec.name, steps[spec.name], watch)) for spec in looped]
     passes = Passes(setup.runner, setup.loss, setup.device, setup.amp_dtype)
     try:
         with Restorer(setup.model):
             clear_grads(setup.model)
-            passes.forward_backward(setup.batches[0].to(setup.device))
+            with watch if looped else contextlib.nullcontext():
+                passes.forward_backward(setup.batches[0].to(setup.device))
             clear_grads(setup.model)
     finally:
         for handle in handles:
@@ -247,16 +255,18 @@ def through_time(setup: Setup, layers: Sequence[Layer], combiner: Combiner) -> d
     for name, recorded in steps.items():
         if len(recorded) >= MIN_TIME_STEPS:
             squares[name] = torch.stack(recorded)
-    return _per_step_norms(squares, combiner, setup.device)
+    return _per_step_norms(squares, combiner, setup.device), watch.gated & set(steps)
 
 
-def gated_cells(setup: Setup) -> set[str]:
-    """Layers whose recurrence is gated: nn.LSTM and nn.GRU, fused or as cells. Their gain per time step is
-    the forget (update) gate's value, which learns; a plain RNN's is fixed by W_hh and the nonlinearity."""
+def gated_cells(setup: Setup) -> dict[str, float]:
+    """Layers whose recurrence is gated, nn.LSTM and nn.GRU, fused or as cells, and the factor by which their
+    gates at the neutral point sigmoid(0) = 1/2 scale the gradient reaching their input: dh/dx runs through the
+    input and output gates of an LSTM (1/4) and through 1 - z of a GRU (1/2). Their gain per time step is the
+    forget (update) gate's value, which learns; a plain RNN's is fixed by W_hh and the nonlinearity."""
     from torch import nn
 
-    gated = (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell)
-    return {spec.name for spec in setup.layers if isinstance(spec.module, gated)}
+    gains = {nn.LSTM: 0.25, nn.LSTMCell: 0.25, nn.GRU: 0.5, nn.GRUCell: 0.5}
+    return {spec.name: gain for spec in setup.layers for cell, gain in gains.items() if isinstance(spec.module, cell)}
 
 
 def _probe_input(
@@ -273,13 +283,25 @@ def _probe_input(
     return hook
 
 
-def _record_calls(recorded: list[torch.Tensor]) -> Callable[..., None]:
+def _watch_input(watch: GateWatch) -> Callable[..., None]:
+    from gradcheck_cli.batch import first_tensor
+
+    def hook(module: torch.nn.Module, args: object) -> None:
+        x = first_tensor(args)
+        if x is not None:
+            watch.input(x)
+
+    return hook
+
+
+def _record_calls(name: str, recorded: list[torch.Tensor], watch: GateWatch) -> Callable[..., None]:
     from gradcheck_cli.batch import first_tensor
 
     def hook(module: torch.nn.Module, args: object, output: object) -> None:
         out = first_tensor(output)
         if out is None or not out.requires_grad:
             return
+        watch.output(name, out)
         slot = len(recorded)
         recorded.append(torch.zeros((), device=out.device))
 

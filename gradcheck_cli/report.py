@@ -136,6 +136,9 @@ class Layer:
     # recurrent layers whose memory is gated (nn.LSTM, nn.GRU and their cells): the through-time gain at
     # initialisation is set by gates that learn (Gers et al. 2000), not fixed by W_hh's spectrum
     time_gated: bool = False
+    # gated recurrent layers: the factor by which their gates at the neutral point sigmoid(0) = 1/2 scale the
+    # gradient reaching their input (LSTM: input x output gate, 1/4; GRU: 1 - update gate, 1/2); gates learn
+    neutral_gate_gain: float | None = None
     # the views that compared this layer with others (signal, update, time): empty for a weight layer means it
     # was checked numerically (NaN, all-zero) but nothing could say whether its gradient is too small or large
     views: tuple[str, ...] = ()
@@ -159,6 +162,9 @@ class SignalSummary:
     # whether the signal has a path around the chain's layers (skip connections; confirm.find_bypass); None: not
     # checked (it is only when the trend is past the warning threshold)
     residual: bool | None = None
+    # the per-layer gain once the gated recurrent layers' factor at their neutral gates (Layer.neutral_gate_gain)
+    # is taken out: set only when the chain decays and holds such layers; it, not gain_per_layer, is judged
+    beyond_gates_gain: float | None = None
 
 
 @dataclass(frozen=True)

@@ -355,6 +355,34 @@ class GatedClassifier(nn.Module):
         return self.head(self.rnn(x)[0][:, -1])
 
 
+class StackedRecurrentLM(nn.Module):
+    """Embedding -> separate nn.LSTM/nn.GRU modules one after another (an nn.ModuleList, so every layer is its
+    own row) -> linear head. At default init each layer's gates sit at sigmoid(0) = 1/2, which scale the
+    gradient reaching its input by 1/4 (LSTM: input x output gate) or 1/2 (GRU: 1 - z): by design, as the
+    gates learn to open; 3-4 stacked layers train as published (Sutskever et al. 2014; Wu et al. 2016).
+    closed: every layer's input gate (LSTM) held at sigmoid(-6) = 0.0025, or its update gate (GRU) at
+    sigmoid(6), so 1 - z = 0.0025: the gradient reaching each layer's input is x0.0025/(neutral 1/4 or 1/2)
+    smaller still, x1e-2 per layer past what neutral gates give: vanishing over the stack."""
+
+    def __init__(self, cell: type[nn.RNNBase], layers: int = 3, closed: bool = False, hidden: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, hidden)
+        self.rnns = nn.ModuleList(cell(hidden, hidden, batch_first=True) for _ in range(layers))
+        self.head = nn.Linear(hidden, VOCAB)
+        if closed:
+            gate = slice(0, hidden) if cell is nn.LSTM else slice(hidden, 2 * hidden)  # LSTM: i f g o; GRU: r z n
+            with torch.no_grad():
+                for rnn in self.rnns:
+                    rnn.bias_ih_l0[gate].fill_(-6.0 if cell is nn.LSTM else 6.0)
+                    rnn.bias_hh_l0[gate].zero_()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for rnn in self.rnns:
+            x = rnn(x)[0]
+        return self.head(x)
+
+
 class LoopedTanhRNN(nn.Module):
     """The same contracting RNN written as a Python loop over a Linear cell, as tutorials write it."""
 
@@ -370,6 +398,41 @@ class LoopedTanhRNN(nn.Module):
         h = torch.zeros(x.shape[0], self.w_hh.in_features)
         for t in range(x.shape[1]):
             h = torch.tanh(self.w_xh(x[:, t]) + self.w_hh(h))
+        return self.head(h)
+
+
+class HandWrittenCell(nn.Module):
+    """An LSTM or GRU cell written from two nn.Linear layers in a Python loop, as tutorials write them (gates
+    from one fused projection, chunked), classified from the last step. At default init its gates sit at
+    sigmoid(0) = 1/2, like nn.LSTMCell's: the same decay through time by design. forget_bias (LSTM): -5 with
+    h2h x0.1, as GatedClassifier: a gate held closed, vanishing."""
+
+    def __init__(self, kind: str, hidden: int = 64, forget_bias: float | None = None) -> None:
+        super().__init__()
+        gates = 4 if kind == "lstm" else 3
+        self.kind, self.hidden = kind, hidden
+        self.x2h = nn.Linear(16, gates * hidden)
+        self.h2h = nn.Linear(hidden, gates * hidden)
+        self.head = nn.Linear(hidden, 10)
+        if forget_bias is not None:
+            with torch.no_grad():
+                self.x2h.bias[hidden : 2 * hidden].fill_(forget_bias)
+                self.h2h.bias[hidden : 2 * hidden].zero_()
+                self.h2h.weight.mul_(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.new_zeros(x.shape[0], self.hidden)
+        c = torch.zeros_like(h)
+        for t in range(x.shape[1]):
+            if self.kind == "lstm":
+                i, f, g, o = (self.x2h(x[:, t]) + self.h2h(h)).chunk(4, dim=1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = o.sigmoid() * c.tanh()
+            else:
+                xr, xz, xn = self.x2h(x[:, t]).chunk(3, dim=1)
+                hr, hz, hn = self.h2h(h).chunk(3, dim=1)
+                r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+                h = (1 - z) * torch.tanh(xn + r * hn) + z * h
         return self.head(h)
 
 
@@ -517,7 +580,66 @@ def cases() -> list[Case]:
             True,
             "nn.GRU read over 64 steps, classified from the last: the update gate at its neutral point",
         ),
+        Case(
+            "torch-lstm-stack",
+            "torch",
+            lambda: StackedRecurrentLM(nn.LSTM, layers=4),
+            lm_batches,
+            True,
+            "4 nn.LSTM modules stacked: gates at sigmoid(0) = 1/2 give x1/4 per layer at init, by design",
+        ),
+        Case(
+            "torch-gru-stack",
+            "torch",
+            lambda: StackedRecurrentLM(nn.GRU, layers=3),
+            lm_batches,
+            True,
+            "3 nn.GRU modules stacked: 1 - z = 1/2 per layer at init, by design",
+        ),
+        Case(
+            "hand-written-lstm-cell",
+            "torch",
+            lambda: HandWrittenCell("lstm"),
+            sequences,
+            True,
+            "an LSTM cell from two nn.Linear in a Python loop, 64 steps: gates at sigmoid(0), as nn.LSTMCell",
+        ),
+        Case(
+            "hand-written-gru-cell",
+            "torch",
+            lambda: HandWrittenCell("gru"),
+            sequences,
+            True,
+            "a GRU cell from two nn.Linear in a Python loop, 64 steps: the update gate at sigmoid(0)",
+        ),
         # -- broken, by theory --
+        Case(
+            "hand-written-lstm-forget-gate-closed",
+            "torch",
+            lambda: HandWrittenCell("lstm", forget_bias=-5.0),
+            sequences,
+            False,
+            "the hand-written LSTM cell with a forget-gate bias of -5 and h2h x0.1: vanishing through time",
+            ("vanishing",),
+        ),
+        Case(
+            "lstm-stack-input-gates-closed",
+            "torch",
+            lambda: StackedRecurrentLM(nn.LSTM, layers=4, closed=True),
+            lm_batches,
+            False,
+            "4 stacked LSTMs, input gates at sigmoid(-6): x0.0025/0.25 = x0.01 per layer beyond neutral gates",
+            ("vanishing",),
+        ),
+        Case(
+            "gru-stack-update-gates-shut",
+            "torch",
+            lambda: StackedRecurrentLM(nn.GRU, layers=4, closed=True),
+            lm_batches,
+            False,
+            "4 stacked GRUs, update gates at sigmoid(6): 1 - z = 0.0025, x0.005 per layer beyond neutral gates",
+            ("vanishing",),
+        ),
         Case(
             "deep-tanh-chaotic",
             "torch",

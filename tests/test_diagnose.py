@@ -260,6 +260,38 @@ def test_gated_cells_decay_through_time_by_design_down_to_a_neutral_gate(
         assert f"x{gain:.3g} per step" in noted[0]
 
 
+def lstm_stack(weight_gain: float, gate: float | None) -> list[Layer]:
+    """embed, four LSTM layers, head: each layer scales dL/dz toward its input by weight_gain, an LSTM layer also
+    by its gates (0.25 at sigmoid(0), i x o); gate None: the same numbers from layers not marked gated."""
+    lstm = 0.25 * weight_gain
+    layers = chain([weight_gain, lstm, lstm, lstm, lstm])  # l5 (head) first, then l4..l1
+    gated = dict(type="LSTM", category="recurrent", neutral_gate_gain=gate)
+    return [dataclasses.replace(record, **gated) if 1 <= i <= 4 else record for i, record in enumerate(layers)]
+
+
+@pytest.mark.parametrize(
+    ("weight_gain", "gate", "expected"),
+    [
+        (0.8, 0.25, None),  # x0.2 per layer, all but x0.8 of it the gates at their neutral point
+        (1.0, 0.25, None),  # the whole decay is the gates
+        (0.8, None, "vanishing"),  # the same numbers from layers without gates: a plain chain decaying x0.2
+        (0.05, 0.25, "vanishing"),  # x0.05 per layer beyond the gates: judged
+        (12.0, 0.25, "exploding"),  # x3 per layer (x12 x 1/4): growth is judged as measured
+    ],
+)
+def test_gated_recurrent_layers_lose_their_neutral_gate_factor_by_design_and_only_that(
+    weight_gain: float, gate: float | None, expected: str | None
+) -> None:
+    verdict = diagnose(lstm_stack(weight_gain, gate), [1.0], Thresholds())
+    found = {f.kind for f in verdict.findings if f.view == "signal" and f.severity == "error"}
+    assert found == (set() if expected is None else {expected})
+    beyond = verdict.signal.beyond_gates_gain
+    if gate is not None and weight_gain < 4:  # a decay through gated layers: the gain beyond them is reported
+        assert beyond == pytest.approx(weight_gain, rel=1e-9)
+    else:
+        assert beyond is None
+
+
 def test_query_and_key_projections_are_slow_by_design_and_judged_only_past_role_error() -> None:
     """Uniform attention makes dL/ds_ij a covariance across tokens: query/key projections learn slower than
     every other layer by design. A plain layer as slow still warns; a q/k 1e6 times below still fails."""

@@ -7,6 +7,7 @@ live.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -56,15 +57,41 @@ def signal_view(
     ys = [math.log10(layer.output_grad_per_position or 1.0) for layer in chain]
     slope = theil_sen_slope(xs, ys, groups)
     assert slope is not None
-    ys = _stitched(xs, ys, groups, slope)
-    end = (median([y - slope * x for x, y in zip(xs, ys, strict=True)]) or 0.0) + slope * xs[-1]
     # Toward the input, each layer multiplies ||dL/dz|| by 10**(-slope).
     gain = 10 ** (-slope)
+    summary = SignalSummary(names, gain, gain ** (len(chain) - 1), residual)
+    beyond = _beyond_gates(chain, ys) if gain < 1 else None
+    if beyond is not None:
+        ys = beyond
+        slope = theil_sen_slope(xs, ys, groups) or 0.0
+        summary = dataclasses.replace(summary, beyond_gates_gain=10 ** (-slope))
+        if slope <= 0:
+            return summary, []  # the whole decay is the gates at their neutral point: they learn to open
+        gain = 10 ** (-slope)
+    ys = _stitched(xs, ys, groups, slope)
+    end = (median([y - slope * x for x, y in zip(xs, ys, strict=True)]) or 0.0) + slope * xs[-1]
     total = gain ** (len(chain) - 1)
-    summary = SignalSummary(names, gain, total, residual)
     if residual and 1 / thresholds.residual_gain < gain < thresholds.residual_gain:
         return summary, []  # polynomial growth through skip connections: trainable at any depth
-    return summary, _findings(chain, ys, end, gain, total, thresholds)
+    return summary, _findings(chain, ys, end, gain, total, thresholds, beyond is not None)
+
+
+def _beyond_gates(chain: Sequence[Layer], ys: Sequence[float]) -> list[float] | None:
+    """log10 ||dL/dz|| with the neutral-gate factor of every gated recurrent layer after each layer taken out
+    (None without such layers). At PyTorch's default init every LSTM/GRU gate sits at sigmoid(0) = 1/2, which
+    scales the gradient reaching the layer's input by 1/4 (LSTM) or 1/2 (GRU), as the forget gate halves it per
+    time step (diagnose/time.py); the gates learn to open from the first steps (Gers et al. 2000). A 3-layer
+    LSTM stack so loses ~x0.2 per layer at init and trains. What remains is the weights' and nonlinearities'
+    share, judged as any chain. Only a decay is so explained: gates pushed off neutral are judged as measured."""
+    logs = [math.log10(layer.neutral_gate_gain) if layer.neutral_gate_gain else 0.0 for layer in chain]
+    if not any(logs):
+        return None
+    corrected = []
+    after = 0.0  # the neutral-gate factors of the gated layers after this one (closer to the loss)
+    for y, log in zip(reversed(ys), reversed(logs), strict=True):
+        corrected.append(y - after)
+        after += log
+    return corrected[::-1]
 
 
 def _group(layer: Layer) -> tuple[str, float | None]:
@@ -86,7 +113,13 @@ def _stitched(xs: Sequence[float], ys: Sequence[float], groups: Sequence[object]
 
 
 def _findings(
-    chain: Sequence[Layer], ys: Sequence[float], end: float, gain: float, total: float, thresholds: Thresholds
+    chain: Sequence[Layer],
+    ys: Sequence[float],
+    end: float,
+    gain: float,
+    total: float,
+    thresholds: Thresholds,
+    beyond_gates: bool = False,
 ) -> list[Finding]:
     """Layers far from the output end along the trend. The chain is judged as a whole too: the first layer on
     the trend's side carries the fitted factor over the whole chain, even where no single layer's own value
@@ -94,6 +127,7 @@ def _findings(
     findings = []
     trend = abs(math.log10(total))
     chain_judged = False
+    span = f"{len(chain)} layers" + (" beyond the LSTM/GRU gates at their neutral point" if beyond_gates else "")
     for layer, y in zip(chain, ys, strict=True):
         deviation = y - end  # log10 of ||dL/dz|| here over the fitted value at the output end
         kind = "vanishing" if deviation < 0 else "exploding"
@@ -109,15 +143,12 @@ def _findings(
         if whole:
             factor = 10 ** math.copysign(excess, deviation)
             message = (
-                f"x{gain:.3g} per layer over {len(chain)} layers: dL/dz here is {times(factor)} {direction} than "
-                "at the output end along the fitted trend"
+                f"x{gain:.3g} per layer over {span}: dL/dz here is {times(factor)} {direction} than at the output "
+                "end along the fitted trend"
             )
         else:
             factor = 10**deviation
-            message = (
-                f"dL/dz is {times(factor)} {direction} than at the output end: x{gain:.3g} per layer over "
-                f"{len(chain)} layers"
-            )
+            message = f"dL/dz is {times(factor)} {direction} than at the output end: x{gain:.3g} per layer over {span}"
         findings.append(Finding(layer.name, kind, severity, "signal", message, _signal_fix(kind, layer, chain), factor))
     return findings
 

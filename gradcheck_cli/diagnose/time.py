@@ -82,7 +82,7 @@ def _judge(layer: Layer, norms: tuple[float, ...], context: Context) -> Finding 
             + (f" (x{gain:.3g} per step toward them)" if fitted is not None else "")
             + ": nothing the model reads there can influence what it learns"
         )
-        return Finding(layer.name, "vanishing", "error", "time", message, _fix("vanishing"), 0.0)
+        return Finding(layer.name, "vanishing", "error", "time", message, _fix("vanishing", layer.time_gated), 0.0)
     if fitted is None:
         return None
     total = gain ** (steps - 1)
@@ -95,16 +95,22 @@ def _judge(layer: Layer, norms: tuple[float, ...], context: Context) -> Finding 
         f"the gradient reaching the first time step is {times(total)} {direction} than at the last: "
         f"x{gain:.3g} per step over {steps} steps"
     )
-    return Finding(layer.name, kind, severity, "time", message, _fix(kind), total)
+    return Finding(layer.name, kind, severity, "time", message, _fix(kind, layer.time_gated), total)
 
 
-def _fix(kind: str) -> str:
+def _fix(kind: str, gated: bool) -> str:
+    if kind == "vanishing" and gated:
+        return (
+            "gates held closed: initialise the forget-gate bias to 1 (Jozefowicz et al. 2015) and the other gate "
+            "biases to 0, keep W_hh at its default scale or orthogonal, or shorten the sequences (truncated BPTT)"
+        )
     if kind == "vanishing":
         return (
             "gradients decay through time: use nn.LSTM/nn.GRU (forget-gate bias 1), orthogonal or identity "
             "W_hh (IRNN: Le et al. 2015), shorter sequences (truncated BPTT), or attention/residual paths"
         )
-    return (
-        "gradients grow through time: scale W_hh to spectral norm < 1 (nn.init.orthogonal_), clip with "
-        "torch.nn.utils.clip_grad_norm_, or use nn.LSTM/nn.GRU"
+    return "gradients grow through time: scale W_hh to spectral norm < 1 (nn.init.orthogonal_), " + (
+        "clip with torch.nn.utils.clip_grad_norm_"
+        if gated
+        else "clip with torch.nn.utils.clip_grad_norm_, or use nn.LSTM/nn.GRU"
     )

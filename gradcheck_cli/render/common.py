@@ -139,7 +139,7 @@ def status_text(layer: Layer, findings: Sequence[Finding]) -> str:
     if worst is None:
         return layer.status
     factor = worst.factor
-    if factor is None:
+    if factor is None or (kind.amount != "fraction" and not factor > 0):  # 0: a gradient that is exactly 0
         return f"{layer.status} [{worst.view}]"
     if kind.amount == "fraction":
         return f"{layer.status} {factor:.0%} [{worst.view}]"
@@ -163,9 +163,11 @@ def signal_line(report: Report) -> str:
     signal = report.signal
     if signal.gain_per_layer is None:
         return f"signal view: too few layers with dL/dz ({len(signal.chain)}) for a per-layer gain"
+    gates = signal.beyond_gates_gain
     return (
         f"signal view: ||dL/dz|| x{signal.gain_per_layer:.2f} per layer toward the input over {len(signal.chain)} "
-        f"layers (x{signal.total_factor:.3g} in all)"
+        f"layers (x{signal.total_factor:.3g} in all"
+        + (f"; x{gates:.2f} per layer beyond the LSTM/GRU gates at their neutral point, judged)" if gates else ")")
     )
 
 
