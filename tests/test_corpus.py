@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 from functools import cache
+from pathlib import Path
 
 import pytest
 import torch
@@ -359,3 +361,29 @@ def test_layers_behind_two_layer_scales_are_explained_by_opening_the_scales() ->
     assert any((layer.grad_to_weight or 0) * report.thresholds["role_error"] < reference for layer in behind)
     assert not [f for f in report.findings if f.layer in {layer.name for layer in behind}]
     assert any("gate their path (checked by setting those to 1)" in note for note in report.notes)
+
+
+CLOSED_CELL = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch
+from corpus import HandWrittenCell, sequences
+
+torch.manual_seed(0)
+model = HandWrittenCell("lstm", forget_bias=-5.0)
+
+
+def batches():
+    return sequences()
+"""
+
+
+def test_a_gradient_that_reaches_the_first_steps_as_exactly_zero_reads_in_the_table(cli, write) -> None:
+    """The hand-written LSTM with its forget gate held closed: the first steps get exactly 0 (a factor of 0),
+    which the table shows as the status without a number, not as a crash."""
+    path = write("closed_cell.py", CLOSED_CELL.format(tests=str(Path(__file__).parent)))
+    result = cli("analyze", path)
+    assert result.exit_code == 1, result.stdout
+    assert "Traceback" not in result.stdout
+    assert re.search(r"x2h\s.*vanishing \[time\]", result.stdout)
+    assert "exactly 0 in float32" in result.stdout
