@@ -198,6 +198,8 @@ class Measurement:
     loss_scale: float | None
     skipped_steps: int
     training: Training | None = None
+    # layer name -> (fraction of units in an activation's flat region for every input, units, the activation)
+    flat: dict[str, tuple[float, int, str]] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,9 @@ class Plan:
     eval_mode: bool
     grad_writer: GradientWriter | None = None
     progress: Progress | None = None
+    # the first measured step also counts units in a GELU/SiLU/...'s flat region (flat.py); not under torchrun,
+    # where each process holds another slice of the batch and the verdict must be the same on all
+    watch_flat: bool = False
 
     @property
     def train_steps(self) -> int:
@@ -232,6 +237,7 @@ def measure(setup: Setup, plan: Plan, collector: Collector, combiner: Combiner) 
     """Train (the watched run, watch.py) if asked, then measure `plan.steps` passes with hooks; replay a batch
     that gave NaN/Inf to find where it started. The model is restored afterwards (restore.Restorer), and the
     optimizer's state dropped."""
+    from gradcheck_cli.flat import flat_units, watching
     from gradcheck_cli.restore import Restorer
 
     model = setup.model
@@ -239,6 +245,7 @@ def measure(setup: Setup, plan: Plan, collector: Collector, combiner: Combiner) 
     probe = Probe(model, setup.layers, amp_tiny=collector.amp_tiny)
     training = None
     nan_origin = None
+    flat: dict[str, tuple[float, int, str]] = {}
     with (
         seeded(plan.seed, setup.device),
         Restorer(model, save_parameters=plan.train_steps > 0),
@@ -253,7 +260,12 @@ def measure(setup: Setup, plan: Plan, collector: Collector, combiner: Combiner) 
             for step in range(plan.steps):
                 batch = setup.batches[plan.train_steps + step].to(setup.device)
                 rng = torch.random.get_rng_state()
-                value = _measured_step(passes, probe, collector, batch, rng)
+                if step == 0 and plan.watch_flat:
+                    with watching(setup.layers) as watch:
+                        value = _measured_step(passes, probe, collector, batch, rng)
+                    flat = flat_units(watch)
+                else:
+                    value = _measured_step(passes, probe, collector, batch, rng)
                 if plan.grad_writer is not None:
                     plan.grad_writer.add_step(step, setup.layers, 1.0 / passes.scale)
                 if first_bad is None and not (math.isfinite(value) and collector.grads_finite(step)):
@@ -282,6 +294,7 @@ def measure(setup: Setup, plan: Plan, collector: Collector, combiner: Combiner) 
         loss_scale,
         collector.skipped_steps,
         training,
+        flat,
     )
 
 

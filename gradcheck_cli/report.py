@@ -139,6 +139,9 @@ class Layer:
     # gated recurrent layers: the factor by which their gates at the neutral point sigmoid(0) = 1/2 scale the
     # gradient reaching their input (LSTM: input x output gate, 1/4; GRU: 1 - update gate, 1/2); gates learn
     neutral_gate_gain: float | None = None
+    # dead_fraction measured as units that never left the flat region of this activation applied to the layer's
+    # output ("gelu", "silu", ...: flat.py, one replayed forward) rather than by a ReLU module in every step
+    flat_activation: str | None = None
     # the views that compared this layer with others (signal, update, time): empty for a weight layer means it
     # was checked numerically (NaN, all-zero) but nothing could say whether its gradient is too small or large
     views: tuple[str, ...] = ()

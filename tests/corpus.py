@@ -506,6 +506,33 @@ class StarvedGeluMLP(FunctionalDeadMLP):
         return self.head(x)
 
 
+class SwiGLUNet(nn.Module):
+    """Pre-norm residual blocks with a SwiGLU MLP (down(silu(gate(x)) * up(x)), as Llama writes it, with F.silu).
+    starved: every gate unit's bias at -6, where SiLU's derivative is -0.012, 1.1% of its peak (1.10 at x = 2.4),
+    for every input (LayerNorm'd inputs move a default-initialised unit by ~0.6): the gate passes no usable
+    gradient anywhere. Each layer is starved uniformly, so no comparison among its own units can see it."""
+
+    def __init__(self, blocks: int = 6, width: int = 64, starved: bool = False) -> None:
+        super().__init__()
+        self.inp = nn.Linear(32, width)
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(blocks))
+        self.gates = nn.ModuleList(nn.Linear(width, 3 * width) for _ in range(blocks))
+        self.ups = nn.ModuleList(nn.Linear(width, 3 * width) for _ in range(blocks))
+        self.downs = nn.ModuleList(nn.Linear(3 * width, width) for _ in range(blocks))
+        self.head = nn.Linear(width, 10)
+        if starved:
+            with torch.no_grad():
+                for gate in self.gates:
+                    gate.bias.fill_(-6.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for norm, gate, up, down in zip(self.norms, self.gates, self.ups, self.downs, strict=True):
+            y = norm(x)
+            x = x + down(F.silu(gate(y)) * up(y))
+        return self.head(x)
+
+
 def cases() -> list[Case]:
     small = images
     return [
@@ -612,7 +639,24 @@ def cases() -> list[Case]:
             True,
             "a GRU cell from two nn.Linear in a Python loop, 64 steps: the update gate at sigmoid(0)",
         ),
+        Case(
+            "swiglu-mlp",
+            "torch",
+            SwiGLUNet,
+            lambda: vectors(width=32),
+            True,
+            "pre-norm residual SwiGLU blocks (F.silu gates), default init",
+        ),
         # -- broken, by theory --
+        Case(
+            "swiglu-gates-starved",
+            "torch",
+            lambda: SwiGLUNet(starved=True),
+            lambda: vectors(width=32),
+            False,
+            "every SwiGLU gate unit at -6: SiLU's derivative 1.1% of its peak for every input (see SwiGLUNet)",
+            ("dead",),
+        ),
         Case(
             "hand-written-lstm-forget-gate-closed",
             "torch",

@@ -48,3 +48,49 @@ def test_a_loop_is_gated_when_a_sigmoid_product_of_its_layers_is_what_the_next_s
     assert all(layer.time_grad_norms and len(layer.time_grad_norms) == 12 for layer in looped.values())
     assert {name: layer.time_gated for name, layer in looped.items()} == {"a": gated, "b": gated}
     assert not next(layer for layer in report.layers if layer.name == "head").time_gated
+
+
+class HalfStarved(nn.Module):
+    """Two layers, each followed by `act`: in the first, 48 of 64 units have zero weights and a bias of -9, deep
+    in the flat tail of every activation measured (GELU's derivative there is ~1e-17 of its peak, SiLU's 1e-3);
+    the other 16 are default-initialised and active. So exactly 3/4 of the units are dead, a count that chance
+    leaves with probability 3e-5 (Binomial(64, 1/2)): a warning (dead_warning 0.5, dead_error 0.9)."""
+
+    def __init__(self, act: str) -> None:
+        super().__init__()
+        self.act = act
+        self.fc1, self.fc2, self.head = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 4)
+        self.module = {"nn.GELU": nn.GELU(), "nn.SiLU": nn.SiLU(), "F.gelu": None, "F.mish": None}[act]
+        with torch.no_grad():
+            self.fc1.weight[:48] = 0.0
+            self.fc1.bias[:48] = -9.0
+
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        if self.module is not None:
+            return self.module(x)
+        return torch.nn.functional.gelu(x) if self.act == "F.gelu" else torch.nn.functional.mish(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.activation(self.fc2(self.activation(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("act", ["nn.GELU", "nn.SiLU", "F.gelu", "F.mish"])
+def test_units_in_an_activations_flat_tail_are_dead_whatever_form_it_takes(act: str) -> None:
+    torch.manual_seed(0)
+    batches = [(torch.randn(32, 16), torch.randint(0, 4, (32,)))]
+    report = gradcheck_cli.analyze(HalfStarved(act), batches)
+    fc1, fc2 = (next(layer for layer in report.layers if layer.name == name) for name in ("fc1", "fc2"))
+    name = act.split(".")[1].lower()
+    assert (fc1.dead_fraction, fc1.units, fc1.flat_activation) == (0.75, 64, name)
+    assert fc2.flat_activation is None  # every unit leaves the flat region somewhere
+    assert [(f.layer, f.kind, f.severity) for f in report.findings if f.view == "activation"] == [
+        ("fc1", "dead", "warning")
+    ]
+
+
+def test_softplus_as_a_positivity_transform_is_not_judged() -> None:
+    """Mamba-style dt: softplus of a projection whose bias makes the derivative 1e-3 by design."""
+    model = HalfStarved("F.gelu")
+    model.activation = torch.nn.functional.softplus  # type: ignore[method-assign]
+    report = gradcheck_cli.analyze(model, [(torch.randn(32, 16), torch.randint(0, 4, (32,)))])
+    assert all(layer.flat_activation is None for layer in report.layers)

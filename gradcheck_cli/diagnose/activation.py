@@ -44,6 +44,16 @@ def activations(context: Context) -> list[Finding]:
         # after them never passes a gradient through, whatever form it takes (nn.ReLU, F.relu, a clamp, GELU or
         # SiLU deep in their negative tails) - unless the layer's input is all zeros itself, which zeroes every
         # row and is the layer before it's finding.
+        if layer.flat_activation is not None:
+            source = (
+                f"units never leave {layer.flat_activation}'s flat region (its derivative under 5% of its peak "
+                "for every input of the replayed batch)"
+            )
+            fix = (
+                f"pre-activations sit deep in {layer.flat_activation}'s negative tail: check the biases and the "
+                "initialisation of this layer (nn.init.kaiming_normal_ / xavier_normal_, zero biases), or "
+                "normalise its input (nn.LayerNorm)"
+            )
         reads_something = (layer.input_zero_fraction or 0.0) < 1.0
         if dead is None and layer.zero_grad_unit_fraction is not None and not all_zero(layer) and reads_something:
             dead = layer.zero_grad_unit_fraction
