@@ -47,7 +47,7 @@ def activations(context: Context) -> list[Finding]:
         if layer.flat_activation is not None:
             source = (
                 f"units never leave {layer.flat_activation}'s flat region (its derivative under 5% of its peak "
-                "for every input of the replayed batch)"
+                "for every input of the first measured batch)"
             )
             fix = (
                 f"pre-activations sit deep in {layer.flat_activation}'s negative tail: check the biases and the "

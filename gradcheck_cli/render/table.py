@@ -94,7 +94,8 @@ def _column_notes(report: Report) -> str:
     notes = []
     if dead:
         worst = max(dead, key=lambda layer: layer.dead_fraction or 0.0)
-        notes.append(f"most dead ReLU units: {display_name(worst)} {percent(worst.dead_fraction)}")
+        activation = worst.flat_activation or "ReLU"
+        notes.append(f"most dead {activation} units: {display_name(worst)} {percent(worst.dead_fraction)}")
     if saturated:
         worst = max(saturated, key=lambda layer: layer.saturated_fraction or 0.0)
         notes.append(f"most saturated inputs: {display_name(worst)} {percent(worst.saturated_fraction)}")
