@@ -96,9 +96,9 @@ class FlatWatch(TorchFunctionMode):
     ) -> None:
         try:
             limit = FLAT * peak(func, extra, tuple(sorted(options.items())))
-        except TypeError:  # arguments that cannot key the cache: not measured
-            return
-        usable = _derivative(func, x.float(), extra, options).abs() >= limit
+            usable = _derivative(func, x.float(), extra, options).abs() >= limit
+        except (TypeError, RuntimeError):  # arguments that cannot key the cache, a tensor autograd cannot copy:
+            return  # not measured; the watch never breaks the model's own forward
         dim = self.unit_dims.get(name, -1) % x.dim() if x.dim() else 0
         others = [d for d in range(x.dim()) if d != dim]
         per_unit = usable.amax(dim=others) if others else usable
