@@ -260,12 +260,10 @@ def measure(setup: Setup, plan: Plan, collector: Collector, combiner: Combiner) 
             for step in range(plan.steps):
                 batch = setup.batches[plan.train_steps + step].to(setup.device)
                 rng = torch.random.get_rng_state()
-                if step == 0 and plan.watch_flat:
-                    with watching(setup.layers) as watch:
-                        value = _measured_step(passes, probe, collector, batch, rng)
-                    flat = flat_units(watch)
-                else:
+                first = step == 0 and plan.watch_flat
+                with watching(setup.layers) if first else contextlib.nullcontext() as watch:
                     value = _measured_step(passes, probe, collector, batch, rng)
+                flat = flat_units(watch) if watch is not None else flat
                 if plan.grad_writer is not None:
                     plan.grad_writer.add_step(step, setup.layers, 1.0 / passes.scale)
                 if first_bad is None and not (math.isfinite(value) and collector.grads_finite(step)):

@@ -109,8 +109,6 @@ def _fix(kind: str, gated: bool) -> str:
             "gradients decay through time: use nn.LSTM/nn.GRU (forget-gate bias 1), orthogonal or identity "
             "W_hh (IRNN: Le et al. 2015), shorter sequences (truncated BPTT), or attention/residual paths"
         )
-    return "gradients grow through time: scale W_hh to spectral norm < 1 (nn.init.orthogonal_), " + (
-        "clip with torch.nn.utils.clip_grad_norm_"
-        if gated
-        else "clip with torch.nn.utils.clip_grad_norm_, or use nn.LSTM/nn.GRU"
+    return "gradients grow through time: scale W_hh to spectral norm < 1 (nn.init.orthogonal_), clip with " + (
+        "torch.nn.utils.clip_grad_norm_" if gated else "torch.nn.utils.clip_grad_norm_, or use nn.LSTM/nn.GRU"
     )
