@@ -198,7 +198,7 @@ def _measure(
         options.eval_mode,
         _gradient_writer(options, setup.model),
         progress,
-        watch_flat=parallel is None,
+        watch_first=parallel is None,
     )
     measurement = measure(setup, plan, collector, combiner)
     notes = []
@@ -234,7 +234,7 @@ def _confirm(
         )
     notes += _mark_side_outputs(setup, measurement) if parallel is None else []
     notes += _mark_behind_scales(setup, measurement, options) if parallel is None else []
-    _mark_flat_units(measurement)
+    _mark_first_step(measurement)
     in_time, gated_loops = through_time(setup, measurement.layers, combiner)
     gated = gated_cells(setup)
     if in_time or gated:
@@ -255,18 +255,19 @@ def _confirm(
     return find_bypass(setup, [by_name[name] for name in summary.chain], combiner), notes
 
 
-def _mark_flat_units(measurement: Measurement) -> None:
-    """Units that never leave the flat region of a GELU/SiLU/... applied to their layer's output (flat.py, the
-    first measured step): the layer's dead units where no ReLU module measured them in every step."""
-    flat = measurement.flat
-    measurement.layers = [
-        dataclasses.replace(
-            layer, dead_fraction=flat[layer.name][0], units=flat[layer.name][1], flat_activation=flat[layer.name][2]
-        )
-        if layer.name in flat and layer.dead_fraction is None
-        else layer
-        for layer in measurement.layers
-    ]
+def _mark_first_step(measurement: Measurement) -> None:
+    """What the first measured step's forward showed (firststep.py): each layer's depth in the graph, and units
+    that never leave the flat region of a GELU/SiLU/... applied to its output, its dead units where no ReLU
+    module measured them in every step."""
+    flat, depths = measurement.flat, measurement.depths
+    marked = []
+    for layer in measurement.layers:
+        layer = dataclasses.replace(layer, depth=depths.get(layer.name))
+        if layer.name in flat and layer.dead_fraction is None:
+            fraction, units, activation = flat[layer.name]
+            layer = dataclasses.replace(layer, dead_fraction=fraction, units=units, flat_activation=activation)
+        marked.append(layer)
+    measurement.layers = marked
 
 
 def _mark_side_outputs(setup: Setup, measurement: Measurement) -> list[str]:

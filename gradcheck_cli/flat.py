@@ -17,18 +17,14 @@ whose flat tail is the design (Mamba initialises dt so that softplus' derivative
 
 from __future__ import annotations
 
-import contextlib
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-
-if TYPE_CHECKING:
-    from gradcheck_cli.layers import LayerSpec
 
 # A unit passes a usable gradient where the activation's derivative is at least this fraction of its peak: the
 # same 5% that marks a saturated sigmoid/tanh input (diagnose/thresholds.py, saturation).
@@ -107,30 +103,6 @@ class FlatWatch(TorchFunctionMode):
             return  # the same layer read with another unit count: not one set of units
         self.active[name] = per_unit if seen is None else seen | per_unit
         self.activation[name] = kind
-
-
-@contextlib.contextmanager
-def watching(layers: Sequence[LayerSpec]) -> Iterator[FlatWatch]:
-    """A FlatWatch over the passes run inside (the first measured step: no extra forward of the user's code)."""
-    from gradcheck_cli.batch import first_tensor
-
-    watch = FlatWatch({spec.name: 1 if spec.category == "conv" else -1 for spec in layers})
-
-    def hook_for(name: str) -> Callable[..., None]:
-        def hook(module: torch.nn.Module, args: object, output: object) -> None:
-            out = first_tensor(output)
-            if out is not None:
-                watch.output(name, out)
-
-        return hook
-
-    handles = [spec.module.register_forward_hook(hook_for(spec.name)) for spec in layers]
-    try:
-        with watch:
-            yield watch
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def flat_units(watch: FlatWatch) -> dict[str, tuple[float, int, str]]:

@@ -200,6 +200,8 @@ class Measurement:
     training: Training | None = None
     # layer name -> (fraction of units in an activation's flat region for every input, units, the activation)
     flat: dict[str, tuple[float, int, str]] = dataclasses.field(default_factory=dict)
+    # layer name -> its depth in the first measured forward's graph (depth.py); empty when not watched
+    depths: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -224,9 +226,10 @@ class Plan:
     eval_mode: bool
     grad_writer: GradientWriter | None = None
     progress: Progress | None = None
-    # the first measured step also counts units in a GELU/SiLU/...'s flat region (flat.py); not under torchrun,
-    # where each process holds another slice of the batch and the verdict must be the same on all
-    watch_flat: bool = False
+    # the first measured step also counts units in a GELU/SiLU/...'s flat region (flat.py) and reads each layer's
+    # depth in the graph (depth.py); not under torchrun, where each process holds another slice of the batch
+    # (and may route it elsewhere) and the verdict must be the same on all
+    watch_first: bool = False
 
     @property
     def train_steps(self) -> int:
@@ -237,7 +240,8 @@ def measure(setup: Setup, plan: Plan, collector: Collector, combiner: Combiner) 
     """Train (the watched run, watch.py) if asked, then measure `plan.steps` passes with hooks; replay a batch
     that gave NaN/Inf to find where it started. The model is restored afterwards (restore.Restorer), and the
     optimizer's state dropped."""
-    from gradcheck_cli.flat import flat_units, watching
+    from gradcheck_cli.firststep import watching
+    from gradcheck_cli.flat import flat_units
     from gradcheck_cli.restore import Restorer
 
     model = setup.model
@@ -246,6 +250,7 @@ def measure(setup: Setup, plan: Plan, collector: Collector, combiner: Combiner) 
     training = None
     nan_origin = None
     flat: dict[str, tuple[float, int, str]] = {}
+    depths: dict[str, int] = {}
     with (
         seeded(plan.seed, setup.device),
         Restorer(model, save_parameters=plan.train_steps > 0),
@@ -260,10 +265,11 @@ def measure(setup: Setup, plan: Plan, collector: Collector, combiner: Combiner) 
             for step in range(plan.steps):
                 batch = setup.batches[plan.train_steps + step].to(setup.device)
                 rng = torch.random.get_rng_state()
-                first = step == 0 and plan.watch_flat
+                first = step == 0 and plan.watch_first
                 with watching(setup.layers) if first else contextlib.nullcontext() as watch:
                     value = _measured_step(passes, probe, collector, batch, rng)
-                flat = flat_units(watch) if watch is not None else flat
+                if watch is not None:
+                    flat, depths = flat_units(watch.flat), dict(watch.depth.depth)
                 if plan.grad_writer is not None:
                     plan.grad_writer.add_step(step, setup.layers, 1.0 / passes.scale)
                 if first_bad is None and not (math.isfinite(value) and collector.grads_finite(step)):
@@ -293,6 +299,7 @@ def measure(setup: Setup, plan: Plan, collector: Collector, combiner: Combiner) 
         collector.skipped_steps,
         training,
         flat,
+        depths,
     )
 
 

@@ -142,6 +142,9 @@ class Layer:
     # dead_fraction measured as units that never left the flat region of this activation applied to the layer's
     # output ("gelu", "silu", ...: flat.py, one replayed forward) rather than by a ReLU module in every step
     flat_activation: str | None = None
+    # layers between it and the input on the deepest path through the graph, itself included (depth.py): what
+    # the signal view counts as depth; None where not read (torchrun, a forward that gave NaN)
+    depth: int | None = None
     # the views that compared this layer with others (signal, update, time): empty for a weight layer means it
     # was checked numerically (NaN, all-zero) but nothing could say whether its gradient is too small or large
     views: tuple[str, ...] = ()

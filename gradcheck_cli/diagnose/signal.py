@@ -23,8 +23,9 @@ SIGNAL_CATEGORIES = ("linear", "conv", "recurrent", "attention", "embedding", "o
 def signal_view(
     layers: Sequence[Layer], thresholds: Thresholds, residual: bool | None = None
 ) -> tuple[SignalSummary, list[Finding]]:
-    """The per-layer gain of ||dL/dz|| along the forward order, and the layers the trend leaves far from the
-    output end.
+    """The per-layer gain of ||dL/dz|| along depth, and the layers the trend leaves far from the output end.
+    Depth is each layer's depth in the graph (depth.py: experts and branches side by side share one), or the
+    order of forward calls where it was not read.
 
     The gain is fitted (Theil-Sen, over pairs of layers) only between layers that should see the same signal
     but for depth: the same role (the same name in another block, or the same type in a net without blocks)
@@ -47,19 +48,21 @@ def signal_view(
             and math.isfinite(layer.output_grad_per_position)
             and layer.output_grad_per_position > 0
         ),
-        key=lambda layer: layer.forward_index or 0,
+        key=lambda layer: (layer.depth or 0, layer.forward_index or 0),
     )
     names = tuple(layer.name for layer in chain)
     groups = [_group(layer) for layer in chain]
     if len(chain) < thresholds.min_chain or len(set(groups)) == len(groups):
         return SignalSummary(names, None, None, residual), []
-    xs = [float(i) for i in range(len(chain))]
+    xs = _depths(chain)
     ys = [math.log10(layer.output_grad_per_position or 1.0) for layer in chain]
     slope = theil_sen_slope(xs, ys, groups)
-    assert slope is not None
-    # Toward the input, each layer multiplies ||dL/dz|| by 10**(-slope).
+    if slope is None:  # every role's layers side by side (an ensemble of one-layer members): no depth to fit
+        return SignalSummary(names, None, None, residual), []
+    # Toward the input, each layer multiplies ||dL/dz|| by 10**(-slope); the chain spans xs[-1] - xs[0] layers.
     gain = 10 ** (-slope)
-    summary = SignalSummary(names, gain, gain ** (len(chain) - 1), residual)
+    span = xs[-1] - xs[0]
+    summary = SignalSummary(names, gain, gain**span, residual)
     beyond = _beyond_gates(chain, ys) if gain < 1 else None
     if beyond is not None:
         ys = beyond
@@ -70,10 +73,19 @@ def signal_view(
         gain = 10 ** (-slope)
     ys = _stitched(xs, ys, groups, slope)
     end = (median([y - slope * x for x, y in zip(xs, ys, strict=True)]) or 0.0) + slope * xs[-1]
-    total = gain ** (len(chain) - 1)
+    total = gain**span
     if residual and 1 / thresholds.residual_gain < gain < thresholds.residual_gain:
         return summary, []  # polynomial growth through skip connections: trainable at any depth
-    return summary, _findings(chain, ys, end, gain, total, thresholds, beyond is not None)
+    described = f"{len(chain)} layers" + (f", {span + 1:.0f} deep" if span + 1 != len(chain) else "")
+    return summary, _findings(chain, ys, end, gain, total, thresholds, described, beyond is not None)
+
+
+def _depths(chain: Sequence[Layer]) -> list[float]:
+    """The depth axis of the fit: each layer's depth in the graph (depth.py) where every layer of the chain has
+    one, so that layers side by side (experts, branches, towers) sit at one depth; otherwise the call order."""
+    if all(layer.depth is not None for layer in chain):
+        return [float(layer.depth or 0) for layer in chain]
+    return [float(i) for i in range(len(chain))]
 
 
 def _beyond_gates(chain: Sequence[Layer], ys: Sequence[float]) -> list[float] | None:
@@ -119,6 +131,7 @@ def _findings(
     gain: float,
     total: float,
     thresholds: Thresholds,
+    described: str,
     beyond_gates: bool = False,
 ) -> list[Finding]:
     """Layers far from the output end along the trend. The chain is judged as a whole too: the first layer on
@@ -127,7 +140,7 @@ def _findings(
     findings = []
     trend = abs(math.log10(total))
     chain_judged = False
-    span = f"{len(chain)} layers" + (" beyond the LSTM/GRU gates at their neutral point" if beyond_gates else "")
+    span = described + (" beyond the LSTM/GRU gates at their neutral point" if beyond_gates else "")
     for layer, y in zip(chain, ys, strict=True):
         deviation = y - end  # log10 of ||dL/dz|| here over the fitted value at the output end
         kind = "vanishing" if deviation < 0 else "exploding"

@@ -1,0 +1,54 @@
+"""What the first measured step's forward shows besides the gradients, watched as it runs (no extra forward of
+the user's code, its hooks and RNG untouched): units in an activation's flat region (flat.py) and each layer's
+depth in the graph (depth.py)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from gradcheck_cli.depth import GraphDepth
+from gradcheck_cli.diagnose.signal import SIGNAL_CATEGORIES
+from gradcheck_cli.flat import FlatWatch
+
+if TYPE_CHECKING:
+    from gradcheck_cli.layers import LayerSpec
+
+
+@dataclass
+class FirstStep:
+    flat: FlatWatch
+    depth: GraphDepth
+
+
+@contextlib.contextmanager
+def watching(layers: Sequence[LayerSpec]) -> Iterator[FirstStep]:
+    """Both watches over the passes run inside, fed by one forward hook per layer."""
+    from gradcheck_cli.batch import first_tensor
+
+    watch = FirstStep(
+        FlatWatch({spec.name: 1 if spec.category == "conv" else -1 for spec in layers}),
+        GraphDepth(spec.name for spec in layers if spec.category in SIGNAL_CATEGORIES),
+    )
+
+    def hook_for(name: str) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: object, kwargs: object, output: object) -> None:
+            watch.depth.called(name, (args, kwargs), output)
+            out = first_tensor(output)
+            if out is not None:
+                watch.flat.output(name, out)
+
+        return hook
+
+    handles = [spec.module.register_forward_hook(hook_for(spec.name), with_kwargs=True) for spec in layers]
+    try:
+        with watch.flat:
+            yield watch
+    finally:
+        for handle in handles:
+            handle.remove()
+        watch.depth.release()
