@@ -99,6 +99,25 @@ def test_short_chains_are_not_fitted() -> None:
     assert verdict.findings == []
 
 
+def test_a_trend_needs_more_than_one_pair_of_comparable_layers() -> None:
+    """A seq2seq GRU with attention: embedding, encoder, decoder, score projection, head. Only the last two share
+    a group (nn.Linear at one resolution), and the score projection's dL/dz is 200x the head's smaller by
+    design: one step between two particular layers, not a per-layer gain to compound over the chain."""
+    types = ["Embedding", "GRU", "GRU", "Linear", "Linear"]
+    positions = [320.0, 320.0, 256.0, 256.0, 256.0]
+    dz = [1e-3, 1e-3, 1e-3, 5e-5, 1e-2]
+    layers = [
+        layer(f"l{i}", i, dz=z, type=t, output_positions=p, depth=i + 1)
+        for i, (t, p, z) in enumerate(zip(types, positions, dz, strict=True))
+    ]
+    verdict = diagnose(layers, [1.0], Thresholds())
+    assert verdict.signal.gain_per_layer is None and not verdict.findings
+    # a third nn.Linear at that resolution on the same trend (200x per layer) makes it one
+    layers.append(layer("l5", 5, dz=2.0, type="Linear", output_positions=256.0, depth=6))
+    found = kinds(layers)
+    assert ("l3", "vanishing", "error", "signal") in found
+
+
 def test_balance_flags_layers_far_below_the_median() -> None:
     layers = [layer(f"l{i}", i, ratio=0.01) for i in range(6)]
     layers[2] = ratio(layers[2], 0.0005)  # 20x below

@@ -52,14 +52,13 @@ def signal_view(
     )
     names = tuple(layer.name for layer in chain)
     groups = [_group(layer) for layer in chain]
-    if len(chain) < thresholds.min_chain or len(set(groups)) == len(groups):
-        return SignalSummary(names, None, None, residual), []
     xs = _depths(chain)
+    if len(chain) < thresholds.min_chain or _fitted_layers(xs, groups) < FEWEST_FITTED:
+        return SignalSummary(names, None, None, residual), []
     ys = [math.log10(layer.output_grad_per_position or 1.0) for layer in chain]
     slope = theil_sen_slope(xs, ys, groups)
-    if slope is None:  # every role's layers side by side (an ensemble of one-layer members): no depth to fit
-        return SignalSummary(names, None, None, residual), []
-    # Toward the input, each layer multiplies ||dL/dz|| by 10**(-slope); the chain spans xs[-1] - xs[0] layers.
+    assert slope is not None
+    # Toward the input, each step of depth multiplies ||dL/dz|| by 10**(-slope); the chain spans xs[-1] steps.
     gain = 10 ** (-slope)
     span = xs[-1] - xs[0]
     summary = SignalSummary(names, gain, gain**span, residual)
@@ -80,12 +79,32 @@ def signal_view(
     return summary, _findings(chain, ys, end, gain, total, thresholds, described, beyond is not None)
 
 
+# Fewest layers, in groups that span more than one depth, that the fitted slope may rest on. Two layers are one
+# step between two particular layers (an attention-score projection and an output head, both nn.Linear in a
+# seq2seq GRU at one resolution, differ by 13x by design), not a trend; with three, Theil-Sen has pairs to
+# take a median of, and one odd layer no longer sets the gain alone.
+FEWEST_FITTED = 3
+
+
+def _fitted_layers(xs: Sequence[float], groups: Sequence[object]) -> int:
+    """How many layers belong to groups whose members sit at two or more depths (the groups that vote)."""
+    depths: dict[object, set[float]] = {}
+    for x, group in zip(xs, groups, strict=True):
+        depths.setdefault(group, set()).add(x)
+    return sum(1 for group in groups if len(depths[group]) >= 2)
+
+
 def _depths(chain: Sequence[Layer]) -> list[float]:
-    """The depth axis of the fit: each layer's depth in the graph (depth.py) where every layer of the chain has
-    one, so that layers side by side (experts, branches, towers) sit at one depth; otherwise the call order."""
-    if all(layer.depth is not None for layer in chain):
-        return [float(layer.depth or 0) for layer in chain]
-    return [float(i) for i in range(len(chain))]
+    """The depth axis of the fit: the rank of each layer's depth in the graph (depth.py) among the chain's, where
+    every layer of the chain has one, so that layers side by side (experts, branches, towers) share a step;
+    otherwise the call order. Ranks, not the depths themselves: a step counts the chain's layers, as the call
+    order does, not the layers between them that the chain leaves out (timm's ResNets, whose block convs sit
+    behind zero-initialised norms, keep 8 layers in the chain over a graph 52 layers deep)."""
+    if not all(layer.depth is not None for layer in chain):
+        return [float(i) for i in range(len(chain))]
+    depths = [layer.depth or 0 for layer in chain]
+    rank = {depth: float(i) for i, depth in enumerate(sorted(set(depths)))}
+    return [rank[depth] for depth in depths]
 
 
 def _beyond_gates(chain: Sequence[Layer], ys: Sequence[float]) -> list[float] | None:
