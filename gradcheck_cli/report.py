@@ -140,7 +140,7 @@ class Layer:
     # gradient reaching their input (LSTM: input x output gate, 1/4; GRU: 1 - update gate, 1/2); gates learn
     neutral_gate_gain: float | None = None
     # dead_fraction measured as units that never left the flat region of this activation applied to the layer's
-    # output ("gelu", "silu", ...: flat.py, one replayed forward) rather than by a ReLU module in every step
+    # output ("gelu", "silu", ...: flat.py, the first measured forward) rather than by a ReLU module in every step
     flat_activation: str | None = None
     # layers between it and the input on the deepest path through the graph, itself included (depth.py): what
     # the signal view counts as depth; None where not read (torchrun, a forward that gave NaN)
