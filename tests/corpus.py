@@ -305,6 +305,36 @@ def lm_batches(count: int = 3, seed: int = 0) -> list[tuple]:
     ]
 
 
+class AttentionSeq2Seq(nn.Module):
+    """A GRU encoder-decoder with dot-product attention over the encoder states (Luong et al. 2015), as the
+    PyTorch translation tutorial writes it: the decoder starts from the encoder's last state and its output is
+    read together with the attended context."""
+
+    def __init__(self, hidden: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, hidden)
+        self.encoder = nn.GRU(hidden, hidden, batch_first=True)
+        self.decoder = nn.GRU(hidden, hidden, batch_first=True)
+        self.score = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(2 * hidden, VOCAB)
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        states, last = self.encoder(self.embed(source))
+        decoded, _ = self.decoder(self.embed(target), last)
+        context = torch.softmax(self.score(decoded) @ states.transpose(1, 2), dim=-1) @ states
+        return self.out(torch.cat([decoded, context], dim=-1))
+
+
+def translation_batches(count: int = 3, seed: int = 0) -> list[tuple]:
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        source = torch.randint(0, VOCAB, (BATCH, 20), generator=generator)
+        target = torch.randint(0, VOCAB, (BATCH, 17), generator=generator)
+        batches.append(((source, target[:, :-1]), target[:, 1:]))
+    return batches
+
+
 class ManyToOneRNN(nn.Module):
     """A plain RNN that reads a whole sequence and classifies it from its last hidden state."""
 
@@ -591,6 +621,14 @@ def cases() -> list[Case]:
         Case("torch-lstm-lm", "torch", lambda: RecurrentLM(nn.LSTM), lm_batches, True, "2-layer LSTM LM"),
         Case("torch-gru-lm", "torch", lambda: RecurrentLM(nn.GRU), lm_batches, True, "2-layer GRU LM"),
         Case("torch-irnn", "torch", irnn, sequences, True, "IRNN over 64 steps: ReLU, W_hh = I (Le et al. 2015)"),
+        Case(
+            "torch-seq2seq-attention",
+            "torch",
+            AttentionSeq2Seq,
+            translation_batches,
+            True,
+            "GRU encoder-decoder with dot attention: its score projection and output head are two different nn.Linear",
+        ),
         Case(
             "torch-lstm-classifier",
             "torch",
