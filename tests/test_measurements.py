@@ -158,9 +158,10 @@ class PartlyUsed(nn.Module):
         self.frozen.requires_grad_(False)
         self.used = nn.Linear(8, 4)
         self.spare = nn.Linear(8, 4)  # trainable, never called
+        self.cut = nn.Linear(8, 8)  # trainable and called, but its output is detached
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.used(torch.relu(self.frozen(x)))
+        return self.used(torch.relu(self.frozen(x)) + self.cut(x).detach())
 
 
 def test_frozen_and_unused_layers() -> None:
@@ -170,6 +171,11 @@ def test_frozen_and_unused_layers() -> None:
     spare = report.layer("spare")
     assert spare.status == "unused" and spare.forward_index is None
     assert [f.kind for f in report.findings if f.layer == "spare"] == ["unused"]
+    cut = report.layer("cut")
+    assert cut.status == "unused" and cut.forward_index is not None
+    (spare_finding,) = [f for f in report.findings if f.layer == "spare"]
+    (cut_finding,) = [f for f in report.findings if f.layer == "cut"]
+    assert "never called" in spare_finding.message and "detached" in cut_finding.message
     frozen_params = [p for p in report.parameters if p.name.startswith("frozen")]
     assert all(not p.requires_grad and p.grad_norm is None for p in frozen_params)
 

@@ -92,15 +92,16 @@ def usage(context: Context) -> list[Finding]:
     for layer in layers:
         if layer.side_output:  # an auxiliary head the loss does not read (confirm.side_outputs): not measured
             continue
-        if got_no_gradient(layer):
-            findings.append(
-                Finding(
-                    layer.name,
-                    "unused",
-                    "warning",
-                    "usage",
-                    "trainable, but got no gradient in any step (not used in the forward, or detached)",
-                    "remove it, freeze it (requires_grad_(False)), or check the forward uses it",
-                )
+        if not got_no_gradient(layer):
+            continue
+        if layer.forward_index is None:
+            message = "trainable, but never called in a measured forward, so it got no gradient"
+            fix = "remove it, freeze it (requires_grad_(False)), or check the forward calls it"
+        else:  # called, yet nothing it returned reached the loss with a gradient
+            message = (
+                "trainable and called in the forward, but no gradient reached it in any step: its output is unused, "
+                "detached (.detach(), torch.no_grad()) or read only through non-differentiable ops (argmax, >)"
             )
+            fix = "to train it, keep its output in the graph to the loss; if not, freeze it: requires_grad_(False)"
+        findings.append(Finding(layer.name, "unused", "warning", "usage", message, fix))
     return findings
