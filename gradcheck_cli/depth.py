@@ -31,15 +31,18 @@ class GraphDepth:
 
     def called(self, name: str, args: object, output: object) -> None:
         """The layer `name` read `args` and returned `output`."""
-        depth = self.depth.get(name)
-        if depth is None:
-            below = max((self._deepest(t.grad_fn) for t in _tensors(args) if t.grad_fn is not None), default=0)
-            depth = below + (name in self.counted)
-            self.depth[name] = depth
-        for tensor in _tensors(output):
-            node = tensor.grad_fn
-            if node is not None:
-                self._tagged[node] = max(depth, self._tagged.get(node, 0))
+        try:
+            depth = self.depth.get(name)
+            if depth is None:
+                below = max((self._deepest(t.grad_fn) for t in _tensors(args) if t.grad_fn is not None), default=0)
+                depth = below + (name in self.counted)
+                self.depth[name] = depth
+            for tensor in _tensors(output):
+                node = tensor.grad_fn
+                if node is not None:
+                    self._tagged[node] = max(depth, self._tagged.get(node, 0))
+        except (RuntimeError, TypeError, AttributeError):  # a node type that cannot be walked: no depth for it,
+            pass  # and the signal view falls back to the call order; the watch never breaks the model's forward
 
     def release(self) -> None:
         """Drop the references to the graph's nodes (the depths stay)."""

