@@ -12,10 +12,10 @@ first call, as its forward_index does.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
-import torch
+from gradcheck_cli.batch import tensors_in
 
 Node = Any  # torch.autograd.graph.Node: grad_fn objects, hashable by identity
 
@@ -34,10 +34,10 @@ class GraphDepth:
         try:
             depth = self.depth.get(name)
             if depth is None:
-                below = max((self._deepest(t.grad_fn) for t in _tensors(args) if t.grad_fn is not None), default=0)
+                below = max((self._deepest(t.grad_fn) for t in tensors_in(args) if t.grad_fn is not None), default=0)
                 depth = below + (name in self.counted)
                 self.depth[name] = depth
-            for tensor in _tensors(output):
+            for tensor in tensors_in(output):
                 node = tensor.grad_fn
                 if node is not None:
                     self._tagged[node] = max(depth, self._tagged.get(node, 0))
@@ -68,14 +68,3 @@ class GraphDepth:
     def _value(self, node: Node) -> int:
         tagged = self._tagged.get(node)
         return tagged if tagged is not None else self._behind.get(node, 0)
-
-
-def _tensors(value: object) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)

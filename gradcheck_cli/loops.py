@@ -13,11 +13,13 @@ model spells it), so the rule holds whatever the cell's names or its chunking.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from gradcheck_cli.batch import tensors_in
 
 Tags = frozenset[str]
 NONE: Tags = frozenset()
@@ -37,7 +39,7 @@ class GateWatch(TorchFunctionMode):
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
-        inputs = [tags for tags in map(self._of, _tensors((args, kwargs))) if tags[0] or tags[1]]
+        inputs = [tags for tags in map(self._of, tensors_in((args, kwargs))) if tags[0] or tags[1]]
         if not inputs:
             return result  # nothing a looped layer computed: the common case, kept cheap
         sources = frozenset().union(*(tags for tags, _, _ in inputs))
@@ -46,7 +48,7 @@ class GateWatch(TorchFunctionMode):
             # an elementwise product with a gate (a sigmoid of looped layers' outputs) as one of its factors
             behind = behind.union(*(tags for tags, _, gate in inputs if gate))
         gate = func in SIGMOIDS and bool(sources)
-        for tensor in _tensors(result):
+        for tensor in tensors_in(result):
             self._tag(tensor, sources, behind, gate)
         return result
 
@@ -68,14 +70,3 @@ class GateWatch(TorchFunctionMode):
     def _tag(self, tensor: torch.Tensor, sources: Tags, behind: Tags, gate: bool) -> None:
         if sources or behind:
             self._tags[id(tensor)] = (weakref.ref(tensor), sources, behind, gate)
-
-
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
