@@ -10,6 +10,7 @@ from torch import nn
 
 import gradcheck_cli
 from gradcheck_cli.depth import GraphDepth
+from gradcheck_cli.render.common import signal_line
 
 
 class Shapes(nn.Module):
@@ -114,6 +115,7 @@ def test_experts_side_by_side_are_not_a_deep_chain(he: bool) -> None:
     gain, total = report.signal.gain_per_layer, report.signal.total_factor
     assert gain is not None and total is not None
     assert math.isclose(total, gain**3, rel_tol=1e-9)
+    assert f"over {len(report.signal.chain)} layers, 4 deep" in signal_line(report)
     signal = [f"{f.severity} {f.layer}: {f.message}" for f in report.findings if f.view == "signal"]
     assert not [message for message in signal if message.startswith("error")], signal
     if he:

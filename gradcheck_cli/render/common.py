@@ -162,11 +162,18 @@ def grouped(findings: Sequence[Finding]) -> list[tuple[list[Finding], str]]:
 def signal_line(report: Report) -> str:
     signal = report.signal
     if signal.gain_per_layer is None:
-        return f"signal view: too few layers with dL/dz ({len(signal.chain)}) for a per-layer gain"
+        return (
+            f"signal view: no per-layer gain: {len(signal.chain)} layers with dL/dz, too few of them the same role "
+            "at other depths"
+        )
     gates = signal.beyond_gates_gain
+    in_chain = set(signal.chain)
+    depths = [layer.depth for layer in report.layers if layer.name in in_chain]
+    deep = len(set(depths)) if None not in depths else len(signal.chain)
+    span = f"{len(signal.chain)} layers" + (f", {deep} deep" if deep != len(signal.chain) else "")
     return (
-        f"signal view: ||dL/dz|| x{signal.gain_per_layer:.2f} per layer toward the input over {len(signal.chain)} "
-        f"layers (x{signal.total_factor:.3g} in all"
+        f"signal view: ||dL/dz|| x{signal.gain_per_layer:.2f} per layer toward the input over {span} "
+        f"(x{signal.total_factor:.3g} in all"
         + (f"; x{gates:.2f} per layer beyond the LSTM/GRU gates at their neutral point, judged)" if gates else ")")
     )
 
