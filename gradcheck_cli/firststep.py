@@ -13,7 +13,7 @@ import torch
 
 from gradcheck_cli.depth import GraphDepth
 from gradcheck_cli.diagnose.signal import SIGNAL_CATEGORIES
-from gradcheck_cli.flat import FlatWatch
+from gradcheck_cli.flat import FlatWatch, activation_modules
 
 if TYPE_CHECKING:
     from gradcheck_cli.layers import LayerSpec
@@ -26,8 +26,9 @@ class FirstStep:
 
 
 @contextlib.contextmanager
-def watching(layers: Sequence[LayerSpec]) -> Iterator[FirstStep]:
-    """Both watches over the passes run inside, fed by one forward hook per layer."""
+def watching(model: torch.nn.Module, layers: Sequence[LayerSpec]) -> Iterator[FirstStep]:
+    """Both watches over the passes run inside, fed by one forward hook per layer (and a pre-hook per activation
+    module that composes its formula from elementary ops, flat.activation_modules)."""
     from gradcheck_cli.batch import first_tensor
 
     watch = FirstStep(
@@ -45,6 +46,10 @@ def watching(layers: Sequence[LayerSpec]) -> Iterator[FirstStep]:
         return hook
 
     handles = [spec.module.register_forward_hook(hook_for(spec.name), with_kwargs=True) for spec in layers]
+    handles += [
+        module.register_forward_pre_hook(lambda module, args: watch.flat.module_input(module, args))
+        for module in activation_modules(model)
+    ]
     try:
         with watch.flat:
             yield watch

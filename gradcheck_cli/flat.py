@@ -5,8 +5,11 @@ negative tails: GELU's derivative is -3.5e-8 at -6, SiLU's -0.012 (1% of its pea
 pre-activation sits there for every example learns nothing, as a dead ReLU does, and when every unit of a
 layer sits there no comparison among its own rows can see it. FlatWatch watches the first measured step's
 forward (no extra forward of the user's code) under a TorchFunctionMode, so it sees these activations as
-modules (nn.GELU, nn.SiLU), as functional calls (F.silu) and inside library code alike. For each call whose
-input is exactly a layer's output, it evaluates the activation's derivative at every input value (autograd on
+modules (nn.GELU, nn.SiLU), as functional calls (F.silu) and inside library code alike. Libraries also write
+these activations as modules of their own that compose the formula from elementary ops (transformers'
+NewGELUActivation, the tanh GELU of GPT-2; timm's Swish): such a module, found by its class name (MODULE_NAMES)
+and holding no parameters, is evaluated itself, through its forward. For each call whose input is exactly a
+layer's output, it evaluates the activation's derivative at every input value (autograd on
 a copy) and marks the units with at least one value where the derivative reaches FLAT of the activation's
 peak. A unit never so marked is dead.
 
@@ -17,6 +20,8 @@ whose flat tail is the design (Mamba initialises dt so that softplus' derivative
 
 from __future__ import annotations
 
+import math
+import re
 import weakref
 from collections.abc import Callable
 from functools import cache
@@ -39,12 +44,42 @@ ACTIVATIONS: dict[Callable[..., Any], str] = {
     F.selu: "selu",
 }
 
+# The class names of library modules that compute one of these activations from elementary ops.
+MODULE_NAMES = re.compile(r"gelu|silu|swish|mish", re.IGNORECASE)
+
+
+def activation_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of `model` that compute an activation FlatWatch cannot see as one call: a class whose name says
+    it (MODULE_NAMES), with no parameters or children, from outside torch.nn (whose modules call F.gelu & co.)."""
+    return [
+        module
+        for module in model.modules()
+        if MODULE_NAMES.search(type(module).__name__)
+        and not type(module).__module__.startswith("torch.")
+        and next(module.parameters(), None) is None
+        and next(module.children(), None) is None
+    ]
+
 
 @cache
 def peak(func: Callable[..., Any], extra: tuple[Any, ...], options: tuple[tuple[str, Any], ...]) -> float:
     """The largest |f'(x)| over x in [-20, 20], for these arguments."""
+    return _peak(func, extra, dict(options))
+
+
+def _peak(func: Callable[..., Any], extra: tuple[Any, ...], options: dict[str, Any]) -> float:
     x = torch.linspace(-20.0, 20.0, 40001, dtype=torch.float64)
-    return float(_derivative(func, x, extra, dict(options)).abs().max())
+    return float(_derivative(func, x, extra, options).abs().max())
+
+
+def _elementwise_peak(func: Callable[..., Any]) -> float:
+    """_peak of a module's forward, or NaN where it is not elementwise (a gated unit that splits its input, say):
+    an elementwise function commutes with reversing its input."""
+    x = torch.linspace(-20.0, 20.0, 40001, dtype=torch.float64)
+    out = func(x)
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape or not torch.equal(func(x.flip(0)).flip(0), out):
+        return math.nan
+    return _peak(func, (), {})
 
 
 def _derivative(
@@ -65,10 +100,29 @@ class FlatWatch(TorchFunctionMode):
         self.active: dict[str, torch.Tensor] = {}  # layer name -> bool per unit: left the flat region somewhere
         self.activation: dict[str, str] = {}
         self._outputs: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
+        self._module_peaks: dict[int, float] = {}  # id(activation module) -> its derivative's peak, for this run
 
     def output(self, name: str, tensor: torch.Tensor) -> None:
         """The layer `name` returned `tensor`."""
         self._outputs[id(tensor)] = (weakref.ref(tensor), name)
+
+    def module_input(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        """The activation module `module` (activation_modules) is called on `args`."""
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or not x.numel():
+            return
+        entry = self._outputs.get(id(x))
+        if entry is None or entry[0]() is not x:
+            return
+        with torch._C.DisableTorchFunction():  # the module's own ops are not the model's calls
+            try:
+                if id(module) not in self._module_peaks:
+                    self._module_peaks[id(module)] = _elementwise_peak(module.forward)
+                top = self._module_peaks[id(module)]
+                if math.isfinite(top):
+                    self._record(entry[1], type(module).__name__, module.forward, x, (), {}, top)
+            except (TypeError, RuntimeError):  # a forward that takes no single tensor: not measured
+                self._module_peaks[id(module)] = math.nan
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -78,7 +132,11 @@ class FlatWatch(TorchFunctionMode):
             entry = self._outputs.get(id(x))
             if entry is not None and entry[0]() is x:  # before the call: an in-place activation overwrites x
                 options = {k: v for k, v in kwargs.items() if k not in ("input", "inplace")}
-                self._record(entry[1], kind, func, x, tuple(args[1:]), options)
+                try:
+                    top = peak(func, tuple(args[1:]), tuple(sorted(options.items())))
+                except (TypeError, RuntimeError):  # arguments that cannot key the cache: not measured
+                    return func(*args, **kwargs)
+                self._record(entry[1], kind, func, x, tuple(args[1:]), options, top)
         return func(*args, **kwargs)
 
     def _record(
@@ -89,12 +147,12 @@ class FlatWatch(TorchFunctionMode):
         x: torch.Tensor,
         extra: tuple[Any, ...],
         options: dict[str, Any],
+        top: float,
     ) -> None:
         try:
-            limit = FLAT * peak(func, extra, tuple(sorted(options.items())))
-            usable = _derivative(func, x.float(), extra, options).abs() >= limit
-        except (TypeError, RuntimeError):  # arguments that cannot key the cache, a tensor autograd cannot copy:
-            return  # not measured; the watch never breaks the model's own forward
+            usable = _derivative(func, x.float(), extra, options).abs() >= FLAT * top
+        except (TypeError, RuntimeError):  # a tensor autograd cannot copy: not measured; the watch never breaks
+            return  # the model's own forward
         dim = self.unit_dims.get(name, -1) % x.dim() if x.dim() else 0
         others = [d for d in range(x.dim()) if d != dim]
         per_unit = usable.amax(dim=others) if others else usable

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -50,6 +52,20 @@ def test_a_loop_is_gated_when_a_sigmoid_product_of_its_layers_is_what_the_next_s
     assert not next(layer for layer in report.layers if layer.name == "head").time_gated
 
 
+class TanhGELU(nn.Module):
+    """GELU's tanh approximation composed from elementary ops, as transformers' NewGELUActivation writes it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class Swish(nn.Module):
+    """x * sigmoid(x), as timm writes it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x)
+
+
 class HalfStarved(nn.Module):
     """Two layers, each followed by `act`: in the first, 48 of 64 units have zero weights and a bias of -9, deep
     in the flat tail of every activation measured (GELU's derivative there is ~1e-17 of its peak, SiLU's 1e-3);
@@ -60,7 +76,8 @@ class HalfStarved(nn.Module):
         super().__init__()
         self.act = act
         self.fc1, self.fc2, self.head = nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 4)
-        self.module = {"nn.GELU": nn.GELU(), "nn.SiLU": nn.SiLU(), "F.gelu": None, "F.mish": None}[act]
+        modules = {"nn.GELU": nn.GELU(), "nn.SiLU": nn.SiLU(), "my.TanhGELU": TanhGELU(), "my.Swish": Swish()}
+        self.module = modules.get(act)
         with torch.no_grad():
             self.fc1.weight[:48] = 0.0
             self.fc1.bias[:48] = -9.0
@@ -74,18 +91,36 @@ class HalfStarved(nn.Module):
         return self.head(self.activation(self.fc2(self.activation(self.fc1(x)))))
 
 
-@pytest.mark.parametrize("act", ["nn.GELU", "nn.SiLU", "F.gelu", "F.mish"])
+@pytest.mark.parametrize("act", ["nn.GELU", "nn.SiLU", "F.gelu", "F.mish", "my.TanhGELU", "my.Swish"])
 def test_units_in_an_activations_flat_tail_are_dead_whatever_form_it_takes(act: str) -> None:
+    """At -9 the tanh GELU's tanh is -1 in float32 (derivative 0) and Swish's derivative is -1.1e-3 (0.1% of its
+    peak 1.1): both as flat as the built-in functions, though no single call names them."""
     torch.manual_seed(0)
     batches = [(torch.randn(32, 16), torch.randint(0, 4, (32,)))]
     report = gradcheck_cli.analyze(HalfStarved(act), batches)
     fc1, fc2 = (next(layer for layer in report.layers if layer.name == name) for name in ("fc1", "fc2"))
-    name = act.split(".")[1].lower()
+    source, name = act.split(".")
+    name = name if source == "my" else name.lower()
     assert (fc1.dead_fraction, fc1.units, fc1.flat_activation) == (0.75, 64, name)
     assert fc2.flat_activation is None  # every unit leaves the flat region somewhere
     assert [(f.layer, f.kind, f.severity) for f in report.findings if f.view == "activation"] == [
         ("fc1", "dead", "warning")
     ]
+
+
+class GatedSiLU(nn.Module):
+    """A gated unit that splits its input (silu(a) * b): named like an activation, but not elementwise."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=-1)
+        return torch.cat([torch.nn.functional.silu(a) * b, b], dim=-1)
+
+
+def test_an_activation_module_that_is_not_elementwise_is_not_judged() -> None:
+    model = HalfStarved("my.Swish")
+    model.module = GatedSiLU()
+    report = gradcheck_cli.analyze(model, [(torch.randn(32, 16), torch.randint(0, 4, (32,)))])
+    assert all(layer.flat_activation is None for layer in report.layers)
 
 
 def test_softplus_as_a_positivity_transform_is_not_judged() -> None:
