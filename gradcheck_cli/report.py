@@ -22,7 +22,9 @@ SCHEMA = "gradcheck.report/1"
 
 @dataclass(frozen=True)
 class Finding:
-    """One problem with one layer (or with the loss: layer "<loss>"), its evidence and its fix."""
+    """One problem with one layer (or with the loss: layer "<loss>"), its evidence and its fix. One cause is one
+    finding: a trend of the signal view that leaves several layers past a threshold is reported on the first of
+    them, with the others in `also` (they carry its status in the table)."""
 
     layer: str
     kind: str
@@ -31,6 +33,11 @@ class Finding:
     message: str
     fix: str
     factor: float | None = None  # how far past the threshold's reference, e.g. 1e-3 for "1000x smaller"
+    also: tuple[str, ...] = ()  # the other layers this finding covers
+
+    def covers(self, name: str) -> bool:
+        """Whether this finding is about layer `name` (its own layer or one of `also`)."""
+        return name == self.layer or name in self.also
 
 
 @dataclass(frozen=True)

@@ -77,10 +77,16 @@ def test_flat_chain_is_clean_even_with_an_odd_head_and_embedding() -> None:
 
 def test_geometric_decay_flags_the_layers_far_from_the_output() -> None:
     layers = chain([0.5] * 11)  # 2x smaller per layer toward the input: 2048x over the chain
-    found = kinds(layers)
-    assert ("l0", "vanishing", "error", "signal") in found  # 2048x below the output end
-    assert ("l6", "vanishing", "warning", "signal") in found  # 32x: past 20x (6 depth scales)
-    assert not any(name in ("l8", "l9", "l10", "l11") for name, *_ in found)  # within 20x of the end
+    verdict = diagnose(layers, [1.0], Thresholds())
+    # one cause, one finding: on the first layer, 2048x below the output end
+    assert [(f.layer, f.kind, f.severity, f.view) for f in verdict.findings] == [("l0", "vanishing", "error", "signal")]
+    # l1..l6 are 2**(11 - i) >= 32x below the end, past 20x (6 depth scales): covered by it; l7 (16x) is not
+    assert verdict.findings[0].also == ("l1", "l2", "l3", "l4", "l5", "l6")
+    assert "also smaller past the warning threshold: l1 1024x, l2 512x, l3 256x, l4 128x and 2 more" in (
+        verdict.findings[0].message
+    )
+    status = {layer.name: (layer.status, layer.severity) for layer in verdict.layers}
+    assert status["l6"] == ("vanishing", "error") and status["l7"] == ("ok", None)
 
 
 def test_growth_toward_the_input_is_exploding() -> None:
@@ -114,8 +120,9 @@ def test_a_trend_needs_more_than_one_pair_of_comparable_layers() -> None:
     assert verdict.signal.gain_per_layer is None and not verdict.findings
     # a third nn.Linear at that resolution on the same trend (200x per layer) makes it one
     layers.append(layer("l5", 5, dz=2.0, type="Linear", output_positions=256.0, depth=6))
-    found = kinds(layers)
-    assert ("l3", "vanishing", "error", "signal") in found
+    (finding,) = diagnose(layers, [1.0], Thresholds()).findings
+    assert (finding.kind, finding.severity, finding.view) == ("vanishing", "error", "signal")
+    assert finding.covers("l3")
 
 
 def test_balance_flags_layers_far_below_the_median() -> None:

@@ -93,12 +93,14 @@ def _compared(
 def _with_status(layers: Sequence[Layer], findings: Sequence[Finding]) -> list[Layer]:
     by_layer: dict[str, list[Finding]] = {}
     for finding in findings:
-        by_layer.setdefault(finding.layer, []).append(finding)
+        for name in (finding.layer, *finding.also):
+            by_layer.setdefault(name, []).append(finding)
     result = []
     for layer in layers:
         mine = by_layer.get(layer.name, [])
         if mine:
-            worst = min(mine, key=lambda f: (f.severity != "error", STATUS_ORDER.index(f.kind)))
+            # the worst; of equals, the layer's own finding before a trend's that covers it (its own numbers)
+            worst = min(mine, key=lambda f: (f.severity != "error", STATUS_ORDER.index(f.kind), f.layer != layer.name))
             status, severity = worst.kind, worst.severity
         elif layer.frozen:
             status, severity = "frozen", None

@@ -153,36 +153,41 @@ def _findings(
     described: str,
     beyond_gates: bool = False,
 ) -> list[Finding]:
-    """Layers far from the output end along the trend. The chain is judged as a whole too: the first layer on
-    the trend's side carries the fitted factor over the whole chain, even where no single layer's own value
-    reaches a threshold (a trend of many small gains is what makes a deep net untrainable)."""
-    findings = []
+    """The trend as one finding: one cause (a per-layer gain), one finding. It sits on the first layer on the
+    trend's side with the fitted factor over the whole chain, even where no single layer's own value reaches a
+    threshold (a trend of many small gains is what makes a deep net untrainable); the other layers whose own
+    distance from the output end passes the warning threshold are named in it and covered by it (`also`)."""
     trend = abs(math.log10(total))
-    chain_judged = False
+    severity = level(10**trend, thresholds.signal_warning, thresholds.signal_error)
+    kind = "vanishing" if total < 1 else "exploding"
+    side = [(layer, y - end) for layer, y in zip(chain, ys, strict=True) if (y - end < 0) == (total < 1)]
+    if severity is None or not side:
+        return []
+    first = side[0][0]
+    also = [
+        (layer, 10**deviation) for layer, deviation in side[1:] if 10 ** abs(deviation) >= thresholds.signal_warning
+    ]
     span = described + (" beyond the LSTM/GRU gates at their neutral point" if beyond_gates else "")
-    for layer, y in zip(chain, ys, strict=True):
-        deviation = y - end  # log10 of ||dL/dz|| here over the fitted value at the output end
-        kind = "vanishing" if deviation < 0 else "exploding"
-        if (deviation < 0) != (total < 1):
-            continue  # a layer off the trend's direction is not explained by it
-        excess = trend if not chain_judged else min(abs(deviation), trend)
-        severity = level(10**excess, thresholds.signal_warning, thresholds.signal_error)
-        whole = not chain_judged
-        chain_judged = True
-        if severity is None:
-            continue
-        direction = "smaller" if kind == "vanishing" else "larger"
-        if whole:
-            factor = 10 ** math.copysign(excess, deviation)
-            message = (
-                f"x{gain:.3g} per layer over {span}: dL/dz here is {times(factor)} {direction} than at the output "
-                "end along the fitted trend"
-            )
-        else:
-            factor = 10**deviation
-            message = f"dL/dz is {times(factor)} {direction} than at the output end: x{gain:.3g} per layer over {span}"
-        findings.append(Finding(layer.name, kind, severity, "signal", message, _signal_fix(kind, layer, chain), factor))
-    return findings
+    direction = "smaller" if kind == "vanishing" else "larger"
+    factor = 10 ** math.copysign(trend, -1.0 if kind == "vanishing" else 1.0)
+    message = (
+        f"x{gain:.3g} per layer over {span}: dL/dz here is {times(factor)} {direction} than at the output end "
+        "along the fitted trend" + _also(also, direction)
+    )
+    fix = _signal_fix(kind, first, chain)
+    return [Finding(first.name, kind, severity, "signal", message, fix, factor, tuple(layer.name for layer, _ in also))]
+
+
+# The covered layers a trend's message names one by one; the rest are counted.
+NAMED = 4
+
+
+def _also(also: Sequence[tuple[Layer, float]], direction: str) -> str:
+    if not also:
+        return ""
+    named = ", ".join(f"{layer.name} {times(factor)}" for layer, factor in also[:NAMED])
+    rest = f" and {len(also) - NAMED} more" if len(also) > NAMED else ""
+    return f"; also {direction} past the warning threshold: {named}{rest}"
 
 
 def _signal_fix(kind: str, layer: Layer, chain: Sequence[Layer]) -> str:

@@ -134,11 +134,11 @@ def status_text(layer: Layer, findings: Sequence[Finding]) -> str:
     kind = KIND_BY_NAME.get(layer.status)
     if kind is None or kind.name == "unused":  # ok, frozen; unused says it all
         return layer.status
-    mine = [f for f in findings if f.layer == layer.name and f.kind == layer.status]
-    worst = min(mine, key=lambda f: f.severity != "error") if mine else None
+    mine = [f for f in findings if f.covers(layer.name) and f.kind == layer.status]
+    worst = min(mine, key=lambda f: (f.severity != "error", f.layer != layer.name)) if mine else None
     if worst is None:
         return layer.status
-    factor = worst.factor
+    factor = worst.factor if worst.layer == layer.name else None  # a trend's other layers: its factor is not theirs
     if factor is None or (kind.amount != "fraction" and not factor > 0):  # 0: a gradient that is exactly 0
         return f"{layer.status} [{worst.view}]"
     if kind.amount == "fraction":

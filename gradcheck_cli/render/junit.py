@@ -28,7 +28,7 @@ def _text(value: object) -> str:
 def render(report: Report, gate: Gate) -> str:
     ordered = in_forward_order(report.layers)
     cases: list[tuple[str, list[Finding], bool]] = [
-        (layer.name, [f for f in report.findings if f.layer == layer.name], layer.frozen) for layer in ordered
+        (layer.name, [f for f in report.findings if f.covers(layer.name)], layer.frozen) for layer in ordered
     ]
     known = {layer.name for layer in report.layers}
     for other in dict.fromkeys(f.layer for f in report.findings if f.layer not in known):

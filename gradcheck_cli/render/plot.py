@@ -110,7 +110,7 @@ def _in_views(report: Report, layer: Layer) -> bool:
 
 
 def _view_findings(report: Report, layer: Layer, views: Sequence[str]) -> list[Finding]:
-    return [f for f in report.findings if f.layer == layer.name and f.view in views]
+    return [f for f in report.findings if f.covers(layer.name) and f.view in views]
 
 
 def _viewseverity(report: Report, layer: Layer, views: Sequence[str]) -> str:
