@@ -232,7 +232,10 @@ class Collector:
         self._rows_seen |= reduced.rows_seen
         if self._histograms is not None and reduced.binned is not None:
             order = on_device(reduced.binned_order, self._histograms.device, torch.long)
-            self._histograms.index_add_(0, order, shift_histogram(reduced.binned, shift))
+            # index_put_ with accumulate, not index_add_: on a CPU, index_add_ along the rows of a float matrix
+            # takes a parallel scatter path whose thread hand-off costs 0.1-5 ms however small the matrix (on a
+            # loaded 2-core machine, 1000x index_put_'s 5 us); the sum is the same
+            self._histograms.index_put_((order,), shift_histogram(reduced.binned, shift), accumulate=True)
             self._binned.update(reduced.binned_order)
 
     def _record(self, step: Step[float], tape: StepTape, groups: list[SmallGroup]) -> None:
