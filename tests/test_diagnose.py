@@ -154,6 +154,25 @@ def test_update_size_uses_the_learning_rate() -> None:
     assert {k[1:] for k in kinds(layers, lr=1.0)} == {("exploding", "error", "update")}  # 20x per step
 
 
+def test_a_head_initialised_near_zero_is_judged_against_the_scale_of_its_shape() -> None:
+    """timm's EVA head: trunc_normal(0.02) x 1e-3, ||W|| 0.01 for 1000 units. A step of 5x that norm only moves
+    it toward the scale of its shape: the default init gives ||W|| = sqrt(1000 / 3) = 18.3, and the step is
+    compared with a tenth of that, 1.83 (0.027x). The same gradient 100x larger is an exploding step either way."""
+    body = [layer(f"l{i}", i, ratio=0.01, units=64) for i in range(5)]
+
+    def head(weight_norm: float, grad_norm: float) -> Layer:
+        return dataclasses.replace(
+            ratio(layer("head", 5, units=1000), grad_norm / weight_norm), weight_norm=weight_norm
+        )
+
+    assert kinds([*body, head(0.01, 5.0)], lr=0.01) == set()  # ||g||/||W|| = 500: 5x its own norm
+    flagged = kinds([*body, head(0.01, 500.0)], lr=0.01)  # 0.01 * 500 / 1.83 = 2.7x the floor
+    assert flagged == {("head", "exploding", "warning", "update")}
+    # weights of ordinary scale: judged against their own norm, as before (0.01 * 50 / 18.3 = 0.027x: no)
+    assert kinds([*body, head(18.3, 50.0)], lr=0.01) == set()
+    assert kinds([*body, head(18.3, 5000.0)], lr=0.01) == {("head", "exploding", "warning", "update")}
+
+
 def test_scale_invariant_layers_are_not_judged_by_step_size_or_balance() -> None:
     """A layer feeding a normalisation layer: the loss ignores its weight scale (Arora et al. 2019)."""
     layers = [layer(f"l{i}", i, ratio=0.01) for i in range(6)]
@@ -232,6 +251,22 @@ def test_balance_compares_a_layer_with_its_peers_in_other_blocks() -> None:
     assert found == {("h.2.attn", "vanishing", "warning", "update")}
     collapsed = [ratio(x, 1e-6) if x.name.endswith("attn") else x for x in layers]  # a role 200000x below
     assert {k[1:] for k in kinds(collapsed)} == {("vanishing", "error", "update")}
+
+
+def test_a_pair_of_peers_cannot_say_which_of_them_is_off() -> None:
+    """Two class-attention blocks (XCiT): the first block's value projection 100x above the network median
+    (behind a LayerNorm of a small token), the second 2x above it. The pair's midpoint puts the second 25x
+    below its 'peers'; the network median says it is not slow. Slow against both: flagged."""
+    layers = [ratio(layer(f"blocks.{i}.fc", i), 0.01) for i in range(8)]  # the network median: 0.01
+    fast, normal = ratio(layer("cls.0.v", 8), 1.0), ratio(layer("cls.1.v", 9), 0.02)
+    assert kinds([*layers, fast, normal]) == set()
+    slow = ratio(layer("cls.1.v", 9), 0.0002)  # 2500x below its pair's midpoint, 50x below the network median
+    assert kinds([*layers, fast, slow]) == {("cls.1.v", "vanishing", "warning", "update")}
+    # three peers: the median is the typical member, and one 25x below it is the odd one
+    third = ratio(layer("cls.2.v", 10), 1.0)
+    assert kinds([*layers, fast, ratio(layer("cls.1.v", 9), 0.04), third]) == {
+        ("cls.1.v", "vanishing", "warning", "update")
+    }
 
 
 def _median_of_all_slopes(xs: list[float], ys: list[float]) -> float:

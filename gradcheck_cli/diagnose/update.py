@@ -72,7 +72,7 @@ def _balance(
             # (Arora et al. 2019), so a slow start is not a lasting imbalance.
             continue
         ratio = _relative(layer, measured) or 0.0
-        group, peer_reference = peers.get(layer.name, (None, None))
+        group, peer_reference, pair = peers.get(layer.name, (None, None, False))
         # Against its peers (the same role in the other blocks) when it has them: roles differ by design (see
         # _peer_medians; CaiT's talking-heads projections learn 1000x slower than its MLPs in every block), so
         # a whole role that is slow is the architecture, not a fault, short of thresholds.role_error. Without
@@ -91,6 +91,9 @@ def _balance(
             factor = ratio / peer_reference
             against = f"the median of its {layer.type} peers ({group}) {peer_reference:.2g}"
             severity = level(1 / factor, thresholds.balance_warning, thresholds.balance_error)
+            if pair:  # two peers cannot say which is off: the slower one is flagged only if slow overall too
+                overall = level(reference / ratio, thresholds.balance_warning, thresholds.balance_error)
+                severity = None if overall is None else severity and min(severity, overall, key=SEVERITIES.index)
             if (
                 severity is None
                 and not layer.behind_scales
@@ -136,14 +139,16 @@ def _step_size(layers: Sequence[Layer], thresholds: Thresholds, lr: float, measu
             # 2017; Hoffer et al. 2018). Step size relative to ||W|| is not a hazard here.
             continue
         size = relative if measured else lr * relative
+        norm = _step_reference(layer)
+        size *= layer.weight_norm / norm if norm > layer.weight_norm > 0 else 1.0
         severity = level(size, thresholds.update_warning, thresholds.update_error)
         if severity is None:
             continue
+        their = "their norm" if norm <= layer.weight_norm else f"the norm {norm:.2g} a default init gives this shape"
         message = (
-            f"the watched optimizer steps changed the weights by {size:.3g}x their norm per step (median ||dW||/||W||)"
+            f"the watched optimizer steps changed the weights by {size:.3g}x {their} per step (median ||dW||/||W||)"
             if measured
-            else f"one SGD step at lr {lr:g} changes the weights by {size:.3g}x their norm "
-            f"(||g||/||W|| = {relative:.3g})"
+            else f"one SGD step at lr {lr:g} changes the weights by {size:.3g}x {their} (||g||/||W|| = {relative:.3g})"
         )
         findings.append(
             Finding(
@@ -159,6 +164,21 @@ def _step_size(layers: Sequence[Layer], thresholds: Thresholds, lr: float, measu
             )
         )
     return findings
+
+
+# A weight initialised near zero on purpose (timm's head_init_scale of 1e-3 on EVA and ConvNeXt heads, LoRA's B,
+# any output layer scaled down so that the net starts near the identity or a constant) has no structure for a step
+# to destroy: it is meant to grow to the scale of its shape. Its step is compared with the smallest norm a default
+# initialisation gives that shape (PyTorch's, Var 1/(3 fan_in): ||W|| = sqrt(units / 3)), times NEAR_ZERO, rather
+# than with its own norm, once it sits below that: an order of magnitude under every standard init (trunc_normal
+# 0.02 at width 64 is ~0.3 of the default; He 2.4x above it). Weights of ordinary scale are judged as measured.
+NEAR_ZERO = 0.1
+
+
+def _step_reference(layer: Layer) -> float:
+    """The norm a step of `layer` is compared with: its weights' own, or the floor for near-zero inits."""
+    floor = NEAR_ZERO * math.sqrt(layer.units / 3) if layer.units else 0.0
+    return max(layer.weight_norm, floor)
 
 
 def _judged(layer: Layer) -> bool:
@@ -197,12 +217,20 @@ def attention_logits(name: str) -> bool:
 
 
 # Fewest layers in a role for a peer median: with two, the same role in another block is already a better
-# reference than the whole network, whose roles differ by design (see _peer_medians).
+# reference than the whole network, whose roles differ by design (see _peer_medians). But the median of two is
+# their midpoint, which moves with either: a pair 40x apart says one of them is off, not which (XCiT's two
+# class-attention blocks: the first one's value projection learns 220x faster than the network median, behind a
+# LayerNorm of the small class token, and the second, 5x above that median, read 22x below the pair). From
+# ROBUST_PEERS on, one odd layer cannot move the median past the others; a pair's slower member is flagged only
+# when the network median says so too (the milder of the two verdicts).
 PEER_GROUP_MIN = 2
+ROBUST_PEERS = 3
+SEVERITIES = ("warning", "error")
 
 
-def _peer_medians(members: Sequence[Layer], measured: bool = False) -> dict[str, tuple[str, float]]:
-    """{layer: (group, median ||g||/||W|| of its group)} for groups of at least PEER_GROUP_MIN layers.
+def _peer_medians(members: Sequence[Layer], measured: bool = False) -> dict[str, tuple[str, float, bool]]:
+    """{layer: (group, median ||g||/||W|| of its group, whether the group is a mere pair: fewer than
+    ROBUST_PEERS)} for groups of at least PEER_GROUP_MIN layers.
 
     Layers in different roles learn at different speeds by design: GPT-2's scaled initialisation makes the
     residual projections' weights sqrt(2 * blocks) smaller, uniform attention at initialisation gives query and
@@ -219,7 +247,7 @@ def _peer_medians(members: Sequence[Layer], measured: bool = False) -> dict[str,
             value = median([_relative(layer, measured) or 0.0 for layer in group])
             if value:
                 for layer in group:
-                    result[layer.name] = (key.split(":")[0], value)
+                    result[layer.name] = (key.split(":")[0], value, len(group) < ROBUST_PEERS)
     return result
 
 
