@@ -212,7 +212,8 @@ def through_time(
     replay of the first batch).
 
     Fused nn.RNN/LSTM/GRU: the gradient reaching each step of the module's input (a zero tensor added to the
-    input, whose gradient is exactly dL/dx_t, without changing the forward). Cells looped in Python
+    input, whose gradient is exactly dL/dx_t, without changing the forward) from its last output step only
+    (_last_step_only: the gradient of its other output steps is held back in this replay). Cells looped in Python
     (nn.RNNCell..., or any layer called at least MIN_TIME_STEPS times in one forward, such as a hand-written
     W_hh): ||dL/dh|| at each call's output. When the loss is taken at the last step (a model that reads the
     whole sequence), this is the textbook view of Bengio et al. 1994 and Pascanu et al. 2013: how the gradient
@@ -235,6 +236,7 @@ def through_time(
     steps: dict[str, list[torch.Tensor]] = {spec.name: [] for spec in looped}
     watch = GateWatch()
     handles = [spec.module.register_forward_pre_hook(_probe_input(spec.name, spec.module, probes)) for spec in fused]
+    handles += [spec.module.register_forward_hook(_last_step_only(spec.name, probes)) for spec in fused]
     handles += [spec.module.register_forward_pre_hook(_watch_input(watch)) for spec in looped]
     handles += [spec.module.register_forward_hook(_record_calls(spec.name, steps[spec.name], watch)) for spec in looped]
     passes = Passes(setup.runner, setup.loss, setup.device, setup.amp_dtype)
@@ -277,8 +279,32 @@ def _probe_input(
         if name in probes or not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
             return None
         probe = torch.zeros_like(x, requires_grad=True)
-        probes[name] = (probe, 0 if not getattr(module, "batch_first", False) and x.dim() == 3 else 1)
+        probes[name] = (probe, 1 if getattr(module, "batch_first", False) and x.dim() == 3 else 0)
         return (x + probe, *args[1:])
+
+    return hook
+
+
+def _last_step_only(name: str, probes: dict[str, tuple[torch.Tensor, int]]) -> Callable[..., None]:
+    """Let only the gradient of the module's last output step into it: what reaches each input step is then
+    dL/dy_T carried back through the recurrence, the textbook view, whatever the loss reads. A language model's
+    loss at every step would otherwise add T - t terms at step t, and a recurrence that remembers well (a GRU
+    whose update gate holds its state, a trained LSTM's open forget gate) would read as exploding through time
+    when it only accumulates. Bidirectional modules are measured as the loss has it: their two directions end at
+    opposite steps."""
+
+    def hook(module: torch.nn.Module, args: object, output: object) -> None:
+        y = output[0] if isinstance(output, tuple) else output
+        if name not in probes or getattr(module, "bidirectional", False) or not isinstance(y, torch.Tensor):
+            return
+        if not y.requires_grad or y.dim() < 2:
+            return
+        time_dim = probes[name][1]
+        mask = torch.zeros(y.shape[time_dim], dtype=y.dtype, device=y.device)
+        mask[-1] = 1.0
+        shape = [1] * y.dim()
+        shape[time_dim] = -1
+        y.register_hook(lambda grad: grad * mask.view(shape))
 
     return hook
 

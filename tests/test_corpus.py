@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import re
 from functools import cache
 from pathlib import Path
@@ -264,6 +265,21 @@ def test_gated_recurrent_classifiers_decay_through_time_by_design_and_a_closed_f
         assert any(note.startswith("rnn (") and "halves every" in note for note in report.notes)
     closed = _report("lstm-forget-gate-closed")
     assert [(f.layer, f.view) for f in closed.findings if f.kind == "vanishing"] == [("rnn", "time")]
+
+
+def test_through_time_a_language_models_loss_at_every_step_is_not_growth() -> None:
+    """A GRU language model with its update gates held at z = sigmoid(6): h_t = z h_(t-1) + (1 - z) n_t, so the
+    gradient from the last step reaches step t scaled by z^(T-1-t), 0.9975^15 = 0.963 over 16 steps: no decay and
+    no growth. Read under the model's loss, each step also collects the losses of every later step (T - t terms,
+    compounding over the stack), which used to read as exploding through time (376x). The time view carries the
+    last step's gradient alone."""
+    report = _report("gru-stack-update-gates-shut")
+    z = 1 / (1 + math.exp(-6.0))
+    for layer in report.layers:
+        if layer.time_grad_norms is not None:
+            norms = layer.time_grad_norms
+            assert norms[0] / norms[-1] == pytest.approx(z ** (len(norms) - 1), rel=0.03), layer.name
+    assert not [f for f in report.findings if f.view == "time"]
 
 
 class _AuxiliaryHead(torch.nn.Module):
