@@ -41,6 +41,9 @@ from gradcheck_cli.steps import (
 )
 from gradcheck_cli.tape import COUNTS, StepTape
 
+# Histogram rows merged by index_put_ up to this many (Collector._merge says why).
+FEW_ROWS = 1024
+
 
 class Collector:
     """Turns each step's gradients and hook tape into host numbers, then into Layer/ParameterRecord."""
@@ -232,10 +235,15 @@ class Collector:
         self._rows_seen |= reduced.rows_seen
         if self._histograms is not None and reduced.binned is not None:
             order = on_device(reduced.binned_order, self._histograms.device, torch.long)
-            # index_put_ with accumulate, not index_add_: on a CPU, index_add_ along the rows of a float matrix
-            # takes a parallel scatter path whose thread hand-off costs 0.1-5 ms however small the matrix (on a
-            # loaded 2-core machine, 1000x index_put_'s 5 us); the sum is the same
-            self._histograms.index_put_((order,), shift_histogram(reduced.binned, shift), accumulate=True)
+            binned = shift_histogram(reduced.binned, shift)
+            if len(reduced.binned_order) <= FEW_ROWS:
+                # On a CPU, index_add_ along the rows of a float matrix takes a parallel scatter path whose
+                # thread hand-off costs 0.1-60 ms on a loaded 2-core machine however few the rows (8 rows: 11 us
+                # to 62 ms from one run to the next); index_put_ with accumulate adds the same in ~5 us there, but
+                # sorts its indices, 8 ms against index_add_'s 0.7 ms at 20,000 rows
+                self._histograms.index_put_((order,), binned, accumulate=True)
+            else:
+                self._histograms.index_add_(0, order, binned)
             self._binned.update(reduced.binned_order)
 
     def _record(self, step: Step[float], tape: StepTape, groups: list[SmallGroup]) -> None:
