@@ -368,6 +368,22 @@ def test_query_and_key_projections_are_slow_by_design_and_judged_only_past_role_
     assert found == {("lonely", "warning"), ("blocks.0.attn.k_proj", "error")}
 
 
+def test_a_small_input_makes_query_and_key_projections_slower_by_its_square() -> None:
+    """dL/dW_q at uniform attention carries three factors of the input (value spread, key, x) against one in the
+    other layers: at input RMS 1e-3 a q/k projection is expected 1e6x slower. 1e-8 against a median of 0.01 is
+    1e6x: within role_error (1e5) of what that input explains, 10x past it at unit scale. A large input is not
+    credited (its attention is no longer uniform)."""
+    layers = [layer(f"mlp{i}", i, ratio=0.01) for i in range(6)]
+
+    def key(rms: float) -> list:
+        return [layer("blocks.0.attn.k_proj", 6, ratio=1e-8, input_rms=rms)]
+
+    assert diagnose(layers + key(1e-3), [1.0], Thresholds()).findings == []
+    for rms in (1.0, 30.0):
+        found = {(f.layer, f.severity) for f in diagnose(layers + key(rms), [1.0], Thresholds()).findings}
+        assert found == {("blocks.0.attn.k_proj", "error")}
+
+
 def test_a_dash_separated_block_index_is_a_position_not_a_role() -> None:
     from gradcheck_cli.diagnose.update import peer_group
 
