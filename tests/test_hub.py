@@ -218,3 +218,28 @@ def test_a_timm_model_without_a_classifier_head_gets_one(monkeypatch: Any) -> No
     assert built.make_batches is not None
     batch = next(iter(built.make_batches(1, 2, 0)))
     assert int(batch.targets.max()) < HEADLESS_CLASSES and built.model(*batch.args).shape[-1] == HEADLESS_CLASSES
+
+
+def test_a_seq2seq_config_without_a_decoder_start_token_gets_shifted_labels(
+    cli: Any, saved: dict[str, Path], tmp_path: Path
+) -> None:
+    """T5's config as transformers 5's AutoConfig makes it has no decoder_start_token_id, which the model needs
+    to shift its labels: the decoder inputs are then the labels shifted right from the pad id, as T5 starts."""
+    from gradcheck_cli.hub import HubTarget, build
+    from gradcheck_cli.options import Options
+
+    folder = tmp_path / "t5"
+    shutil.copytree(saved["t5"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("decoder_start_token_id", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    built = build(HubTarget("hf", str(folder)), Options())
+    assert built.make_batches is not None
+    batch = built.make_batches(1, Options().batch_size, 0)[0].kwargs
+    labels, decoder = batch["labels"], batch["decoder_input_ids"]
+    pad = built.model.config.pad_token_id or 0
+    assert torch.equal(decoder[:, 0], torch.full_like(decoder[:, 0], pad)) and torch.equal(
+        decoder[:, 1:], labels[:, :-1]
+    )
+    code, report = cli.json("analyze", f"hf:{folder}", "--quiet")
+    assert code == 0 and report["findings"] == [], [f["message"] for f in report["findings"]]

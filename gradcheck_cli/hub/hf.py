@@ -209,6 +209,11 @@ def _inputs(model: Any, config: Any, task: str) -> Built:
                 item["labels"] = torch.randint(0, labels, (batch,), generator=generator)
             elif task == "seq2seq":
                 item["labels"] = torch.randint(0, vocab, (batch, max(1, length // 2)), generator=generator)
+                if getattr(config, "decoder_start_token_id", None) is None:
+                    # the model shifts labels right from decoder_start_token_id, which some configs leave out (T5's
+                    # made by AutoConfig in transformers 5): shifted here from the pad id, as T5 starts
+                    start = torch.full((batch, 1), int(getattr(config, "pad_token_id", None) or 0))
+                    item["decoder_input_ids"] = torch.cat([start, item["labels"][:, :-1]], dim=1)
             else:
                 item["labels"] = ids.clone()  # the model shifts them itself (causal) or predicts them all (masked)
             return item
