@@ -93,6 +93,14 @@ def test_growth_toward_the_input_is_exploding() -> None:
     assert ("l0", "exploding", "error", "signal") in kinds(chain([3.0] * 8))
 
 
+def test_growth_through_batch_norm_layers_is_not_blamed_on_the_weights_scale() -> None:
+    """BN divides the weights' scale out: growth through a plain BN chain is BN's (Yang et al. 2019)."""
+    (plain,) = diagnose(chain([3.0] * 8), [1.0], Thresholds()).findings
+    (normed,) = diagnose(chain([3.0] * 8, feeds_norm=True), [1.0], Thresholds()).findings
+    assert "weights too large" in plain.fix and "batch normalisation" not in plain.fix
+    assert "batch normalisation without skip connections" in normed.fix and "weights too large" not in normed.fix
+
+
 def test_one_odd_layer_without_a_trend_is_not_a_signal_finding() -> None:
     layers = chain([1.0] * 9)
     layers[4] = dataclasses.replace(layers[4], output_grad_norm_median=1e-4)

@@ -202,6 +202,13 @@ def _signal_fix(kind: str, layer: Layer, chain: Sequence[Layer]) -> str:
             "weights too small for gain 1: nn.init.xavier_normal_ (tanh), nn.init.kaiming_normal_ (ReLU) or "
             "nn.init.orthogonal_; add normalization layers or residual connections"
         )
+    if 2 * sum(c.feeds_norm for c in chain) > len(chain):
+        # most layers feed a normalisation layer: the weights' scale is not the cause (BN divides it out)
+        return (
+            "batch normalisation without skip connections makes gradients grow with depth at initialisation "
+            "whatever the weights' scale (Yang et al. 2019): residual connections remove it; warm the learning "
+            "rate up and clip with torch.nn.utils.clip_grad_norm_ while training"
+        )
     return (
         "weights too large for gain 1: re-initialise with nn.init.xavier_normal_ / kaiming_normal_ / "
         "orthogonal_, add normalization layers; clip with torch.nn.utils.clip_grad_norm_ while training"
