@@ -271,3 +271,20 @@ def test_layers_is_a_flag_and_a_config_key(cli, tmp_path: Path, monkeypatch) -> 
     assert "blocks.3.b " in cli("analyze", "blocks.py", "--data", "randn:16,8").stdout
     bad = cli("analyze", "blocks.py", "--data", "randn:16,8", "--layers", "some")
     assert bad.exit_code == 2 and "'some' is not one of" in bad.stderr
+
+
+def test_a_long_status_fits_80_columns_with_its_amount() -> None:
+    """A deep sigmoid net (the deep-sigmoid demo's shape): 'vanishing 3e+12x [signal]' is too wide for an
+    80-column table of the kept columns. The view tag is shortened ('[sig]') or left to the findings below, so
+    that the kind and the amount stay whole on one line."""
+    from gradcheck_cli.demos import deep_sigmoid, synthetic_digits
+
+    torch.manual_seed(0)
+    report = gradcheck_cli.analyze(deep_sigmoid(), [b.args for b in synthetic_digits(3, 0)])
+    first = report.layer(next(layer.name for layer in report.layers if layer.name.endswith("fc1")))
+    assert first.status == "vanishing"
+    rows = _table_rows(_render(report, 80))
+    fc1 = next(line for line in rows if line.startswith("fc1 "))
+    assert re.search(r"│ vanishing \de\+\d\dx( \[sig\])?$", fc1.rstrip()), fc1
+    assert all(len(line) <= 80 for line in rows)
+    assert "[signal]" in _render(report, 160)  # where it fits, the tag is whole

@@ -127,6 +127,17 @@ def render_text(report: Report, gate: Gate, layers: str = "folded") -> str:
 NAME_MIN = 16  # shortest a layer name is cut to (with a middle ellipsis) before the table may overflow
 
 
+def _short_view(status: str, room: int) -> str:
+    """A status in `room` characters: 'vanishing 4e+12x [signal]', else 'vanishing 4e+12x [sig]' (the view's
+    first three letters), else 'vanishing 4e+12x' (the findings below name the view), so that the kind and the
+    amount stay whole on one line of a narrow terminal."""
+    head, bracket, view = status.rpartition(" [")
+    if len(status) <= room or not bracket or not view.endswith("]"):
+        return status
+    short = f"{head} [{view[:3]}]"
+    return short if len(short) <= room else head
+
+
 def _table(report: Report, layers: str, width: int) -> tuple[Table, list[str]]:
     context = TableContext.of(report)
     present = columns(context)
@@ -152,6 +163,10 @@ def _table(report: Report, layers: str, width: int) -> tuple[Table, list[str]]:
         room = max(NAME_MIN, width - (total() - widths["layer"]))
         cells["layer"] = [shorten(name, room) for name in cells["layer"]]
         widths["layer"] = max([len(headers["layer"]), *map(len, cells["layer"])])
+    if total() > width and "status" in widths:  # still too wide: shorten the view tags of the longest statuses
+        room = max(len(headers["status"]), widths["status"] - (total() - width))
+        cells["status"] = [_short_view(text, room) for text in cells["status"]]
+        widths["status"] = max([len(headers["status"]), *map(len, cells["status"])])
     left_out = [COLUMN_LABELS[column.key] for column in present if column not in shown]
     if left_out:
         notes.append(f"left out to fit {width} columns: {', '.join(left_out)} (a wider terminal shows them)")
