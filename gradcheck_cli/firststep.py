@@ -46,10 +46,7 @@ def watching(model: torch.nn.Module, layers: Sequence[LayerSpec]) -> Iterator[Fi
         return hook
 
     handles = [spec.module.register_forward_hook(hook_for(spec.name), with_kwargs=True) for spec in layers]
-    handles += [
-        module.register_forward_pre_hook(lambda module, args: watch.flat.module_input(module, args))
-        for module in activation_modules(model)
-    ]
+    handles += [module.register_forward_pre_hook(watch.flat.module_input) for module in activation_modules(model)]
     try:
         with watch.flat:
             yield watch

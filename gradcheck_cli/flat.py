@@ -121,8 +121,8 @@ class FlatWatch(TorchFunctionMode):
                 top = self._module_peaks[id(module)]
                 if math.isfinite(top):
                     self._record(entry[1], type(module).__name__, module.forward, x, (), {}, top)
-            except (TypeError, RuntimeError):  # a forward that takes no single tensor: not measured
-                self._module_peaks[id(module)] = math.nan
+            except Exception:  # a forward that takes no 1-D tensor (any error of its own): not measured, and
+                self._module_peaks[id(module)] = math.nan  # the model's own forward goes on untouched
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}

@@ -116,9 +116,17 @@ class GatedSiLU(nn.Module):
         return torch.cat([torch.nn.functional.silu(a) * b, b], dim=-1)
 
 
-def test_an_activation_module_that_is_not_elementwise_is_not_judged() -> None:
+class BatchedGELU(nn.Module):
+    """Named like an activation, but its forward reads a batch dimension: it raises on the 1-D probe."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x) * float(x.shape[-2] > 0)
+
+
+@pytest.mark.parametrize("module", [GatedSiLU, BatchedGELU])
+def test_an_activation_module_that_is_not_elementwise_is_not_judged(module: type[nn.Module]) -> None:
     model = HalfStarved("my.Swish")
-    model.module = GatedSiLU()
+    model.module = module()
     report = gradcheck_cli.analyze(model, [(torch.randn(32, 16), torch.randint(0, 4, (32,)))])
     assert all(layer.flat_activation is None for layer in report.layers)
 

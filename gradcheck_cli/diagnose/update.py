@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from gradcheck_cli.diagnose.common import level, times
 from gradcheck_cli.diagnose.thresholds import Thresholds
+from gradcheck_cli.kinds import SEVERITIES
 from gradcheck_cli.report import Finding, Layer, SignalSummary, UpdateSummary
 from gradcheck_cli.series import median
 
@@ -97,7 +98,7 @@ def _balance(
             severity = level(1 / factor, thresholds.balance_warning, thresholds.balance_error)
             if pair:  # two peers cannot say which is off: the slower one is flagged only if slow overall too
                 overall = level(reference / ratio, thresholds.balance_warning, thresholds.balance_error)
-                severity = None if overall is None else severity and min(severity, overall, key=SEVERITIES.index)
+                severity = min(severity, overall, key=SEVERITIES.index) if severity and overall else None
             if (
                 severity is None
                 and not layer.behind_scales
@@ -240,7 +241,6 @@ def attention_logits(name: str) -> bool:
 # when the network median says so too (the milder of the two verdicts).
 PEER_GROUP_MIN = 2
 ROBUST_PEERS = 3
-SEVERITIES = ("warning", "error")
 
 
 def _peer_medians(members: Sequence[Layer], measured: bool = False) -> dict[str, tuple[str, float, bool]]:
