@@ -67,15 +67,19 @@ def peak(func: Callable[..., Any], extra: tuple[Any, ...], options: tuple[tuple[
     return _peak(func, extra, dict(options))
 
 
+def _grid() -> torch.Tensor:
+    """The inputs an activation's peak derivative is searched over: [-20, 20] in steps of 0.001."""
+    return torch.linspace(-20.0, 20.0, 40001, dtype=torch.float64)
+
+
 def _peak(func: Callable[..., Any], extra: tuple[Any, ...], options: dict[str, Any]) -> float:
-    x = torch.linspace(-20.0, 20.0, 40001, dtype=torch.float64)
-    return float(_derivative(func, x, extra, options).abs().max())
+    return float(_derivative(func, _grid(), extra, options).abs().max())
 
 
 def _elementwise_peak(func: Callable[..., Any]) -> float:
     """_peak of a module's forward, or NaN where it is not elementwise (a gated unit that splits its input, say):
     an elementwise function commutes with reversing its input."""
-    x = torch.linspace(-20.0, 20.0, 40001, dtype=torch.float64)
+    x = _grid()
     out = func(x)
     if not isinstance(out, torch.Tensor) or out.shape != x.shape or not torch.equal(func(x.flip(0)).flip(0), out):
         return math.nan
