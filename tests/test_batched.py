@@ -199,3 +199,37 @@ def test_layers_reading_one_tensor_share_its_sample_until_it_changes() -> None:
         assert found[(layer, "input_sq")] == pytest.approx(expected)
     assert found[(3, "input_sq")] == pytest.approx(4 * expected)
     assert found[(2, "saturated")] == float((x.abs() / 2 > 1.0).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_max_abs_and_zero_count_are_exact_for_signed_zeros_and_nonfinite_values(dtype: torch.dtype) -> None:
+    """reduce_gradient's max |g| and count of exact zeros, checked against float arithmetic on the values
+    written out here: == 0 (which is true of -0.0) and the largest |x| (NaN wherever there is one)."""
+    from gradcheck_cli.reduce import reduce_gradient
+
+    g, tiny = torch.Generator().manual_seed(7), torch.finfo(dtype).tiny
+    base = torch.randn(5000, generator=g).to(dtype)
+    base[torch.rand(5000, generator=g) < 0.3] = 0.0
+    cases = {
+        "zeros at random": base,
+        "masked: -0.0 where the value was negative": torch.randn(5000, generator=g).to(dtype) * (base != 0),
+        "all negative": -torch.rand(300, generator=g).to(dtype) - 0.5,
+        "negative and -0.0 only": torch.tensor([-0.0, -3.0, -0.0], dtype=dtype),
+        "one +0.0": torch.zeros(1, dtype=dtype),
+        "-inf beside positives": torch.tensor([1.0, -float("inf"), 0.0], dtype=dtype),
+        "NaN among negatives": torch.tensor([-1.0, float("nan"), -0.0], dtype=dtype),
+        "negative NaN": torch.tensor([2.0, -float("nan")], dtype=dtype),
+        "subnormal beside zero": torch.tensor([tiny / 4, 0.0, -tiny / 8], dtype=dtype),
+    }
+    for name, values in cases.items():
+        reduced = reduce_gradient(values, want_rows=False)
+        largest, zeros = reduced.max_abs, reduced.zeros
+        assert zeros.item() == sum(1 for v in values.tolist() if v == 0.0), name
+        magnitudes = [abs(v) for v in values.tolist()]
+        expected = float("nan") if any(math.isnan(v) for v in magnitudes) else max(magnitudes)
+        expected = float(torch.tensor(expected, dtype=torch.float64).float())  # reported in float32
+        assert largest.dtype == torch.float32, name
+        if math.isnan(expected):
+            assert math.isnan(largest.item()), name
+        else:
+            assert largest.item() == expected, name
