@@ -397,3 +397,42 @@ def test_a_dash_separated_block_index_is_a_position_not_a_role() -> None:
 
     assert peer_group("trunk_output.block3.block3-4.f.se.fc1") == "trunk_output.block3.block3-#.f.se.fc1"
     assert peer_group("layer1.0.conv1") == "layer1.#.conv1"  # conv1 and conv2 stay different roles
+
+
+def test_query_key_projections_of_a_softmax_over_one_position_are_dead_and_say_why() -> None:
+    """A softmax over one position is 1 whatever its logit (d softmax_i / d s_j = p_i (delta_ij - p_j) = 0 at
+    p = 1), so q and k get exactly zero gradient while v and the output projection learn; over 8 positions
+    all four learn."""
+    import torch
+    from torch import nn
+
+    import gradcheck_cli
+
+    class Attention(nn.Module):
+        def __init__(self, width: int = 16) -> None:
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            logits = self.q(x) @ self.k(x).transpose(1, 2) / 4.0
+            return x + self.o(torch.softmax(logits, dim=-1) @ self.v(x))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.attn, self.head = nn.Linear(8, 16), Attention(), nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.attn(self.embed(x)).mean(dim=1))
+
+    torch.manual_seed(0)
+    for positions in (1, 8):
+        x, y = torch.randn(32, positions, 8), torch.randint(0, 3, (32,))
+        report = gradcheck_cli.analyze(Net(), (x, y), steps=2)
+        dead = {f.layer: f for f in report.findings if f.kind == "dead"}
+        if positions == 1:
+            assert set(dead) == {"attn.q", "attn.k"}
+            assert all(f.severity == "error" and "single position" in f.message for f in dead.values())
+            assert "while v beside it learns" in dead["attn.q"].message or "while o beside" in dead["attn.q"].message
+        else:
+            assert not dead

@@ -4,9 +4,11 @@ them: Layer.gated, measured by passes.open_gates), and gradient values that unde
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from gradcheck_cli.diagnose.common import LOSS_LAYER, Context, all_zero, level
-from gradcheck_cli.report import Finding, NanOrigin
+from gradcheck_cli.diagnose.update import attention_logits
+from gradcheck_cli.report import Finding, Layer, NanOrigin
 
 
 def numeric(context: Context) -> list[Finding]:
@@ -39,19 +41,54 @@ def numeric(context: Context) -> list[Finding]:
             )
             findings.append(Finding(layer.name, "nan", "error", "numeric", message, _nan_fix(origin)))
         elif layer.trainable_params and all_zero(layer) and not layer.gated:
+            steps = f"every gradient value is exactly 0 in all {len(layer.grad_norm_steps)} steps"
+            learning = _learning_sibling(layer, layers)
+            if learning is not None:
+                findings.append(Finding(layer.name, "dead", "error", "numeric", *_one_position(steps, learning)))
+                continue
             findings.append(
                 Finding(
                     layer.name,
                     "dead",
                     "error",
                     "numeric",
-                    f"every gradient value is exactly 0 in all {len(layer.grad_norm_steps)} steps: "
-                    "this layer cannot learn",
+                    f"{steps}: this layer cannot learn",
                     "check what zeroes its signal: dead ReLUs after it (kaiming_normal_ init, LeakyReLU), a "
                     "zero-initialised layer downstream, or a detach()/no_grad in the forward",
                 )
             )
     return findings
+
+
+def _learning_sibling(layer: Layer, layers: Sequence[Layer]) -> str | None:
+    """For a query/key projection (update.attention_logits), a layer of the same attention module that gets a
+    gradient (its value or output projection), if any: its name within that module."""
+    if not attention_logits(layer.name) or "." not in layer.name:
+        return None
+    parent = layer.name.rsplit(".", 1)[0] + "."
+    return next(
+        (
+            other.name[len(parent) :]
+            for other in layers
+            if other.name.startswith(parent)
+            and not attention_logits(other.name)
+            and any(v for v in other.grad_norm_steps if v is not None)
+        ),
+        None,
+    )
+
+
+def _one_position(steps: str, learning: str) -> tuple[str, str]:
+    """A query/key projection without gradient beside a value projection with one. Its only path to the loss
+    is the attention logits, through softmax: d softmax_i / d s_j = p_i (delta_ij - p_j), which is exactly 0
+    when a softmax spans one position (p = 1 whatever the logit), or only one key is left unmasked."""
+    return (
+        f"{steps}, while {learning} beside it learns: a query/key projection only moves the "
+        "attention logits, and their gradient is exactly 0 when each softmax spans a single position (a "
+        "softmax of one logit is 1 whatever the logit)",
+        "give this attention more than one position to attend over: a longer sequence, a larger input (more "
+        "patches after the downsampling before it), or an attention mask that leaves more than one key",
+    )
 
 
 def _origin_text(origin: NanOrigin | None) -> str:
