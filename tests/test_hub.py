@@ -243,3 +243,33 @@ def test_a_seq2seq_config_without_a_decoder_start_token_gets_shifted_labels(
     )
     code, report = cli.json("analyze", f"hf:{folder}", "--quiet")
     assert code == 0 and report["findings"] == [], [f["message"] for f in report["findings"]]
+
+
+@pytest.mark.parametrize(
+    ("name", "base", "reads"), [("bert", "BertModel", "input_ids"), ("vit", "ViTModel", "pixel_values")]
+)
+def test_a_base_model_without_a_head_gets_unlabelled_inputs_and_a_projected_loss(
+    cli: Any, saved: dict[str, Path], tmp_path: Path, name: str, base: str, reads: str
+) -> None:
+    """A config naming a base model (no task head) still runs: its inputs from the config, no labels, and the
+    loss a fixed random projection of its output (README: Loss); the head-less model's layers all learn."""
+    from gradcheck_cli.hub import HubTarget, build
+    from gradcheck_cli.options import Options
+
+    folder = tmp_path / name
+    folder.mkdir()
+    config = json.loads((saved[name] / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, architectures=[base])))
+    built = build(HubTarget("hf", str(folder)), Options(from_config=True))
+    assert type(built.model).__name__ == base and built.make_batches is not None
+    batch = built.make_batches(1, Options().batch_size, 0)[0].kwargs
+    assert reads in batch and "labels" not in batch
+    if reads == "pixel_values":
+        assert batch[reads].shape[1:] == (config["num_channels"], config["image_size"], config["image_size"])
+    code, report = cli.json("analyze", f"hf:{folder}", "--from-config", "--quiet")
+    assert code == 0, [f["message"] for f in report["findings"]]
+    assert report["loss_name"] == "random-projection"
+    # every trainable layer got a gradient but the pooler, which feeds only pooler_output (a side output)
+    silent = [layer["name"] for layer in report["layers"] if layer["trainable_params"] and not layer["grad_norm"]]
+    assert silent in ([], ["pooler.dense"]), silent
+    assert len(report["layers"]) > 20

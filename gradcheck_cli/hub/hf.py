@@ -189,18 +189,28 @@ def _inputs(model: Any, config: Any, task: str) -> Built:
     if task == "seq-cls" and getattr(config, "pad_token_id", None) is None:
         # GPT-2-style classifiers find each sequence's last token by the pad id; the synthetic ids use none
         model.config.pad_token_id = getattr(config, "eos_token_id", None) or 0
-    if task == "image-cls":
-        size = int(getattr(config, "image_size", 224))
+    # a base model without a head (Dinov2Model, BertModel): its inputs without labels, and --loss auto then
+    # projects its output on a fixed random direction (resolve/losses.py)
+    reads = _keyword_inputs(model) if task == "other" else set()
+    images = task == "image-cls" or "pixel_values" in reads
+    unlabelled = " (no labels: a base model)" if task == "other" else ""
+    if images:
+        size = getattr(config, "image_size", 224)
+        size = int(size[0] if isinstance(size, list | tuple) else size)  # some configs give (height, width)
         channels = int(getattr(config, "num_channels", 3))
-        description = f"standardised images {channels}x{size}x{size} (config.json) and labels of {labels} classes"
+        description = f"standardised images {channels}x{size}x{size} (config.json)" + (
+            unlabelled or f" and labels of {labels} classes"
+        )
 
         def one(generator: torch.Generator, batch: int) -> dict[str, torch.Tensor]:
-            return {
-                "pixel_values": torch.randn(batch, channels, size, size, generator=generator),
-                "labels": torch.randint(0, labels, (batch,), generator=generator),
-            }
-    elif task in ("causal-lm", "masked-lm", "seq-cls", "seq2seq") and vocab > 0:
-        description = f"token ids < {vocab} (vocab_size), {length} per sequence, attention masks, labels for {task}"
+            item = {"pixel_values": torch.randn(batch, channels, size, size, generator=generator)}
+            if task == "image-cls":
+                item["labels"] = torch.randint(0, labels, (batch,), generator=generator)
+            return item
+    elif (task in ("causal-lm", "masked-lm", "seq-cls", "seq2seq") or "input_ids" in reads) and vocab > 0:
+        description = f"token ids < {vocab} (vocab_size), {length} per sequence, attention masks" + (
+            unlabelled or f", labels for {task}"
+        )
 
         def one(generator: torch.Generator, batch: int) -> dict[str, torch.Tensor]:
             ids = torch.randint(0, vocab, (batch, length), generator=generator)
@@ -214,7 +224,7 @@ def _inputs(model: Any, config: Any, task: str) -> Built:
                     # made by AutoConfig in transformers 5): shifted here from the pad id, as T5 starts
                     start = torch.full((batch, 1), int(getattr(config, "pad_token_id", None) or 0))
                     item["decoder_input_ids"] = torch.cat([start, item["labels"][:, :-1]], dim=1)
-            else:
+            elif task != "other":
                 item["labels"] = ids.clone()  # the model shifts them itself (causal) or predicts them all (masked)
             return item
     else:
@@ -224,13 +234,23 @@ def _inputs(model: Any, config: Any, task: str) -> Built:
         )
 
     def make(count: int, batch_size: int, seed: int) -> Batches:
-        batch = (IMAGE_BATCH if task == "image-cls" else TEXT_BATCH) if batch_size == DEFAULT_BATCH_SIZE else batch_size
+        batch = (IMAGE_BATCH if images else TEXT_BATCH) if batch_size == DEFAULT_BATCH_SIZE else batch_size
         generator = torch.Generator().manual_seed(seed)
         from gradcheck_cli.resolve.data import collect_batches
 
         return collect_batches((one(generator, batch) for _ in range(count)), count)
 
     return Built(model, make, description, sequence_length=length)
+
+
+def _keyword_inputs(model: Any) -> set[str]:
+    """The keyword arguments a model's forward names (none when its signature cannot be read)."""
+    import inspect
+
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
 
 
 def text_batches(directory_label: str, built: Built, path: Path, count: int, batch_size: int) -> Any:
