@@ -302,7 +302,11 @@ class Collector:
         return float(count.item())
 
     def finish(
-        self, ever_active: dict[int, torch.Tensor], order: list[int], feeds_norm: set[int]
+        self,
+        ever_active: dict[int, torch.Tensor],
+        order: list[int],
+        feeds_norm: set[int],
+        used_as: dict[int, str] | None = None,
     ) -> tuple[list[Layer], list[ParameterRecord]]:
         """Build the records; one more sync for the accumulated masks and histograms."""
         mask_keys = [k for k in self._rows_ever if k in self._rows_seen]
@@ -339,6 +343,7 @@ class Collector:
             },
             position={layer: i for i, layer in enumerate(order)},
             feeds_norm=feeds_norm,
+            used_as=used_as or {},
             value_histograms=self._finish_value_histograms(),
         )
         measured = Measured(

@@ -17,6 +17,7 @@ from gradcheck_cli.flat import FlatWatch, activation_modules
 
 if TYPE_CHECKING:
     from gradcheck_cli.layers import LayerSpec
+    from gradcheck_cli.probe import Probe
 
 
 @dataclass
@@ -26,9 +27,10 @@ class FirstStep:
 
 
 @contextlib.contextmanager
-def watching(model: torch.nn.Module, layers: Sequence[LayerSpec]) -> Iterator[FirstStep]:
+def watching(model: torch.nn.Module, layers: Sequence[LayerSpec], probe: Probe | None = None) -> Iterator[FirstStep]:
     """Both watches over the passes run inside, fed by one forward hook per layer (and a pre-hook per activation
-    module that composes its formula from elementary ops, flat.activation_modules)."""
+    module that composes its formula from elementary ops, flat.activation_modules); a matrix no module applies
+    (LayerSpec.functional) by the probe's calls of it instead."""
     from gradcheck_cli.batch import first_tensor
 
     watch = FirstStep(
@@ -45,12 +47,23 @@ def watching(model: torch.nn.Module, layers: Sequence[LayerSpec]) -> Iterator[Fi
 
         return hook
 
-    handles = [spec.module.register_forward_hook(hook_for(spec.name), with_kwargs=True) for spec in layers]
+    hooked = [spec for spec in layers if not spec.functional]
+    handles = [spec.module.register_forward_hook(hook_for(spec.name), with_kwargs=True) for spec in hooked]
     handles += [module.register_forward_pre_hook(watch.flat.module_input) for module in activation_modules(model)]
+    names = {spec.index: spec.name for spec in layers if spec.functional}
+
+    def functional(index: int, inputs: torch.Tensor | None, output: torch.Tensor) -> None:
+        watch.depth.called(names[index], ((inputs,), {}), output)
+        watch.flat.output(names[index], output)
+
+    if probe is not None and names:
+        probe.also_on_call.append(functional)
     try:
         with watch.flat:
             yield watch
     finally:
         for handle in handles:
             handle.remove()
+        if functional in (probe.also_on_call if probe is not None else ()):
+            probe.also_on_call.remove(functional)  # type: ignore[union-attr]
         watch.depth.release()

@@ -75,6 +75,10 @@ class LayerSpec:
     category: str
     # (qualified name as named_parameters() gives it, the tensor)
     params: tuple[tuple[str, nn.Parameter], ...]
+    # one matrix that no module of its own applies (a parameter of the model itself, or of a ParameterList or
+    # ParameterDict, used by the forward as x @ W, F.linear, F.conv2d): module hooks cannot see its calls, so
+    # the probe watches the functions it is passed to (functional.MatmulWatch); `module` is its owner
+    functional: bool = False
 
 
 def type_name(module: nn.Module) -> str:
@@ -115,9 +119,24 @@ def discover_layers(model: nn.Module) -> list[LayerSpec]:
         if parametrize.is_parametrized(module):
             tensors += list(module.parametrizations.parameters())
         own = [(canonical[id(p)], p) for p in tensors if id(p) in canonical]
+        apart = _applied_by_others(module, module is model, own)
+        for qualified, param in apart:
+            layers.append(LayerSpec(len(layers), qualified, module, "other", ((qualified, param),), functional=True))
+        own = [pair for pair in own if not any(pair[1] is param for _, param in apart)]
         if own:
             layers.append(LayerSpec(len(layers), name, module, category_of(module), tuple(own)))
     return layers
+
+
+def _applied_by_others(
+    module: nn.Module, root: bool, own: list[tuple[str, nn.Parameter]]
+) -> list[tuple[str, nn.Parameter]]:
+    """The matrices a module owns but does not apply itself, each a layer of its own: those of a container
+    (ParameterList, ParameterDict: never called) and those of the model itself when it is not a layer type torch
+    knows (a network written as `h @ self.W1`: the model's own forward hook sees only its input and output)."""
+    if isinstance(module, nn.ParameterList | nn.ParameterDict) or (root and category_of(module) == "other"):
+        return [(qualified, param) for qualified, param in own if param.dim() >= 2 and is_matrix(param)]
+    return []
 
 
 def has_units(spec: LayerSpec) -> bool:

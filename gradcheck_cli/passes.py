@@ -266,7 +266,7 @@ def measure(setup: Setup, plan: Plan, collector: Collector, combiner: Combiner) 
                 batch = setup.batches[plan.train_steps + step].to(setup.device)
                 rng = torch.random.get_rng_state()
                 first = step == 0 and plan.watch_first
-                with watching(model, setup.layers) if first else contextlib.nullcontext() as watch:
+                with watching(model, setup.layers, probe) if first else contextlib.nullcontext() as watch:
                     value = _measured_step(passes, probe, collector, batch, rng)
                 if watch is not None:
                     flat, depths = flat_units(watch.flat), dict(watch.depth.depth)
@@ -276,7 +276,7 @@ def measure(setup: Setup, plan: Plan, collector: Collector, combiner: Combiner) 
                     first_bad = (batch, rng)
                 if plan.progress:
                     plan.progress("measure", step + 1, plan.steps)
-            layers, parameters = collector.finish(probe.ever_active, probe.tape.order, probe.feeds_norm)
+            layers, parameters = collector.finish(probe.ever_active, probe.tape.order, probe.feeds_norm, probe.used_as)
         if first_bad is not None:
             batch, rng = first_bad
             torch.random.set_rng_state(rng)

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradcheck_cli.batch import first_tensor
+from gradcheck_cli.functional import MatmulWatch
 from gradcheck_cli.layers import DEAD_TYPES, SATURATION_LIMITS, LayerSpec
 from gradcheck_cli.reduce import count_subnormal, sample, square_norm
 from gradcheck_cli.tape import StepTape
@@ -60,11 +61,18 @@ class Probe:
         self._last_layer: int | None = None
         self._layer_category = {spec.index: spec.category for spec in layers}
         self._recording = False
+        # matrices no module applies (functional.py): watched through the functions they are passed to, each
+        # call handled as its layer's forward hook; `used_as` what they were applied as (linear or conv)
+        self._functional = {id(p): (spec.index, p) for spec in layers if spec.functional for _, p in spec.params}
+        self._functional_hooks: dict[tuple[int, str], Callable[[nn.Module | None, Any, Any], None]] = {}
+        self._matmuls: MatmulWatch | None = None
+        self.used_as: dict[int, str] = {}
+        self.also_on_call: list[Callable[[int, torch.Tensor | None, torch.Tensor], None]] = []  # firststep.py
 
     def __enter__(self) -> Probe:
         try:
             for spec in self.layers:
-                if spec.module is self.model:
+                if spec.module is self.model or spec.functional:
                     # The root's "output gradient" would be dL/d(model output): not a layer's. Skip it.
                     continue
                 self._handles.append(spec.module.register_forward_hook(self._forward_hook(spec.index)))
@@ -95,19 +103,34 @@ class Probe:
         self._last_layer = None
         self._last_output = None
         self._recording = True
+        if self._functional:
+            self._matmuls = MatmulWatch(self._functional, self._functional_call)
+            self._matmuls.__enter__()  # type: ignore[no-untyped-call]  # left in stop_step
 
     def stop_step(self) -> None:
         self._recording = False
         self._last_output = None
+        if self._matmuls is not None:
+            self._matmuls.__exit__(None, None, None)  # type: ignore[no-untyped-call]
+            self._matmuls = None
+
+    def _functional_call(self, index: int, kind: str, inputs: torch.Tensor | None, output: torch.Tensor) -> None:
+        self.used_as.setdefault(index, kind)
+        hook = self._functional_hooks.get((index, kind))
+        if hook is None:
+            hook = self._functional_hooks[index, kind] = self._forward_hook(index, kind)
+        hook(None, (inputs,) if inputs is not None else (), output)
+        for listener in self.also_on_call:
+            listener(index, inputs, output)
 
     # -- hooks ------------------------------------------------------------------------------------------
 
-    def _forward_hook(self, index: int) -> Callable[[nn.Module, Any, Any], None]:
-        category = self._layer_category[index]
+    def _forward_hook(self, index: int, category: str | None = None) -> Callable[[nn.Module | None, Any, Any], None]:
+        category = category or self._layer_category[index]
         unit_dim = 1 if category == "conv" else -1
         grad_hook = self._output_grad_hook(index, unit_dim)  # one per layer, not one per call
 
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
+        def hook(module: nn.Module | None, args: Any, output: Any) -> None:
             if not self._recording:
                 return
             out = first_tensor(output)

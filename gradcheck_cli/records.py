@@ -40,6 +40,15 @@ class Finished:
     value_histograms: dict[int, tuple[ValueHistogram, ...]]
     units: dict[int, int] = dataclasses.field(default_factory=dict)  # layer: ReLU units behind `dead`
     rows: dict[int, int] = dataclasses.field(default_factory=dict)  # parameter: rows behind `zero_rows`
+    used_as: dict[int, str] = dataclasses.field(default_factory=dict)  # functional matrices: linear or conv
+
+
+def _functional(spec: LayerSpec, finished: Finished, layer: Layer) -> Layer:
+    """A matrix no module applies (LayerSpec.functional) is the layer it was applied as (linear or conv); one
+    never seen in a matmul-like call (a positional embedding added to the input) stays `other`."""
+    if not spec.functional:
+        return layer
+    return dataclasses.replace(layer, type="Parameter", category=finished.used_as.get(spec.index, spec.category))
 
 
 def build_records(measured: Measured, finished: Finished) -> tuple[list[Layer], list[ParameterRecord]]:
@@ -49,10 +58,14 @@ def build_records(measured: Measured, finished: Finished) -> tuple[list[Layer], 
         for index in dict.fromkeys(info.layers):
             owning.setdefault(index, []).append(info)
     layers = [
-        dataclasses.replace(
-            _layer_record(measured, finished, spec, params, owning.get(spec.index, [])),
-            feeds_norm=spec.index in finished.feeds_norm,
-            value_histograms=finished.value_histograms.get(spec.index),
+        _functional(
+            spec,
+            finished,
+            dataclasses.replace(
+                _layer_record(measured, finished, spec, params, owning.get(spec.index, [])),
+                feeds_norm=spec.index in finished.feeds_norm,
+                value_histograms=finished.value_histograms.get(spec.index),
+            ),
         )
         for spec in measured.layers
     ]

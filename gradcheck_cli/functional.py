@@ -1,0 +1,119 @@
+"""Matrices that no module applies (layers.LayerSpec.functional), watched through the functions they are passed to.
+
+A network written as `h = torch.sigmoid(h @ self.W1 + self.b1)` (the 2017 tutorial's, ported from numpy), or with
+its weights in an nn.ParameterList applied by F.linear, has no module per layer: forward hooks see the model's
+input and output only, so no layer would have a dL/dz or a peer to compare with. While a measured forward runs,
+a TorchFunctionMode sees every torch function called; when one of the matmul-like functions below gets such a
+matrix (or a view of it: `W.t()`, `W.T`, `W[e]`), its call is that matrix's layer call: the other operand is the
+layer's input and the result its output, measured as a module's would be (probe.Probe._forward_hook).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+# functions that apply a weight to an input, and the kind of layer that makes
+MATMULS: dict[Any, str] = {
+    **dict.fromkeys(
+        (
+            F.linear,
+            F.bilinear,
+            torch.matmul,
+            torch.Tensor.matmul,
+            torch.Tensor.__matmul__,
+            torch.Tensor.__rmatmul__,
+            torch.mm,
+            torch.Tensor.mm,
+            torch.bmm,
+            torch.Tensor.bmm,
+            torch.addmm,
+            torch.baddbmm,
+            torch.einsum,
+            torch.tensordot,
+        ),
+        "linear",
+    ),
+    **dict.fromkeys((F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d), "conv"),
+}
+# functions whose result is the same matrix seen another way (transposed, reshaped, an expert's slice)
+VIEWS = frozenset(
+    (
+        torch.t,
+        torch.Tensor.t,
+        torch.transpose,
+        torch.Tensor.transpose,
+        torch.permute,
+        torch.Tensor.permute,
+        torch.Tensor.view,
+        torch.reshape,
+        torch.Tensor.reshape,
+        torch.Tensor.contiguous,
+        torch.Tensor.__getitem__,
+        torch.Tensor.unsqueeze,
+        torch.Tensor.squeeze,
+        torch.Tensor.expand,
+        torch.Tensor.to,
+        torch.Tensor.T.__get__,  # type: ignore[attr-defined]
+        torch.Tensor.mT.__get__,  # type: ignore[attr-defined]
+    )
+)
+
+Call = Callable[[int, str, "torch.Tensor | None", torch.Tensor], None]
+
+
+class MatmulWatch(TorchFunctionMode):
+    """Calls `on_call(layer, kind, input, output)` for every matmul-like call on a watched matrix (one watch per
+    step: the views it tracks go with it)."""
+
+    def __init__(self, weights: Mapping[int, tuple[int, torch.Tensor]], on_call: Call) -> None:
+        super().__init__()
+        self.weights = weights  # id(matrix) -> (its layer index, the matrix)
+        self.on_call = on_call
+        self._views: dict[int, tuple[weakref.ref[torch.Tensor], int]] = {}
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not isinstance(out, torch.Tensor):
+            return out
+        kind = MATMULS.get(func)
+        if kind is None:
+            if func in VIEWS and args and isinstance(args[0], torch.Tensor):
+                layer = self._layer(args[0])
+                if layer is not None:
+                    self._views[id(out)] = (weakref.ref(out), layer)
+            return out
+        tensors = list(_tensors(args, kwargs))
+        for weight in tensors:
+            layer = self._layer(weight)
+            if layer is not None:
+                inputs = next((t for t in tensors if t is not weight and t.dtype.is_floating_point), None)
+                self.on_call(layer, kind, inputs, out)
+                break
+        return out
+
+    def _layer(self, tensor: torch.Tensor) -> int | None:
+        found = self.weights.get(id(tensor))
+        if found is not None and found[1] is tensor:
+            return found[0]
+        seen = self._views.get(id(tensor))
+        if seen is not None and seen[0]() is tensor:
+            return seen[1]
+        return None
+
+
+def _tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[torch.Tensor]:
+    """The tensor arguments in order, one level into lists (einsum's operands may come as one)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, list | tuple):
+            yield from (item for item in value if isinstance(item, torch.Tensor))

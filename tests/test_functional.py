@@ -1,0 +1,137 @@
+"""Matrices that no module applies (layers.LayerSpec.functional, functional.MatmulWatch): a network written as
+`h @ self.W1` on the model itself, or with its weights in an nn.ParameterList applied by F.linear, is measured
+layer by layer, each matrix a layer, checked against autograd written out here and against theory."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradcheck_cli
+
+
+class NumpyStyle(nn.Module):
+    """Every matrix a parameter of the model itself, as a network ported from numpy is written; W2 is applied
+    transposed (`h @ W2.T`), W3 through einsum."""
+
+    def __init__(self, sizes: tuple[int, ...] = (12, 16, 16, 16, 4), std: float = 1.0) -> None:
+        super().__init__()
+        self.W0 = nn.Parameter(torch.randn(sizes[0], sizes[1]) * std)
+        self.W1 = nn.Parameter(torch.randn(sizes[1], sizes[2]) * std)
+        self.W2 = nn.Parameter(torch.randn(sizes[3], sizes[2]) * std)  # (out, in): used as W2.T
+        self.W3 = nn.Parameter(torch.randn(sizes[3], sizes[4]) * std)
+        self.b0 = nn.Parameter(torch.zeros(sizes[1]))
+
+    def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each matrix's output z (before any bias or activation), in order: what the test differentiates."""
+        z0 = x @ self.W0
+        z1 = torch.sigmoid(z0 + self.b0) @ self.W1
+        z2 = torch.sigmoid(z1) @ self.W2.T
+        z3 = torch.einsum("bi,io->bo", torch.sigmoid(z2), self.W3)
+        return [z0, z1, z2, z3]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.outputs(x)[-1]
+
+
+def _batches(count: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(32, 12, generator=g), torch.randint(0, 4, (32,), generator=g)) for _ in range(count)]
+
+
+def test_matrices_of_the_model_itself_are_layers_with_their_own_dl_dz() -> None:
+    torch.manual_seed(0)
+    model = NumpyStyle()
+    batches = _batches()
+    report = gradcheck_cli.analyze(model, batches, steps=3)
+    layers = {layer.name: layer for layer in report.layers}
+    assert [name for name in layers if name.startswith("W")] == ["W0", "W1", "W2", "W3"]
+    expected_dz: dict[str, list[float]] = {name: [] for name in ("W0", "W1", "W2", "W3")}
+    expected_g: dict[str, list[float]] = {name: [] for name in ("W0", "W1", "W2", "W3")}
+    for x, y in batches:
+        outputs = model.outputs(x)
+        loss = F.cross_entropy(outputs[-1], y)
+        matrices = [model.W0, model.W1, model.W2, model.W3]
+        grads = torch.autograd.grad(loss, [*outputs, *matrices])
+        for i, name in enumerate(expected_dz):
+            expected_dz[name].append(grads[i].norm().item())
+            expected_g[name].append(grads[4 + i].norm().item())
+    for name, dz in expected_dz.items():
+        layer = layers[name]
+        assert layer.type == "Parameter" and layer.category == "linear", name
+        assert layer.output_grad_norm_steps == pytest.approx(dz, rel=1e-5), name
+        assert layer.grad_norm_steps == pytest.approx(expected_g[name], rel=1e-5), name
+        assert layer.calls == 1
+    assert layers["W1"].input_rms is not None and layers["W0"].input_rms == pytest.approx(
+        math.sqrt(sum(float(x.square().mean()) for x, _ in batches) / 3), rel=0.05
+    )
+    assert [layers[n].depth for n in expected_dz] == [1, 2, 3, 4]  # one matrix after another in the graph
+    assert layers[""].parameters == ("b0",)  # the model's own layer keeps what is not a matrix
+    assert set(report.update.layers) >= {"W0", "W1", "W2", "W3"}
+
+
+class ParameterListNet(nn.Module):
+    """A tanh net with its square matrices in an nn.ParameterList, applied by F.linear; weights N(0, sw2/n)."""
+
+    def __init__(self, depth: int, sw2: float, width: int = 128) -> None:
+        super().__init__()
+        self.inp = nn.Linear(32, width)
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.randn(width, width) * math.sqrt(sw2 / width)) for _ in range(depth)
+        )
+        self.out = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        for weight in self.weights:
+            h = torch.tanh(F.linear(h, weight))
+        return self.out(h)
+
+
+@pytest.mark.parametrize(("sw2", "healthy"), [(1.0, True), (4.0, False)])
+def test_a_parameter_list_chain_is_judged_like_modules(sw2: float, healthy: bool) -> None:
+    """Mean-field theory (Poole et al. 2016; Schoenholz et al. 2017), zero biases: at sw2 = 1 a tanh net sits at
+    the edge of chaos from the ordered side (chi1 = E[tanh'(h)^2] < 1 for any q > 0), its gradients shrink slowly
+    toward the input; at sw2 = 4 it is chaotic, chi1 = 1.36, depth scale xi = -1/ln(chi1) = 3.2 layers: over 50
+    layers dL/dz grows by about exp(50 / (2 xi)) ~ 2400x toward the input, past the signal view's error factor
+    (400). Before, the list was one layer without a dL/dz, and both nets passed unjudged."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(64, 32, generator=g), torch.randint(0, 10, (64,), generator=g)) for _ in range(3)]
+    report = gradcheck_cli.analyze(ParameterListNet(50, sw2), batches, steps=3)
+    weights = [layer for layer in report.layers if layer.name.startswith("weights.")]
+    assert len(weights) == 50 and all(layer.output_grad_norm for layer in weights)
+    assert report.signal.gain_per_layer is not None
+    errors = [f for f in report.findings if f.severity == "error"]
+    if healthy:
+        assert errors == [] and report.signal.gain_per_layer < 1.0
+    else:
+        assert report.signal.gain_per_layer > 1.1
+        assert any(f.kind == "exploding" and f.view == "signal" for f in errors)
+
+
+def test_a_matrix_that_is_never_multiplied_stays_unjudged_other() -> None:
+    """A positional table added to the input (a matrix of the model itself, never a matmul's operand) is not a
+    weight layer: no update-view comparison, no finding; the nn.Linear layers are judged as before."""
+
+    class Positional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos = nn.Parameter(torch.randn(8, 16) * 0.02)
+            self.body = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x + self.pos).mean(dim=1)
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(16, 8, 16, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(2)]
+    report = gradcheck_cli.analyze(Positional(), batches, steps=2)
+    pos = next(layer for layer in report.layers if layer.name == "pos")
+    assert pos.category == "other" and pos.output_grad_norm is None and pos.grad_norm
+    assert "pos" not in report.update.layers
+    assert not [f for f in report.findings if f.layer == "pos"]
