@@ -13,6 +13,7 @@ W_hh = 1.5 orthogonal over 32 steps, a detached backbone: `unused` is not in the
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import time
@@ -586,6 +587,55 @@ def audio_data():
     return [(torch.randn(8, 1, 4000, generator=g), torch.randint(0, 12, (8,), generator=g)) for _ in range(3)]
 
 
+class NumpyMLP(nn.Module):
+    """A ReLU MLP ported from numpy: every matrix a parameter of the model, He-initialised (healthy), or scaled
+    by `gain` per layer (He et al. 2015: chi1 = gain^2 for ReLU at sw2 = 2 gain^2)."""
+
+    def __init__(self, depth=16, width=256, gain=1.0):
+        super().__init__()
+        sizes = [64] + [width] * depth + [10]
+        for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+            setattr(self, f"W{i}", nn.Parameter(torch.randn(a, b) * gain * math.sqrt(2.0 / a)))
+            setattr(self, f"b{i}", nn.Parameter(torch.zeros(b)))
+        self.depth = depth
+
+    def forward(self, x):
+        for i in range(self.depth + 1):
+            x = x @ getattr(self, f"W{i}") + getattr(self, f"b{i}")
+            if i < self.depth:
+                x = torch.relu(x)
+        return x
+
+
+class ExpertsEinsum(nn.Module):
+    """Soft mixture of 4 experts whose weights are one 3-D parameter each side, applied by einsum per expert
+    slice (W[e]); a ParameterDict holds them (healthy: Glorot-scaled, residual)."""
+
+    def __init__(self, d=64, h=128, experts=4, blocks=4):
+        super().__init__()
+        self.blocks = blocks
+        self.inp = nn.Linear(64, d)
+        self.params = nn.ParameterDict()
+        for b in range(blocks):
+            self.params[f"up{b}"] = nn.Parameter(torch.randn(experts, d, h) / math.sqrt(d))
+            self.params[f"down{b}"] = nn.Parameter(torch.randn(experts, h, d) / math.sqrt(h))
+        self.gates = nn.ModuleList(nn.Linear(d, experts) for _ in range(blocks))
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(blocks))
+        self.out = nn.Linear(d, 10)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for b in range(self.blocks):
+            y, weights = self.norms[b](x), torch.softmax(self.gates[b](x), -1)
+            up, down = self.params[f"up{b}"], self.params[f"down{b}"]
+            mixed = sum(
+                weights[:, e : e + 1] * torch.einsum("bh,hd->bd", F.gelu(torch.einsum("bd,dh->bh", y, up[e])), down[e])
+                for e in range(up.shape[0])
+            )
+            x = x + mixed
+        return self.out(x)
+
+
 CASES = [
     ("relu-kaiming-mlp-12", lambda: mlp(12, 256, nn.ReLU, kaiming), xy, H, (), "auto"),
     ("tanh-xavier-mlp-8", lambda: mlp(8, 256, nn.Tanh, xavier), xy, H, (), "auto"),
@@ -644,6 +694,9 @@ CASES = [
     ("deep-cross", CrossNet, reg_data, H, (), "auto"),
     ("audio-1d-bn", Audio1D, audio_data, H, (), "auto"),
     ("gcn-12", lambda: GCN(12), gcn_data, B, ("vanishing",), "auto"),
+    ("numpy-relu-he-16", NumpyMLP, xy, H, (), "auto"),
+    ("numpy-relu-x0.5-16", lambda: NumpyMLP(gain=0.5), xy, B, ("vanishing",), "auto"),
+    ("experts-einsum-dict", ExpertsEinsum, xy, H, (), "auto"),
 ]
 
 
