@@ -25,7 +25,8 @@ import torch
 
 from gradcheck_cli.diagnose.common import all_zero, got_no_gradient
 from gradcheck_cli.distributed import Combiner, local
-from gradcheck_cli.layers import is_matrix
+from gradcheck_cli.functional import MatmulWatch
+from gradcheck_cli.layers import LayerSpec, is_matrix
 from gradcheck_cli.loops import GateWatch
 from gradcheck_cli.passes import Passes, Setup, clear_grads
 from gradcheck_cli.report import Layer, ParameterRecord
@@ -228,22 +229,26 @@ def through_time(
         for spec in setup.layers
         if not isinstance(spec.module, nn.RNNBase)
         and (isinstance(spec.module, nn.RNNCellBase) or calls.get(spec.name, 0) >= MIN_TIME_STEPS)
-        and spec.module is not setup.model
+        and (spec.functional or spec.module is not setup.model)
     ]
     if not fused and not looped:
         return {}, set()
     probes: dict[str, tuple[torch.Tensor, int]] = {}
     steps: dict[str, list[torch.Tensor]] = {spec.name: [] for spec in looped}
     watch = GateWatch()
+    modules = [spec for spec in looped if not spec.functional]
     handles = [spec.module.register_forward_pre_hook(_probe_input(spec.name, spec.module, probes)) for spec in fused]
     handles += [spec.module.register_forward_hook(_last_step_only(spec.name, probes)) for spec in fused]
-    handles += [spec.module.register_forward_pre_hook(_watch_input(watch)) for spec in looped]
-    handles += [spec.module.register_forward_hook(_record_calls(spec.name, steps[spec.name], watch)) for spec in looped]
+    handles += [spec.module.register_forward_pre_hook(_watch_input(watch)) for spec in modules]
+    handles += [
+        spec.module.register_forward_hook(_record_calls(spec.name, steps[spec.name], watch)) for spec in modules
+    ]
+    matrices = _functional_calls([spec for spec in looped if spec.functional], steps, watch)
     passes = Passes(setup.runner, setup.loss, setup.device, setup.amp_dtype)
     try:
         with Restorer(setup.model):
             clear_grads(setup.model)
-            with watch if looped else contextlib.nullcontext():
+            with watch if looped else contextlib.nullcontext(), matrices or contextlib.nullcontext():
                 passes.forward_backward(setup.batches[0].to(setup.device))
             clear_grads(setup.model)
     finally:
@@ -307,6 +312,25 @@ def _last_step_only(name: str, probes: dict[str, tuple[torch.Tensor, int]]) -> C
         y.register_hook(lambda grad: grad * mask.view(shape))
 
     return hook
+
+
+def _functional_calls(
+    specs: Sequence[LayerSpec], steps: dict[str, list[torch.Tensor]], watch: GateWatch
+) -> MatmulWatch | None:
+    """A looped matrix that no module applies (`h @ self.W_hh` in a loop): its calls, seen through the functions
+    it is passed to (functional.py), recorded as a looped module's are."""
+    if not specs:
+        return None
+    weights = {id(param): (spec.index, param) for spec in specs for _, param in spec.params}
+    hooks = {spec.index: (_watch_input(watch), _record_calls(spec.name, steps[spec.name], watch)) for spec in specs}
+
+    def on_call(index: int, kind: str, inputs: torch.Tensor | None, output: torch.Tensor) -> None:
+        before, after = hooks[index]
+        if inputs is not None:
+            before(None, (inputs,))
+        after(None, (), output)
+
+    return MatmulWatch(weights, on_call)
 
 
 def _watch_input(watch: GateWatch) -> Callable[..., None]:

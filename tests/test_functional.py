@@ -135,3 +135,46 @@ def test_a_matrix_that_is_never_multiplied_stays_unjudged_other() -> None:
     assert pos.category == "other" and pos.output_grad_norm is None and pos.grad_norm
     assert "pos" not in report.update.layers
     assert not [f for f in report.findings if f.layer == "pos"]
+
+
+class BareRNN(nn.Module):
+    """A many-to-one RNN written with bare matrices, looped in Python over the sequence."""
+
+    def __init__(self, activation: str, recurrence: torch.Tensor, input_scale: float, n_in: int = 8) -> None:
+        super().__init__()
+        hidden = recurrence.shape[0]
+        self.activation = activation
+        self.W_xh = nn.Parameter(torch.randn(n_in, hidden) * input_scale / math.sqrt(n_in))
+        self.W_hh = nn.Parameter(recurrence.clone())
+        self.b_h = nn.Parameter(torch.zeros(hidden))
+        self.W_hy = nn.Parameter(torch.randn(hidden, 4) / math.sqrt(hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = torch.tanh if self.activation == "tanh" else torch.relu
+        h = x.new_zeros(x.shape[0], self.W_hh.shape[0])
+        for t in range(x.shape[1]):
+            h = act(x[:, t] @ self.W_xh + h @ self.W_hh + self.b_h)
+        return h @ self.W_hy
+
+
+@pytest.mark.parametrize("healthy", [True, False])
+def test_a_recurrence_of_bare_matrices_is_judged_through_time(healthy: bool) -> None:
+    """Bengio et al. 1994; Pascanu et al. 2013: with ||W_hh|| = 0.5 (half an orthogonal matrix) and tanh' <= 1,
+    the gradient reaching step t from the last of 64 shrinks by at least 2 per step: vanishing through time. An
+    IRNN (Le et al. 2015: ReLU, W_hh = I, small input weights) carries it unchanged on its active units."""
+    torch.manual_seed(0)
+    hidden = 32
+    if healthy:
+        model = BareRNN("relu", torch.eye(hidden), 0.1)
+    else:
+        model = BareRNN("tanh", 0.5 * nn.init.orthogonal_(torch.empty(hidden, hidden)), 1.0)
+    g = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(16, 64, 8, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(2)]
+    report = gradcheck_cli.analyze(model, batches, steps=2)
+    layers = {layer.name: layer for layer in report.layers}
+    assert layers["W_hh"].calls == 64 and layers["W_hh"].category == "linear"
+    errors = [f for f in report.findings if f.severity == "error"]
+    if healthy:
+        assert errors == []
+    else:
+        assert any(f.layer == "W_hh" and f.kind == "vanishing" and f.view == "time" for f in errors)
