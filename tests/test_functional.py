@@ -178,3 +178,35 @@ def test_a_recurrence_of_bare_matrices_is_judged_through_time(healthy: bool) -> 
         assert errors == []
     else:
         assert any(f.layer == "W_hh" and f.kind == "vanishing" and f.view == "time" for f in errors)
+
+
+class BareConvNet(nn.Module):
+    """ReLU convolutions with their kernels in a ParameterList, applied by F.conv2d; He init (Var = 2 / fan_in)
+    times `gain`, so that by He et al. (2015) each layer scales dL/dz by `gain` toward the input."""
+
+    def __init__(self, depth: int, gain: float, channels: int = 16) -> None:
+        super().__init__()
+        shapes = [(channels, 3)] + [(channels, channels)] * (depth - 1)
+        self.kernels = nn.ParameterList(
+            nn.Parameter(torch.randn(out, cin, 3, 3) * (gain if i else 1.0) * math.sqrt(2 / (9 * cin)))
+            for i, (out, cin) in enumerate(shapes)
+        )
+        self.head = nn.Parameter(torch.randn(channels, 10) / math.sqrt(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for kernel in self.kernels:
+            x = F.relu(F.conv2d(x, kernel, padding=1))
+        return x.mean(dim=(2, 3)) @ self.head
+
+
+@pytest.mark.parametrize("gain", [1.0, 0.5])
+def test_kernels_applied_by_conv2d_are_conv_layers_with_he_s_gain(gain: float) -> None:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(2)]
+    report = gradcheck_cli.analyze(BareConvNet(16, gain), batches, steps=2)
+    kernels = [layer for layer in report.layers if layer.name.startswith("kernels.")]
+    assert len(kernels) == 16 and {layer.category for layer in kernels} == {"conv"}
+    assert report.signal.gain_per_layer == pytest.approx(gain, rel=0.1)
+    vanishing = [f for f in report.findings if f.kind == "vanishing" and f.severity == "error"]
+    assert bool(vanishing) == (gain < 1)
