@@ -86,7 +86,8 @@ class MatmulWatch(TorchFunctionMode):
             return out
         kind = MATMULS.get(func)
         if kind is None:
-            if func in VIEWS and args and isinstance(args[0], torch.Tensor):
+            # only views: rows gathered by a tensor index (`E[ids]`, an embedding lookup) are activations
+            if func in VIEWS and args and isinstance(args[0], torch.Tensor) and (out is args[0] or out._is_view()):
                 layer = self._layer(args[0])
                 if layer is not None:
                     self._views[id(out)] = (weakref.ref(out), layer)

@@ -210,3 +210,24 @@ def test_kernels_applied_by_conv2d_are_conv_layers_with_he_s_gain(gain: float) -
     assert report.signal.gain_per_layer == pytest.approx(gain, rel=0.1)
     vanishing = [f for f in report.findings if f.kind == "vanishing" and f.severity == "error"]
     assert bool(vanishing) == (gain < 1)
+
+
+def test_rows_gathered_from_a_bare_matrix_are_activations_not_its_calls() -> None:
+    """`E[ids] @ W`: the rows looked up are the input of W's call, not a view of E (advanced indexing copies);
+    E, never passed to a matmul itself, stays outside the views."""
+
+    class Lookup(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.E = nn.Parameter(torch.randn(50, 16))
+            self.W = nn.Parameter(torch.randn(16, 5) / 4.0)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return (self.E[ids] @ self.W).mean(dim=1)
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(6)
+    batches = [(torch.randint(0, 50, (8, 6), generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(2)]
+    layers = {layer.name: layer for layer in gradcheck_cli.analyze(Lookup(), batches, steps=2).layers}
+    assert layers["W"].category == "linear" and layers["W"].calls == 1 and layers["W"].output_grad_norm
+    assert layers["E"].category == "other" and layers["E"].calls == 0
