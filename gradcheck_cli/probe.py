@@ -113,6 +113,10 @@ class Probe:
         if self._matmuls is not None:
             self._matmuls.__exit__(None, None, None)  # type: ignore[no-untyped-call]
             self._matmuls = None
+            if not self.used_as:
+                # none of them was applied (a positional table added to the input): the steps after this one
+                # run without the watch, which would otherwise cost a Python call per torch function
+                self._functional = {}
 
     def _functional_call(self, index: int, kind: str, inputs: torch.Tensor | None, output: torch.Tensor) -> None:
         self.used_as.setdefault(index, kind)

@@ -231,3 +231,31 @@ def test_rows_gathered_from_a_bare_matrix_are_activations_not_its_calls() -> Non
     layers = {layer.name: layer for layer in gradcheck_cli.analyze(Lookup(), batches, steps=2).layers}
     assert layers["W"].category == "linear" and layers["W"].calls == 1 and layers["W"].output_grad_norm
     assert layers["E"].category == "other" and layers["E"].calls == 0
+
+
+def test_the_watch_stops_after_a_step_that_applied_no_bare_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose only bare matrix is a positional table (the overhead benchmark's transformer) pays for the
+    watch in its first measured step only."""
+    import gradcheck_cli.functional
+
+    entered = []
+    original = gradcheck_cli.functional.MatmulWatch.__enter__
+    monkeypatch.setattr(
+        gradcheck_cli.functional.MatmulWatch, "__enter__", lambda self: entered.append(1) or original(self)
+    )
+
+    class Positional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos = nn.Parameter(torch.randn(8, 16) * 0.02)
+            self.body = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x + self.pos).mean(dim=1)
+
+    x, y = torch.randn(4, 8, 16), torch.randint(0, 3, (4,))
+    gradcheck_cli.analyze(Positional(), (x, y), steps=4)
+    assert len(entered) == 1
+    entered.clear()
+    gradcheck_cli.analyze(NumpyStyle(), _batches(), steps=3)
+    assert len(entered) >= 3  # applied: watched every step
