@@ -56,14 +56,13 @@ def watching(model: torch.nn.Module, layers: Sequence[LayerSpec], probe: Probe |
         watch.depth.called(names[index], ((inputs,), {}), output)
         watch.flat.output(names[index], output)
 
-    if probe is not None and names:
-        probe.also_on_call.append(functional)
+    listeners = probe.also_on_call if probe is not None and names else []
+    listeners.append(functional)
     try:
         with watch.flat:
             yield watch
     finally:
         for handle in handles:
             handle.remove()
-        if functional in (probe.also_on_call if probe is not None else ()):
-            probe.also_on_call.remove(functional)  # type: ignore[union-attr]
+        listeners.remove(functional)
         watch.depth.release()

@@ -73,7 +73,8 @@ class Probe:
         try:
             for spec in self.layers:
                 if spec.module is self.model or spec.functional:
-                    # The root's "output gradient" would be dL/d(model output): not a layer's. Skip it.
+                    # The root's "output gradient" would be dL/d(model output): not a layer's. Skip it. A bare
+                    # matrix's calls come through MatmulWatch (start_step), not its owner's hooks.
                     continue
                 self._handles.append(spec.module.register_forward_hook(self._forward_hook(spec.index)))
             for module in self.model.modules():
