@@ -25,7 +25,7 @@ import torch
 
 from gradcheck_cli.diagnose.common import all_zero, got_no_gradient
 from gradcheck_cli.distributed import Combiner, local
-from gradcheck_cli.functional import MatmulWatch
+from gradcheck_cli.functional import MatmulWatch, watched
 from gradcheck_cli.layers import LayerSpec, is_matrix
 from gradcheck_cli.loops import GateWatch
 from gradcheck_cli.passes import Passes, Setup, clear_grads
@@ -321,7 +321,6 @@ def _functional_calls(
     it is passed to (functional.py), recorded as a looped module's are."""
     if not specs:
         return None
-    weights = {id(param): (spec.index, param) for spec in specs for _, param in spec.params}
     hooks = {spec.index: (_watch_input(watch), _record_calls(spec.name, steps[spec.name], watch)) for spec in specs}
 
     def on_call(index: int, kind: str, inputs: torch.Tensor | None, output: torch.Tensor) -> None:
@@ -330,7 +329,7 @@ def _functional_calls(
             before(None, (inputs,))
         after(None, (), output)
 
-    return MatmulWatch(weights, on_call)
+    return MatmulWatch(watched(specs), on_call)
 
 
 def _watch_input(watch: GateWatch) -> Callable[..., None]:

@@ -11,12 +11,15 @@ layer's input and the result its output, measured as a module's would be (probe.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+if TYPE_CHECKING:
+    from gradcheck_cli.layers import LayerSpec
 
 # functions that apply a weight to an input, and the kind of layer that makes
 MATMULS: dict[Any, str] = {
@@ -65,6 +68,11 @@ VIEWS = frozenset(
 )
 
 Call = Callable[[int, str, "torch.Tensor | None", torch.Tensor], None]
+
+
+def watched(specs: Iterable[LayerSpec]) -> dict[int, tuple[int, torch.Tensor]]:
+    """What MatmulWatch looks for: id(matrix) -> (its layer index, the matrix), for the bare-matrix layers."""
+    return {id(param): (spec.index, param) for spec in specs if spec.functional for _, param in spec.params}
 
 
 class MatmulWatch(TorchFunctionMode):

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradcheck_cli.batch import first_tensor
-from gradcheck_cli.functional import MatmulWatch
+from gradcheck_cli.functional import MatmulWatch, watched
 from gradcheck_cli.layers import DEAD_TYPES, SATURATION_LIMITS, LayerSpec
 from gradcheck_cli.reduce import count_subnormal, sample, square_norm
 from gradcheck_cli.tape import StepTape
@@ -63,7 +63,7 @@ class Probe:
         self._recording = False
         # matrices no module applies (functional.py): watched through the functions they are passed to, each
         # call handled as its layer's forward hook; `used_as` what they were applied as (linear or conv)
-        self._functional = {id(p): (spec.index, p) for spec in layers if spec.functional for _, p in spec.params}
+        self._functional = watched(layers)
         self._functional_hooks: dict[tuple[int, str], Callable[[nn.Module | None, Any, Any], None]] = {}
         self._matmuls: MatmulWatch | None = None
         self.used_as: dict[int, str] = {}

@@ -43,20 +43,16 @@ def numeric(context: Context) -> list[Finding]:
         elif layer.trainable_params and all_zero(layer) and not layer.gated:
             steps = f"every gradient value is exactly 0 in all {len(layer.grad_norm_steps)} steps"
             learning = _learning_sibling(layer, layers)
-            if learning is not None:
-                findings.append(Finding(layer.name, "dead", "error", "numeric", *_one_position(steps, learning)))
-                continue
-            findings.append(
-                Finding(
-                    layer.name,
-                    "dead",
-                    "error",
-                    "numeric",
+            message, fix = (
+                _one_position(steps, learning)
+                if learning is not None
+                else (
                     f"{steps}: this layer cannot learn",
                     "check what zeroes its signal: dead ReLUs after it (kaiming_normal_ init, LeakyReLU), a "
                     "zero-initialised layer downstream, or a detach()/no_grad in the forward",
                 )
             )
+            findings.append(Finding(layer.name, "dead", "error", "numeric", message, fix))
     return findings
 
 
