@@ -21,28 +21,30 @@ from torch.overrides import TorchFunctionMode
 if TYPE_CHECKING:
     from gradcheck_cli.layers import LayerSpec
 
-# functions that apply a weight to an input, and the kind of layer that makes
-MATMULS: dict[Any, str] = {
-    **dict.fromkeys(
-        (
-            F.linear,
-            F.bilinear,
-            torch.matmul,
-            torch.Tensor.matmul,
-            torch.Tensor.__matmul__,
-            torch.Tensor.__rmatmul__,
-            torch.mm,
-            torch.Tensor.mm,
-            torch.bmm,
-            torch.Tensor.bmm,
-            torch.addmm,
-            torch.baddbmm,
-            torch.einsum,
-            torch.tensordot,
-        ),
-        "linear",
-    ),
-    **dict.fromkeys((F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d), "conv"),
+# functions that apply a weight to an input: the kind of layer that makes, and where among the call's tensor
+# arguments (in order, one level into lists; None: anywhere) the weight can be and the input is. F.linear(x, W, b)
+# and F.conv2d(x, W, b) take the weight second, so a learned tensor passed as their input (Perceiver's latents)
+# is not a weight; torch.addmm(b, x, W) takes a bias first; a matmul or an einsum takes the weight on either side.
+_CONVS = (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d)
+_MATMULS = (
+    torch.matmul,
+    torch.Tensor.matmul,
+    torch.Tensor.__matmul__,
+    torch.Tensor.__rmatmul__,
+    torch.mm,
+    torch.Tensor.mm,
+    torch.bmm,
+    torch.Tensor.bmm,
+    torch.tensordot,
+)
+Places = tuple[int, ...] | None
+MATMULS: dict[Any, tuple[str, Places, Places]] = {
+    F.linear: ("linear", (1,), (0,)),
+    **dict.fromkeys(_CONVS, ("conv", (1,), (0,))),
+    F.bilinear: ("linear", (2,), (0,)),
+    **dict.fromkeys((torch.addmm, torch.baddbmm), ("linear", (1, 2), (1, 2))),
+    **dict.fromkeys(_MATMULS, ("linear", (0, 1), (0, 1))),
+    torch.einsum: ("linear", None, None),
 }
 # functions whose result is the same matrix seen another way (transposed, reshaped, an expert's slice)
 VIEWS = frozenset(
@@ -75,6 +77,22 @@ def watched(specs: Iterable[LayerSpec]) -> dict[int, tuple[int, torch.Tensor]]:
     return {id(param): (spec.index, param) for spec in specs if spec.functional for _, param in spec.params}
 
 
+def owned(specs: Iterable[LayerSpec]) -> dict[int, tuple[int, torch.Tensor]]:
+    """The matrices of modules of a kind no rule knows (category `other`: a hand-written `Dense` holding `self.W`,
+    Mixtral's experts as one 3-D tensor), for MatmulWatch: a module that applies one as a matmul's weight is a
+    weight layer (layers.category_of names kinds by class, which cannot know such a module); its own hooks
+    measure it, so the watch only tells what it was applied as."""
+    from gradcheck_cli.layers import is_matrix
+
+    return {
+        id(param): (spec.index, param)
+        for spec in specs
+        if spec.category == "other" and not spec.functional
+        for _, param in spec.params
+        if param.dim() >= 2 and is_matrix(param)
+    }
+
+
 class MatmulWatch(TorchFunctionMode):
     """Calls `on_call(layer, kind, input, output)` for every matmul-like call on a watched matrix (one watch per
     step: the views it tracks go with it)."""
@@ -92,20 +110,21 @@ class MatmulWatch(TorchFunctionMode):
         out = func(*args, **kwargs)
         if not isinstance(out, torch.Tensor):
             return out
-        kind = MATMULS.get(func)
-        if kind is None:
+        applies = MATMULS.get(func)
+        if applies is None:
             # only views: rows gathered by a tensor index (`E[ids]`, an embedding lookup) are activations
             if func in VIEWS and args and isinstance(args[0], torch.Tensor) and (out is args[0] or out._is_view()):
                 layer = self._layer(args[0])
                 if layer is not None:
                     self._views[id(out)] = (weakref.ref(out), layer)
             return out
+        kind, weights, inputs = applies
         tensors = list(_tensors(args, kwargs))
-        for weight in tensors:
+        for weight in _at(tensors, weights):
             layer = self._layer(weight)
             if layer is not None:
-                inputs = next((t for t in tensors if t is not weight and t.dtype.is_floating_point), None)
-                self.on_call(layer, kind, inputs, out)
+                given = next((t for t in _at(tensors, inputs) if t is not weight and t.dtype.is_floating_point), None)
+                self.on_call(layer, kind, given, out)
                 break
         return out
 
@@ -126,3 +145,7 @@ def _tensors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[torch.Te
             yield value
         elif isinstance(value, list | tuple):
             yield from (item for item in value if isinstance(item, torch.Tensor))
+
+
+def _at(tensors: list[torch.Tensor], places: Places) -> list[torch.Tensor]:
+    return tensors if places is None else [tensors[i] for i in places if i < len(tensors)]

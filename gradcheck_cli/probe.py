@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradcheck_cli.batch import first_tensor
-from gradcheck_cli.functional import MatmulWatch, watched
+from gradcheck_cli.functional import MatmulWatch, owned, watched
 from gradcheck_cli.layers import DEAD_TYPES, SATURATION_LIMITS, LayerSpec
 from gradcheck_cli.reduce import count_subnormal, sample, square_norm
 from gradcheck_cli.tape import StepTape
@@ -64,7 +64,11 @@ class Probe:
         # matrices no module applies (functional.py): watched through the functions they are passed to, each
         # call handled as its layer's forward hook; `used_as` what they were applied as (linear or conv)
         self._functional = watched(layers)
-        self._functional_hooks: dict[tuple[int, str], Callable[[nn.Module | None, Any, Any], None]] = {}
+        # the matrices of `other` modules, watched in the first step only: what they were applied as, if anything
+        matrices = owned(layers)
+        self._owners = {index for index, _ in matrices.values()}
+        self._functional |= matrices
+        self._functional_hooks: dict[int, Callable[[nn.Module | None, Any, Any], None]] = {}
         self._matmuls: MatmulWatch | None = None
         self.used_as: dict[int, str] = {}
         self.also_on_call: list[Callable[[int, torch.Tensor | None, torch.Tensor], None]] = []  # firststep.py
@@ -114,30 +118,36 @@ class Probe:
         if self._matmuls is not None:
             self._matmuls.__exit__(None, None, None)  # type: ignore[no-untyped-call]
             self._matmuls = None
-            if not self.used_as:
-                # none of them was applied (a positional table added to the input): the steps after this one
-                # run without the watch, which would otherwise cost a Python call per torch function
-                self._functional = {}
+            # The steps after the first run without watching `other` modules' matrices (what they were applied
+            # as is known), and without the watch at all when no bare matrix was applied (a positional table
+            # added to the input): it costs a Python call per torch function.
+            bare = {key: value for key, value in self._functional.items() if value[0] not in self._owners}
+            self._functional = bare if any(index in self.used_as for index, _ in bare.values()) else {}
+            self._owners = set()
 
     def _functional_call(self, index: int, kind: str, inputs: torch.Tensor | None, output: torch.Tensor) -> None:
-        self.used_as.setdefault(index, kind)
-        hook = self._functional_hooks.get((index, kind))
+        if index not in self.used_as:
+            # the kind it is measured as from now on: for a module's matrix already in this call, whose forward
+            # hook runs when the module returns
+            self.used_as[index] = self._layer_category[index] = kind
+        if index in self._owners:
+            return
+        hook = self._functional_hooks.get(index)
         if hook is None:
-            hook = self._functional_hooks[index, kind] = self._forward_hook(index, kind)
+            hook = self._functional_hooks[index] = self._forward_hook(index)
         hook(None, (inputs,) if inputs is not None else (), output)
         for listener in self.also_on_call:
             listener(index, inputs, output)
 
     # -- hooks ------------------------------------------------------------------------------------------
 
-    def _forward_hook(self, index: int, category: str | None = None) -> Callable[[nn.Module | None, Any, Any], None]:
-        category = category or self._layer_category[index]
-        unit_dim = 1 if category == "conv" else -1
-        grad_hook = self._output_grad_hook(index, unit_dim)  # one per layer, not one per call
+    def _forward_hook(self, index: int) -> Callable[[nn.Module | None, Any, Any], None]:
+        grad_hook = self._output_grad_hook(index)  # one per layer, not one per call
 
         def hook(module: nn.Module | None, args: Any, output: Any) -> None:
             if not self._recording:
                 return
+            category = self._layer_category[index]  # read per call: a module's matrix may be seen applied (above)
             out = first_tensor(output)
             if in_backward():
                 # torch.utils.checkpoint recomputing the forward during backward: not another call (its inputs
@@ -174,8 +184,9 @@ class Probe:
 
         return hook
 
-    def _output_grad_hook(self, index: int, unit_dim: int) -> Callable[[torch.Tensor], None]:
+    def _output_grad_hook(self, index: int) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
+            unit_dim = 1 if self._layer_category[index] == "conv" else -1
             # Squares summed over every call in the step (tape.py): the norm of all of this module's dL/dz together.
             self.tape.output_squares.append(square_norm(grad.detach()))
             self.tape.output_layers.append(index)

@@ -40,15 +40,17 @@ class Finished:
     value_histograms: dict[int, tuple[ValueHistogram, ...]]
     units: dict[int, int] = dataclasses.field(default_factory=dict)  # layer: ReLU units behind `dead`
     rows: dict[int, int] = dataclasses.field(default_factory=dict)  # parameter: rows behind `zero_rows`
-    used_as: dict[int, str] = dataclasses.field(default_factory=dict)  # functional matrices: linear or conv
+    used_as: dict[int, str] = dataclasses.field(default_factory=dict)  # functional.py: what a matrix was applied as
 
 
 def _functional(spec: LayerSpec, finished: Finished, layer: Layer) -> Layer:
-    """A matrix no module applies (LayerSpec.functional) is the layer it was applied as (linear or conv); one
+    """A matrix no module applies (LayerSpec.functional) is the layer it was applied as (linear or conv), and so
+    is a module of a kind no rule knows that applied its own matrix as a matmul's weight (functional.owned); one
     never seen in a matmul-like call (a positional embedding added to the input) stays `other`."""
-    if not spec.functional:
-        return layer
-    return dataclasses.replace(layer, type="Parameter", category=finished.used_as.get(spec.index, spec.category))
+    category = finished.used_as.get(spec.index, spec.category)
+    if spec.functional:
+        return dataclasses.replace(layer, type="Parameter", category=category)
+    return layer if category == spec.category else dataclasses.replace(layer, category=category)
 
 
 def build_records(measured: Measured, finished: Finished) -> tuple[list[Layer], list[ParameterRecord]]:

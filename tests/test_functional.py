@@ -5,6 +5,7 @@ layer by layer, each matrix a layer, checked against autograd written out here a
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -259,3 +260,111 @@ def test_the_watch_stops_after_a_step_that_applied_no_bare_matrix(monkeypatch: p
     entered.clear()
     gradcheck_cli.analyze(NumpyStyle(), _batches(), steps=3)
     assert len(entered) >= 3  # applied: watched every step
+
+
+class Dense(nn.Module):
+    """A hand-written linear layer: its matrix is not called `weight`, so no rule by class or name knows it."""
+
+    def __init__(self, n_in: int, n_out: int, scale: float = 1.0) -> None:
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(n_in, n_out) * math.sqrt(2.0 / n_in) * scale)
+        self.b = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.b, x, self.W) if x.dim() == 2 else x @ self.W + self.b
+
+
+class DenseNet(nn.Module):
+    def __init__(self, scales: tuple[float, ...]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Dense(32, 32, s) for s in scales)
+        self.out = Dense(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = torch.relu(block(x))
+        return self.out(x)
+
+
+@pytest.mark.parametrize("rescaled", [False, True])
+def test_a_module_applying_its_own_matrix_is_a_weight_layer(rescaled: bool) -> None:
+    """A ReLU net is positively homogeneous: W2 -> c W2, W3 -> W3 / c leaves the function and dL/dz above W3
+    unchanged (Neyshabur et al. 2015), and scales ||g2||/||W2|| by 1/c^2: at c = 100, 1e4x below its peers, a
+    layer that no longer learns under SGD (an error), and ||g3||/||W3|| by c^2. Before, a `Dense` holding
+    `self.W` was `other`: outside the update view, so the broken net passed."""
+    torch.manual_seed(0)
+    scales = (1.0, 1.0, 100.0, 0.01, 1.0, 1.0) if rescaled else (1.0,) * 6
+    model = DenseNet(scales)
+    g = torch.Generator().manual_seed(7)
+    batches = [(torch.randn(64, 32, generator=g), torch.randint(0, 4, (64,), generator=g)) for _ in range(3)]
+    report = gradcheck_cli.analyze(model, batches, steps=3)
+    layers = {layer.name: layer for layer in report.layers}
+    names = [f"blocks.{i}" for i in range(6)] + ["out"]
+    matrices = [model.get_submodule(name).W for name in names]
+    ratios: dict[str, list[float]] = {name: [] for name in names}  # ||dL/dW|| / ||W|| per step, W alone
+    for x, y in batches:
+        grads = torch.autograd.grad(F.cross_entropy(model(x), y), matrices)
+        for name, grad, w in zip(names, grads, matrices, strict=True):
+            ratios[name].append(grad.norm().item() / w.norm().item())
+    expected = {name: statistics.median(values) for name, values in ratios.items()}
+    for name in names:
+        assert layers[name].category == "linear" and layers[name].type == "Dense", name
+        assert layers[name].grad_to_weight == pytest.approx(expected[name], rel=1e-5), name
+    assert set(report.update.layers) == set(names)
+    errors = {(f.layer, f.kind, f.view) for f in report.findings if f.severity == "error"}
+    if rescaled:
+        assert expected["blocks.2"] < 1e-3 * sorted(expected.values())[3]  # theory: 1 / c^2 of its peers
+        assert ("blocks.2", "vanishing", "update") in errors
+    else:
+        assert max(expected.values()) < 10 * min(expected.values())
+        assert errors == set() and not [f for f in report.findings if f.view == "update"]
+
+
+def test_kinds_are_told_by_where_the_matrix_goes() -> None:
+    """A module's kernel applied by F.conv2d is a conv layer (its units are channels, dim 1); a learned tensor
+    that is the *input* of F.linear (Perceiver's latent array, expanded over the batch) is not a weight: its
+    module stays `other`. The watch runs in the first measured step only (what each was applied as is known)."""
+    import gradcheck_cli.functional
+
+    class Kernel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.kernel = nn.Parameter(torch.randn(8, 3, 3, 3) * math.sqrt(2.0 / 27))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.conv2d(x, self.kernel, padding=1)
+
+    class Latents(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.latents = nn.Parameter(torch.randn(4, 8))
+
+        def forward(self, batch: int) -> torch.Tensor:
+            return self.latents.expand(batch, -1, -1)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.latent = Kernel(), Latents()
+            self.query = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            features = torch.relu(self.conv(x)).mean(dim=(2, 3))  # (N, 8)
+            q = self.query(self.latent(x.shape[0]))  # (N, 4, 8)
+            return self.head(torch.softmax(q @ features[:, :, None], dim=1).mul(q).sum(dim=1))
+
+    entered = []
+    original = gradcheck_cli.functional.MatmulWatch.__enter__
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            gradcheck_cli.functional.MatmulWatch, "__enter__", lambda self: entered.append(1) or original(self)
+        )
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(8)
+        batches = [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(3)]
+        report = gradcheck_cli.analyze(Net(), batches, steps=3)
+    layers = {layer.name: layer for layer in report.layers}
+    assert layers["conv"].category == "conv" and layers["latent"].category == "other"
+    assert "conv" in report.update.layers and "latent" not in report.update.layers
+    assert len(entered) == 1
