@@ -239,6 +239,8 @@ def through_time(
     modules = [spec for spec in looped if not spec.functional]
     handles = [spec.module.register_forward_pre_hook(_probe_input(spec.name, spec.module, probes)) for spec in fused]
     handles += [spec.module.register_forward_hook(_last_step_only(spec.name, probes)) for spec in fused]
+    for spec in modules:
+        watch.owns(spec.name, (param for _, param in spec.params))
     handles += [spec.module.register_forward_pre_hook(_watch_input(watch)) for spec in modules]
     handles += [
         spec.module.register_forward_hook(_record_calls(spec.name, steps[spec.name], watch)) for spec in modules
@@ -333,11 +335,10 @@ def _functional_calls(
 
 
 def _watch_input(watch: GateWatch) -> Callable[..., None]:
-    from gradcheck_cli.batch import first_tensor
+    from gradcheck_cli.batch import tensors_in
 
     def hook(module: torch.nn.Module, args: object) -> None:
-        x = first_tensor(args)
-        if x is not None:
+        for x in tensors_in(args):  # a cell's input and the state it carries: cell(x_t, (h, c))
             watch.input(x)
 
     return hook

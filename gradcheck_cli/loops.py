@@ -13,7 +13,7 @@ model spells it), so the rule holds whatever the cell's names or its chunking.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -56,6 +56,13 @@ class GateWatch(TorchFunctionMode):
         """A looped layer's call returned `tensor`."""
         tags, behind, _ = self._of(tensor)
         self._tag(tensor, tags | {name}, behind, False)
+
+    def owns(self, name: str, tensors: Iterable[torch.Tensor]) -> None:
+        """A looped layer's own parameters: what derives from them inside its call is that layer's too, so a cell
+        written as one module (`gates = x @ self.W_ih + h @ self.W_hh`, the gating in its own forward, the state
+        returned) is seen as one built from nn.Linear layers is."""
+        for tensor in tensors:
+            self._tag(tensor, frozenset((name,)), NONE, False)
 
     def input(self, tensor: torch.Tensor) -> None:
         """A looped layer's call reads `tensor`: the gates behind it are a gated recurrence."""
