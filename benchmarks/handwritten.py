@@ -636,6 +636,87 @@ class ExpertsEinsum(nn.Module):
         return self.out(x)
 
 
+class OwnDense(nn.Module):
+    """A linear layer written by hand: its matrix is `self.W`, not `weight` (He scale times `scale`)."""
+
+    def __init__(self, d_in, d_out, scale=1.0):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(d_in, d_out) * math.sqrt(2.0 / d_in) * scale)
+        self.b = nn.Parameter(torch.zeros(d_out))
+
+    def forward(self, x):
+        return x @ self.W + self.b
+
+
+class OwnDenseNet(nn.Module):
+    """ReLU MLP of OwnDense layers; `c` rescales layer 3 by c and layer 4 by 1/c: the same function (ReLU is
+    positively homogeneous), but ||g||/||W|| of layer 3 falls by c^2 (Neyshabur et al. 2015): at c = 100, 1e4x,
+    past the update view's error factor (1000)."""
+
+    def __init__(self, depth=8, width=128, c=1.0):
+        super().__init__()
+        scales = [c if i == 3 else 1 / c if i == 4 else 1.0 for i in range(depth)]
+        self.layers = nn.ModuleList(OwnDense(64 if i == 0 else width, width, s) for i, s in enumerate(scales))
+        self.out = OwnDense(width, 10)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return self.out(x)
+
+
+class OwnLSTMCell(nn.Module):
+    """An LSTM cell owning its matrices, gates in its own forward (PyTorch's init; `fbias` on the forget gate)."""
+
+    def __init__(self, d_in, hidden, fbias=0.0):
+        super().__init__()
+        bound = 1 / math.sqrt(hidden)
+        self.W_ih = nn.Parameter(torch.empty(d_in, 4 * hidden).uniform_(-bound, bound))
+        self.W_hh = nn.Parameter(torch.empty(hidden, 4 * hidden).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(4 * hidden))
+        with torch.no_grad():
+            self.bias[hidden : 2 * hidden] = fbias
+
+    def forward(self, x, state):
+        h, c = state
+        i, f, g, o = (x @ self.W_ih + h @ self.W_hh + self.bias).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+
+class OwnLSTMCls(nn.Module):
+    def __init__(self, fbias=0.0, hidden=64):
+        super().__init__()
+        self.hidden = hidden
+        self.cell = OwnLSTMCell(16, hidden, fbias)
+        self.head = nn.Linear(hidden, 5)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], self.hidden)
+        state = (h, h)
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+        return self.head(state[0])
+
+
+class OwnConvNet(nn.Module):
+    """Plain ReLU convnet whose kernels sit in an nn.ParameterList, applied with F.conv2d (He scale times gain:
+    x gain per layer in dL/dz, He et al. 2015)."""
+
+    def __init__(self, depth=12, c=32, gain=1.0):
+        super().__init__()
+        self.kernels = nn.ParameterList(
+            nn.Parameter(torch.randn(c, 3 if i == 0 else c, 3, 3) * math.sqrt(2.0 / ((3 if i == 0 else c) * 9)) * gain)
+            for i in range(depth)
+        )
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        for kernel in self.kernels:
+            x = F.relu(F.conv2d(x, kernel, padding=1))
+        return self.head(x.mean(dim=(2, 3)))
+
+
 CASES = [
     ("relu-kaiming-mlp-12", lambda: mlp(12, 256, nn.ReLU, kaiming), xy, H, (), "auto"),
     ("tanh-xavier-mlp-8", lambda: mlp(8, 256, nn.Tanh, xavier), xy, H, (), "auto"),
@@ -697,6 +778,12 @@ CASES = [
     ("numpy-relu-he-16", NumpyMLP, xy, H, (), "auto"),
     ("numpy-relu-x0.5-16", lambda: NumpyMLP(gain=0.5), xy, B, ("vanishing",), "auto"),
     ("experts-einsum-dict", ExpertsEinsum, xy, H, (), "auto"),
+    ("own-dense-he-8", OwnDenseNet, xy, H, (), "auto"),
+    ("own-dense-rescaled-100", lambda: OwnDenseNet(c=100.0), xy, B, ("vanishing",), "auto"),
+    ("own-lstm-cell-64", OwnLSTMCls, lambda: fseq(t=64), H, (), "auto"),
+    ("own-lstm-forget-minus6", lambda: OwnLSTMCls(fbias=-6.0), lambda: fseq(t=64), B, ("vanishing",), "auto"),
+    ("kernels-list-he-12", OwnConvNet, img, H, (), "auto"),
+    ("kernels-list-x0.5-12", lambda: OwnConvNet(gain=0.5), img, B, ("vanishing",), "auto"),
 ]
 
 

@@ -175,7 +175,9 @@ class Probe:
                 # Saturation whatever form the activation takes (torch.tanh, F.sigmoid, inside a gated unit): a
                 # weight layer's input squashed into [-1, 1] or [0, 1] counts for the layer before it, as a module
                 # activation's would (tape._sample_blocks has the rule).
-                squashed = category in ("linear", "conv") and previous not in tape.saturated_numel
+                squashed = (
+                    category in ("linear", "conv") and previous not in tape.saturated_numel and not _averaged(inputs)
+                )
                 kept = tape.keep(inputs, index, previous if squashed else None)
                 tape.input_numel[index] = tape.input_numel.get(index, 0) + kept
             self._last_output = weakref.ref(out) if out is not None else None
@@ -271,6 +273,29 @@ def hook_count(model: nn.Module) -> int:
         ):
             total += len(getattr(module, attr, {}))
     return total
+
+
+# autograd nodes that only rearrange a tensor, and those that average it (global average pooling, x.mean(...))
+_REARRANGING = frozenset(
+    ("View", "UnsafeView", "ReshapeAlias", "Squeeze", "Unsqueeze", "Permute", "Transpose", "T", "Clone", "Expand")
+)
+_AVERAGING = ("Mean", "Sum", "AvgPool", "AdaptiveAvgPool")
+
+
+def _averaged(tensor: torch.Tensor) -> bool:
+    """Whether a layer's input is an average over positions (a global average pool of ReLU features): its values
+    may lie in [0, 1] as a sigmoid's do, but they are no unit's activation, so not a saturation to count."""
+    node = tensor.grad_fn
+    for _ in range(4):
+        if node is None:
+            return False
+        kind = type(node).__name__.rstrip("0123456789").removesuffix("Backward")
+        if kind.startswith(_AVERAGING):
+            return True
+        if kind not in _REARRANGING:
+            return False
+        node = node.next_functions[0][0] if node.next_functions else None
+    return False
 
 
 def in_backward() -> bool:

@@ -230,6 +230,44 @@ def test_saturation_is_measured_whatever_form_the_activation_takes() -> None:
     assert {(f.layer, f.kind) for f in by_value.findings if f.kind == "saturated"} >= {("layers.0", "saturated")}
 
 
+class _Pooled(torch.nn.Module):
+    """A 1x1 conv that passes each channel through into a head, by a ReLU then an average over positions (global
+    average pooling), or by a sigmoid of the average: the head reads about the same eight values either way."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv = torch.nn.Conv2d(8, 8, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(8)[:, :, None, None])
+            self.conv.bias.zero_()
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.conv(x)
+        return self.head(torch.relu(z).mean(dim=(2, 3)) if self.how == "relu" else torch.sigmoid(z.mean(dim=(2, 3))))
+
+
+@pytest.mark.parametrize("how", ["relu", "sigmoid"])
+def test_an_average_of_relu_features_in_0_1_is_no_sigmoid_saturation(how: str) -> None:
+    """Six of eight channels average to 0.001-0.002 and two to 0.5 and 0.9: values in [0, 1] spanning most of it,
+    as a sigmoid's output does, 6/8 of them under sigmoid(-4.34). Averaged ReLU features are no unit's activation:
+    nothing saturates there (before, the conv read 75% saturated, a warning). The same values as a sigmoid's
+    output (of logits nearly constant over positions, so of their average) are saturated: 75%."""
+    levels = torch.tensor([0.001, 0.0015, 0.002, 0.001, 0.0012, 0.0018, 0.5, 0.9])
+    g = torch.Generator().manual_seed(4)
+    values = levels[None, :, None, None] * (1 + 0.05 * torch.rand(16, 8, 4, 4, generator=g))
+    x = values if how == "relu" else torch.logit(values)
+    batch = (x, torch.randint(0, 3, (16,), generator=g))
+    conv = gradcheck_cli.analyze(_Pooled(how), batch).layer("conv")
+    if how == "relu":
+        assert conv.saturated_fraction is None
+    else:
+        out = torch.sigmoid(x.mean(dim=(2, 3)))  # what the head reads
+        expected = float(((out < 0.0129) | (out > 0.9871)).float().mean())
+        assert conv.saturated_fraction is not None and abs(conv.saturated_fraction - expected) < 0.05
+
+
 def test_weight_layers_no_view_could_compare_read_unjudged_not_ok() -> None:
     """An LSTM LM has three weight layers, fewer than the min_chain (5) that a signal fit or an update median
     needs: only the LSTM is compared (through time); the embedding and the head were checked for NaN and zeros
