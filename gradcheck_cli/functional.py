@@ -45,6 +45,13 @@ MATMULS: dict[Any, tuple[str, Places, Places]] = {
     **dict.fromkeys((torch.addmm, torch.baddbmm), ("linear", (1, 2), (1, 2))),
     **dict.fromkeys(_MATMULS, ("linear", (0, 1), (0, 1))),
     torch.einsum: ("linear", None, None),
+    # grouped matmuls, one weight slice per group of rows (Hugging Face's MoE experts, `experts_implementation`
+    # grouped_mm): the weight is the second argument
+    **{
+        function: ("linear", (1,), (0,))
+        for function in (getattr(torch, "_grouped_mm", None), getattr(F, "grouped_mm", None))
+        if function is not None
+    },
 }
 # functions whose result is the same matrix seen another way (transposed, reshaped, an expert's slice)
 VIEWS = frozenset(

@@ -368,3 +368,43 @@ def test_kinds_are_told_by_where_the_matrix_goes() -> None:
     assert layers["conv"].category == "conv" and layers["latent"].category == "other"
     assert "conv" in report.update.layers and "latent" not in report.update.layers
     assert len(entered) == 1
+
+
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without F.grouped_mm")
+def test_experts_applied_by_a_grouped_matmul_are_a_weight_layer() -> None:
+    """Hugging Face's MoE experts (Mixtral, Qwen-MoE: `experts_implementation` grouped_mm) hold every expert in
+    one 3-D tensor and apply it by one grouped matmul over the rows sorted by expert: a weight layer."""
+
+    class Experts(nn.Module):
+        def __init__(self, experts: int = 4, d: int = 16) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(experts, d, d) / math.sqrt(d))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            chosen = x.sum(dim=1).mul(1e3).long() % self.w.shape[0]  # an expert per row, fixed by the row
+            order = torch.argsort(chosen)
+            offs = torch.bincount(chosen, minlength=self.w.shape[0]).cumsum(0).to(torch.int32)
+            out = torch.empty_like(x)
+            out[order] = F.grouped_mm(x[order], self.w.transpose(-2, -1), offs=offs)
+            return out
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.experts, self.head = nn.Linear(16, 16), Experts(), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.experts(torch.relu(self.inp(x)))))
+
+    torch.manual_seed(0)
+    model = Net()
+    g = torch.Generator().manual_seed(9)
+    batches = [(torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g)) for _ in range(3)]
+    report = gradcheck_cli.analyze(model, batches, steps=3)
+    ratios = []
+    for x, y in batches:
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y), [model.experts.w])
+        ratios.append(grad.norm().item() / model.experts.w.norm().item())
+    experts = report.layer("experts")
+    assert experts.category == "linear" and "experts" in report.update.layers
+    assert experts.grad_to_weight == pytest.approx(statistics.median(ratios), rel=1e-5)
