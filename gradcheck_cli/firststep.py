@@ -38,25 +38,36 @@ def watching(model: torch.nn.Module, layers: Sequence[LayerSpec], probe: Probe |
         GraphDepth(spec.name for spec in layers if spec.category in SIGNAL_CATEGORIES),
     )
 
-    def hook_for(name: str) -> Callable[..., None]:
+    def learned(spec: LayerSpec) -> None:
+        # a bare matrix, or an `other` module's, is the kind it was applied as (probe.Probe.category), known by
+        # the time its call returns: a kernel applied by F.conv2d has its units along dim 1
+        if probe is not None and (spec.functional or spec.category == "other"):
+            watch.flat.unit_dims[spec.name] = 1 if probe.category(spec.index) == "conv" else -1
+
+    def hook_for(spec: LayerSpec) -> Callable[..., None]:
+        name = spec.name
+
         def hook(module: torch.nn.Module, args: object, kwargs: object, output: object) -> None:
             watch.depth.called(name, (args, kwargs), output)
             out = first_tensor(output)
             if out is not None:
+                learned(spec)
                 watch.flat.output(name, out)
 
         return hook
 
     hooked = [spec for spec in layers if not spec.functional]
-    handles = [spec.module.register_forward_hook(hook_for(spec.name), with_kwargs=True) for spec in hooked]
+    handles = [spec.module.register_forward_hook(hook_for(spec), with_kwargs=True) for spec in hooked]
     handles += [module.register_forward_pre_hook(watch.flat.module_input) for module in activation_modules(model)]
-    names = {spec.index: spec.name for spec in layers if spec.functional}
+    bare = {spec.index: spec for spec in layers if spec.functional}
 
     def functional(index: int, inputs: torch.Tensor | None, output: torch.Tensor) -> None:
-        watch.depth.called(names[index], ((inputs,), {}), output)
-        watch.flat.output(names[index], output)
+        spec = bare[index]
+        watch.depth.called(spec.name, ((inputs,), {}), output)
+        learned(spec)
+        watch.flat.output(spec.name, output)
 
-    listeners = probe.also_on_call if probe is not None and names else []
+    listeners = probe.also_on_call if probe is not None and bare else []
     listeners.append(functional)
     try:
         with watch.flat:

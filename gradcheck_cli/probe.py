@@ -125,6 +125,10 @@ class Probe:
             self._functional = bare if any(index in self.used_as for index, _ in bare.values()) else {}
             self._owners = set()
 
+    def category(self, index: int) -> str:
+        """The kind of layer `index` is measured as: its spec's, or what its matrix was seen applied as."""
+        return self._layer_category[index]
+
     def _functional_call(self, index: int, kind: str, inputs: torch.Tensor | None, output: torch.Tensor) -> None:
         if index not in self.used_as:
             # the kind it is measured as from now on: for a module's matrix already in this call, whose forward

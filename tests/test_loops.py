@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import gradcheck_cli
@@ -167,6 +168,49 @@ def test_units_in_an_activations_flat_tail_are_dead_whatever_form_it_takes(act: 
     assert [(f.layer, f.kind, f.severity) for f in report.findings if f.view == "activation"] == [
         ("fc1", "dead", "warning")
     ]
+
+
+class StarvedKernels(nn.Module):
+    """HalfStarved's first layer as a convolution whose kernel no torch module holds: 12 of its 16 output channels
+    have zero kernels and a bias of -9 (GELU's flat tail), the other 4 He-initialised. `bare`: the kernel and
+    bias in an nn.ParameterList; else a module of its own that holds `self.kernel`. Units are channels (dim 1)."""
+
+    def __init__(self, bare: bool) -> None:
+        super().__init__()
+        kernel = torch.randn(16, 3, 3, 3) * math.sqrt(2 / 27)
+        kernel[:12] = 0.0
+        bias = torch.zeros(16)
+        bias[:12] = -9.0
+        if bare:
+            self.params = nn.ParameterList([nn.Parameter(kernel), nn.Parameter(bias)])
+        else:
+            self.conv = _Kernel(kernel, bias)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.conv(x) if hasattr(self, "conv") else F.conv2d(x, self.params[0], self.params[1], padding=1)
+        return self.head(F.gelu(z).mean(dim=(2, 3)))
+
+
+class _Kernel(nn.Module):
+    def __init__(self, kernel: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.kernel, self.shift = nn.Parameter(kernel), nn.Parameter(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.kernel, self.shift, padding=1)
+
+
+@pytest.mark.parametrize("bare", [True, False])
+def test_a_kernel_applied_by_conv2d_has_its_units_along_channels(bare: bool) -> None:
+    """The kind a matrix was applied as decides its units for the flat-activation count too: 12 of 16 channels
+    dead (before, its units were read along the image's width, none of them flat)."""
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,)))]
+    report = gradcheck_cli.analyze(StarvedKernels(bare), batches)
+    layer = report.layer("params.0" if bare else "conv")
+    assert layer.category == "conv"
+    assert (layer.dead_fraction, layer.units, layer.flat_activation) == (0.75, 16, "gelu")
 
 
 class GatedSiLU(nn.Module):
