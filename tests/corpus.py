@@ -245,6 +245,24 @@ def hf_mamba(layers: int) -> Callable[[], nn.Module]:
     return build
 
 
+def hf_deberta(layers: int) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        _before_transformers()
+        from transformers import DebertaV2Config, DebertaV2ForMaskedLM
+
+        config = DebertaV2Config(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=64,
+        )
+        return DebertaV2ForMaskedLM(config)
+
+    return build
+
+
 def hf_vit() -> nn.Module:
     _before_transformers()
     from transformers import ViTConfig, ViTForImageClassification
@@ -617,6 +635,22 @@ def cases() -> list[Case]:
         Case("hf-llama-6", "transformers", hf_llama(6), lambda: tokens(VOCAB), True, "Llama, 6 layers, GQA"),
         Case("hf-t5", "transformers", hf_t5, t5_batches, True, "T5: one embedding shared by four modules"),
         Case("hf-mamba-4", "transformers", hf_mamba(4), lambda: tokens(VOCAB), True, "Mamba SSM, 4 layers"),
+        Case(
+            "hf-mamba-1",
+            "transformers",
+            hf_mamba(1),
+            lambda: tokens(VOCAB),
+            True,
+            "Mamba, one block: x_proj and dt_proj have no peers; their gradients are scaled by dt by design",
+        ),
+        Case(
+            "hf-deberta-1",
+            "transformers",
+            hf_deberta(1),
+            lambda: tokens(VOCAB),
+            True,
+            "DeBERTa-v2, one block: query_proj and key_proj have no peers, slow by design at uniform attention",
+        ),
         Case("hf-vit", "transformers", hf_vit, hf_images, True, "Hugging Face ViT classifier"),
         Case("torch-lstm-lm", "torch", lambda: RecurrentLM(nn.LSTM), lm_batches, True, "2-layer LSTM LM"),
         Case("torch-gru-lm", "torch", lambda: RecurrentLM(nn.GRU), lm_batches, True, "2-layer GRU LM"),

@@ -67,6 +67,7 @@ def _balance(
     findings = []
     first = _input_layer(layers)
     peers = _peer_medians(members, measured)
+    scans = selective_scans([layer.name for layer in members])
     for layer in members:
         if layer.feeds_norm:
             # Scale-invariant (its output is normalised): SGD tunes its effective learning rate by itself
@@ -81,13 +82,14 @@ def _balance(
         # An embedding table has neither: it is read a few rows at a time and initialised on its own scale
         # (N(0, 1) in torch, 0.02 in GPT-2, T5's factor), so its ||g||/||W|| is not comparable to dense layers'.
         severity = None
-        if attention_logits(layer.name):
-            # At (near-)uniform attention a query/key projection's gradient is second order (ATTENTION_LOGITS):
+        if attention_logits(layer.name) or layer.name in scans:
+            # At (near-)uniform attention a query/key projection's gradient is second order (LOGIT_WORDS):
             # slow by design, at a rate that follows how alike the tokens it reads are, so it differs from block
-            # to block too. Only a factor no design explains (role_error) is judged, beyond what a small input
-            # explains (_logit_scale).
+            # to block too; a selective scan's step and state projections are scaled by its step size
+            # (SELECTIVE_SCAN). Only a factor no design explains (role_error) is judged, beyond what a small
+            # input explains (_logit_scale).
             factor, against = ratio / reference, f"the network median {reference:.2g}"
-            expected = _logit_scale(layer)
+            expected = _logit_scale(layer) if attention_logits(layer.name) else 1.0
             if not layer.behind_scales and level(
                 reference * expected / ratio, thresholds.role_error, thresholds.role_error
             ):
@@ -205,15 +207,16 @@ def peer_group(name: str) -> str:
 
 
 # Query and key projections, by the names the common implementations give them (Hugging Face BERT/ALBERT/
-# ELECTRA/Swin: query, key; Llama, Mistral, OPT, GPT-Neo, ViT/DeiT: q_proj, k_proj; T5: q, k; DistilBERT:
-# q_lin, k_lin; Meta's Llama: wq, wk; x-transformers and diffusers: to_q, to_k). They only shape the attention
-# logits s_ij = q_i.k_j / sqrt(d): dL/ds_ij = P_ij (dL/do_i).(v_j - sum_l P_il v_l), which at the uniform
-# attention of initialisation is a covariance across tokens between values and keys, small by design and
-# dependent on how alike the tokens are (the first block reads embeddings, later ones the residual stream).
-# Fused projections (GPT-2's c_attn, timm's qkv, nn.MultiheadAttention) carry the values' gradient too.
-ATTENTION_LOGITS = frozenset(
-    {"query", "key", "q_proj", "k_proj", "q", "k", "q_lin", "k_lin", "wq", "wk", "to_q", "to_k"}
-)
+# ELECTRA/Swin: query, key; Llama, Mistral, OPT, GPT-Neo, ViT/DeiT: q_proj, k_proj; DeBERTa: query_proj,
+# key_proj; T5: q, k; DistilBERT: q_lin, k_lin; Meta's Llama: wq, wk; x-transformers and diffusers: to_q, to_k;
+# ESPnet/WeNet conformers: linear_q, linear_k; DeepSeek: q_a_proj, q_b_proj): a name made of a query or key word
+# and projection words only, split at "_". They only shape the attention logits s_ij = q_i.k_j / sqrt(d):
+# dL/ds_ij = P_ij (dL/do_i).(v_j - sum_l P_il v_l), which at the uniform attention of initialisation is a
+# covariance across tokens between values and keys, small by design and dependent on how alike the tokens are
+# (the first block reads embeddings, later ones the residual stream). Fused projections (GPT-2's c_attn, timm's
+# qkv, GPT-NeoX's query_key_value, DeepSeek's kv_b_proj, nn.MultiheadAttention) carry the values' gradient too.
+LOGIT_WORDS = frozenset({"q", "k", "query", "key", "queries", "keys", "qk", "wq", "wk"})
+PROJECTION_WORDS = frozenset({"proj", "projection", "lin", "linear", "layer", "dense", "fc", "w", "to", "a", "b"})
 
 
 def _logit_scale(layer: Layer) -> float:
@@ -227,9 +230,30 @@ def _logit_scale(layer: Layer) -> float:
     return min(1.0, rms) ** 2 if rms is not None and rms > 0 else 1.0
 
 
+# A selective scan's projections (Mamba, Gu & Dao 2023: h_t = exp(dt A) h_{t-1} + dt B x_t, y_t = C h_t): x_proj
+# makes dt (low rank), B and C from the input, dt_proj lifts dt through a softplus. dt is initialised in
+# [0.001, 0.1] (log-uniform) and multiplies every path from x_proj and dt_proj to the output, the softplus'
+# derivative at dt's bias being about dt itself: their gradients are 10-1000x below the network's by design (a
+# one-block Mamba: x_proj 23x, dt_proj 906x). Deeper stacks compare them with their peers in the other blocks.
+# Both are told by their names in one module: an `x_proj` elsewhere, without a `dt_proj` beside it, is not one.
+SELECTIVE_SCAN = frozenset({"x_proj", "dt_proj"})
+
+
+def selective_scans(names: Sequence[str]) -> set[str]:
+    """The layers that are a selective scan's step or state projections (SELECTIVE_SCAN): those in a module
+    that holds a `dt_proj`."""
+    scans = {name.rpartition(".")[0] for name in names if name.rpartition(".")[2].lower() == "dt_proj"}
+    return {
+        name for name in names if name.rpartition(".")[2].lower() in SELECTIVE_SCAN and name.rpartition(".")[0] in scans
+    }
+
+
 def attention_logits(name: str) -> bool:
-    """Whether a layer is a query or key projection (ATTENTION_LOGITS), by the last part of its name."""
-    return name.rsplit(".", 1)[-1].lower() in ATTENTION_LOGITS
+    """Whether a layer is a query or key projection (LOGIT_WORDS), by the last part of its name."""
+    words = name.rsplit(".", 1)[-1].lower().split("_")
+    return any(word in LOGIT_WORDS for word in words) and all(
+        word in LOGIT_WORDS or word in PROJECTION_WORDS for word in words
+    )
 
 
 # Fewest layers in a role for a peer median: with two, the same role in another block is already a better
