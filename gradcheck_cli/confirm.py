@@ -19,7 +19,7 @@ squared norms combined across ranks), so all ranks replay alike.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 
@@ -40,18 +40,30 @@ OPEN_GATE_STD = 1e-3
 def open_gates(
     setup: Setup, layers: Sequence[Layer], parameters: Sequence[ParameterRecord], combiner: Combiner
 ) -> tuple[set[str], list[str]]:
-    """(layers whose zero gradient a zero-initialised gate explains, the gates' layer names)."""
+    """(layers whose zero gradient a zero-initialised gate explains, the gates' layer names). A layer whose
+    matrices get exactly 0 while its bias learns is silent too: its input is zero where the loss reads it (a
+    one-block DeiT's query projection reads the class token, zero-initialised, which a gate before it holds)."""
     silent = [layer.name for layer in layers if layer.trainable_params and all_zero(layer)]
+    by_name = {p.name: p for p in parameters}
+    matrices = {
+        layer.name
+        for layer in layers
+        if layer.name not in silent and (mine := _matrices(layer, by_name)) and all(_never(p) for p in mine)
+    }
     gates = [
         p.name
         for p in parameters
         if p.requires_grad and p.weight_norm == 0 and p.grad_norm and not p.name.endswith("bias")
     ]
-    if not silent or not gates:
+    if not (silent or matrices) or not gates:
         return set(), []
     named = dict(setup.model.named_parameters())
     opened = _replay(
-        setup, combiner, silent, perturb=lambda: [named[name].normal_(0.0, OPEN_GATE_STD) for name in gates]
+        setup,
+        combiner,
+        [*silent, *sorted(matrices)],
+        perturb=lambda: [named[name].normal_(0.0, OPEN_GATE_STD) for name in gates],
+        matrices_only=matrices,
     )
     owners = sorted({layer.name for layer in layers for name in gates if name in layer.parameters})
     return opened, owners
@@ -145,9 +157,34 @@ def _zeroing(tensors: Sequence[torch.Tensor]) -> Callable[[], object]:
     return lambda: [tensor.zero_() for tensor in tensors]
 
 
-def _replay(setup: Setup, combiner: Combiner, watched: list[str], perturb: Callable[[], object]) -> set[str]:
+def _matrices(layer: Layer, by_name: dict[str, ParameterRecord]) -> list[ParameterRecord]:
+    """A layer's trainable matrices (those on its first owner: a tied tensor is judged there)."""
+    return [
+        p
+        for name in layer.parameters
+        if (p := by_name.get(name)) is not None
+        and p.requires_grad
+        and p.layers[0] == layer.name
+        and sum(size > 1 for size in p.shape) >= 2
+    ]
+
+
+def _never(parameter: ParameterRecord) -> bool:
+    """Whether a tensor's gradient was exactly 0 in every measured step."""
+    got = [v for v in parameter.grad_norm_steps if v is not None]
+    return bool(got) and all(v == 0 for v in got)
+
+
+def _replay(
+    setup: Setup,
+    combiner: Combiner,
+    watched: list[str],
+    perturb: Callable[[], object],
+    matrices_only: Collection[str] = (),
+) -> set[str]:
     """Change some parameters (perturb), run one forward and backward, and return the watched layers that got
-    a nonzero gradient. Parameters, buffers, .grad and modes are restored afterwards."""
+    a nonzero gradient (in their matrices, for those in `matrices_only`). Parameters, buffers, .grad and modes
+    are restored afterwards."""
     specs = {spec.name: spec for spec in setup.layers}
     passes = Passes(setup.runner, setup.loss, setup.device, setup.amp_dtype)
     model = setup.model
@@ -159,7 +196,11 @@ def _replay(setup: Setup, combiner: Combiner, watched: list[str], perturb: Calla
         squares = torch.stack(
             [
                 sum(
-                    (local(p.grad).float().square().sum() for _, p in specs[name].params if p.grad is not None),
+                    (
+                        local(p.grad).float().square().sum()
+                        for _, p in specs[name].params
+                        if p.grad is not None and (name not in matrices_only or is_matrix(p))
+                    ),
                     torch.zeros((), device=setup.device),
                 )
                 for name in watched

@@ -263,6 +263,38 @@ def hf_deberta(layers: int) -> Callable[[], nn.Module]:
     return build
 
 
+def hf_deit_1() -> nn.Module:
+    _before_transformers()
+    from transformers import DeiTConfig, DeiTForImageClassification
+
+    config = DeiTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=128,
+        num_labels=10,
+    )
+    return DeiTForImageClassification(config)
+
+
+def hf_electra_1() -> nn.Module:
+    _before_transformers()
+    from transformers import ElectraConfig, ElectraForMaskedLM
+
+    config = ElectraConfig(
+        vocab_size=VOCAB,
+        embedding_size=32,
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
+    return ElectraForMaskedLM(config)
+
+
 def hf_vit() -> nn.Module:
     _before_transformers()
     from transformers import ViTConfig, ViTForImageClassification
@@ -652,6 +684,23 @@ def cases() -> list[Case]:
             "DeBERTa-v2, one block: query_proj and key_proj have no peers, slow by design at uniform attention",
         ),
         Case("hf-vit", "transformers", hf_vit, hf_images, True, "Hugging Face ViT classifier"),
+        Case(
+            "hf-deit-1",
+            "transformers",
+            hf_deit_1,
+            hf_images,
+            True,
+            "DeiT, one block: the loss reads the class token, zero at init, so the query projection's weight gets "
+            "exactly 0 (its bias learns) until that token moves: gated, not dead",
+        ),
+        Case(
+            "hf-electra-1",
+            "transformers",
+            hf_electra_1,
+            lambda: tokens(VOCAB),
+            True,
+            "ELECTRA, one block: three embedding tables of twelve weight layers must not set the network median",
+        ),
         Case("torch-lstm-lm", "torch", lambda: RecurrentLM(nn.LSTM), lm_batches, True, "2-layer LSTM LM"),
         Case("torch-gru-lm", "torch", lambda: RecurrentLM(nn.GRU), lm_batches, True, "2-layer GRU LM"),
         Case("torch-irnn", "torch", irnn, sequences, True, "IRNN over 64 steps: ReLU, W_hh = I (Le et al. 2015)"),

@@ -268,6 +268,20 @@ def test_an_average_of_relu_features_in_0_1_is_no_sigmoid_saturation(how: str) -
         assert conv.saturated_fraction is not None and abs(conv.saturated_fraction - expected) < 0.05
 
 
+def test_a_query_projection_reading_a_zero_initialised_token_is_gated_not_dead() -> None:
+    """A one-block DeiT classifies from its class token, zero at init (and its position embedding): the LayerNorm
+    of a zero vector is 0, so dL/dW_q = dL/dq_cls x 0 = 0 exactly while dL/db_q = dL/dq_cls is not; and q_cls =
+    b_q = 0 leaves the keys no gradient at all. The token is a gate that moves on the first step (opened: 1e-3)."""
+    report = _report("hf-deit-1")
+    layers = {layer.name: layer for layer in report.layers}
+    query = next(layer for name, layer in layers.items() if name.endswith("q_proj"))
+    key = next(layer for name, layer in layers.items() if name.endswith("k_proj"))
+    assert query.grad_norm and query.status == "gated" and key.status == "gated"
+    weight = next(p for p in report.parameters if p.name == f"{query.name}.weight")
+    assert weight.grad_norm == 0.0
+    assert not [f for f in report.findings if f.layer in (query.name, key.name)]
+
+
 def test_weight_layers_no_view_could_compare_read_unjudged_not_ok() -> None:
     """An LSTM LM has three weight layers, fewer than the min_chain (5) that a signal fit or an update median
     needs: only the LSTM is compared (through time); the embedding and the head were checked for NaN and zeros

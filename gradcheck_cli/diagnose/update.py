@@ -41,7 +41,11 @@ def update_view(
         and math.isfinite(value)
         and value > 0
     ]
-    reference = median([_relative(layer, measured) or 0.0 for layer in members])
+    # The network median is the dense layers': an embedding table's ||g||/||W|| (rows looked up, a scale of its
+    # own: _balance) is not comparable with theirs, and in a shallow model three tables (BERT's word, position
+    # and token type) can be a third of the members (a one-block ELECTRA's set the median 16x above its block).
+    dense = [layer for layer in members if layer.category != "embedding"] or members
+    reference = median([_relative(layer, measured) or 0.0 for layer in dense])
     quantity = "update_ratio" if measured else "grad_to_weight"
     summary = UpdateSummary(tuple(layer.name for layer in members), reference, quantity)
     findings = []
