@@ -1,12 +1,13 @@
 """The verdict on standard architectures, as a new user gets it: `gradcheck analyze TARGET --format json` on
 model-hub targets at their default initialisation, with the synthetic inputs gradcheck makes for them.
 
-    python benchmarks/verdicts.py [--only torchvision|timm|hf] [--models NAME ...] [--output FILE]
+    python benchmarks/verdicts.py [--only torchvision|timm|hf] [--models NAME ...] [--layers N] [--output FILE]
 
 Every target is healthy by construction (a stock architecture as its library builds it): any error finding is a
 false alarm, and warnings are counted. Prints one line per model (exit code, errors, warnings, the first
 findings) and the totals. The Hugging Face models are small configs (4 layers, width 64) written to a temporary
-folder and run with --from-config; torchvision and timm ones are full size at their own input resolution
+folder and run with --from-config (--layers N: N blocks instead, the shallow copies); torchvision and timm ones
+are full size at their own input resolution
 (about 45 minutes on 2 CPU cores for all). Needs torchvision, timm and transformers (see README, Development).
 """
 
@@ -192,7 +193,11 @@ _HF: dict[str, tuple[str, dict]] = {
 }
 
 
-def hf_targets(folder: Path, names: list[str] | None) -> list[str]:
+# the config keys that set a Hugging Face model's depth (--layers), by model family
+_DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers", "decoder_layers")
+
+
+def hf_targets(folder: Path, names: list[str] | None, layers: int | None = None) -> list[str]:
     from gradcheck_cli.hub import import_torchvision
 
     import_torchvision()  # transformers imports torchvision when it is installed: its op schemas first
@@ -202,6 +207,12 @@ def hf_targets(folder: Path, names: list[str] | None) -> list[str]:
     for model_type, (architecture, settings) in _HF.items():
         if names and model_type not in names:
             continue
+        if layers is not None:
+            settings = {key: layers if key in _DEPTH_KEYS else value for key, value in settings.items()}
+            if "attention_types" in settings:  # GPT-Neo: one attention type per layer
+                settings["attention_types"] = [[["global"], layers]]
+            if "depths" in settings:  # Swin: blocks per stage
+                settings["depths"] = [min(depth, layers) for depth in settings["depths"]]
         config = AutoConfig.for_model(model_type, architectures=[architecture], **settings)
         config.save_pretrained(folder / model_type)
         targets.append(f"hf:{folder / model_type}")
@@ -235,6 +246,9 @@ def main() -> None:
     parser.add_argument("--only", choices=["torchvision", "timm", "hf"], action="append")
     parser.add_argument("--models", nargs="*", help="only these names (torchvision/timm names, hf model types)")
     parser.add_argument("--output", type=Path)
+    parser.add_argument(
+        "--layers", type=int, help="Hugging Face models with this many blocks (default 4): shallow copies"
+    )
     args = parser.parse_args()
     families = args.only or ["torchvision", "timm", "hf"]
     with tempfile.TemporaryDirectory() as folder:
@@ -244,7 +258,7 @@ def main() -> None:
         if "timm" in families:
             targets += [f"timm:{m}" for m in TIMM if not args.models or m in args.models]
         if "hf" in families:
-            targets += hf_targets(Path(folder), args.models)
+            targets += hf_targets(Path(folder), args.models, args.layers)
         lines = []
         for target in targets:
             line = run(target)
