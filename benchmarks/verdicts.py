@@ -7,7 +7,8 @@ Every target is healthy by construction (a stock architecture as its library bui
 false alarm, and warnings are counted. Prints one line per model (exit code, errors, warnings, the first
 findings) and the totals. The Hugging Face models are small configs (4 layers, width 64) written to a temporary
 folder and run with --from-config (--layers N: N blocks instead, the shallow copies); torchvision and timm ones
-are full size at their own input resolution (about 45 minutes on 2 CPU cores for all). Needs torchvision, timm and transformers (see README, Development).
+are full size at their own input resolution (about 45 minutes on 2 CPU cores for all). Needs torchvision, timm
+and transformers (see README, Development).
 """
 
 from __future__ import annotations

@@ -43,19 +43,21 @@ def open_gates(
     """(layers whose zero gradient a zero-initialised gate explains, the gates' layer names). A layer whose
     matrices get exactly 0 while its bias learns is silent too: its input is zero where the loss reads it (a
     one-block DeiT's query projection reads the class token, zero-initialised, which a gate before it holds)."""
-    silent = [layer.name for layer in layers if layer.trainable_params and all_zero(layer)]
-    by_name = {p.name: p for p in parameters}
-    matrices = {
-        layer.name
-        for layer in layers
-        if layer.name not in silent and (mine := _matrices(layer, by_name)) and all(_never(p) for p in mine)
-    }
     gates = [
         p.name
         for p in parameters
         if p.requires_grad and p.weight_norm == 0 and p.grad_norm and not p.name.endswith("bias")
     ]
-    if not (silent or matrices) or not gates:
+    if not gates:
+        return set(), []
+    silent = [layer.name for layer in layers if layer.trainable_params and all_zero(layer)]
+    by_name = {p.name: p for p in parameters}
+    matrices = {
+        layer.name
+        for layer in layers
+        if not all_zero(layer) and (mine := _matrices(layer, by_name)) and all(all_zero(p) for p in mine)
+    }
+    if not (silent or matrices):
         return set(), []
     named = dict(setup.model.named_parameters())
     opened = _replay(
@@ -167,12 +169,6 @@ def _matrices(layer: Layer, by_name: dict[str, ParameterRecord]) -> list[Paramet
         and p.layers[0] == layer.name
         and sum(size > 1 for size in p.shape) >= 2
     ]
-
-
-def _never(parameter: ParameterRecord) -> bool:
-    """Whether a tensor's gradient was exactly 0 in every measured step."""
-    got = [v for v in parameter.grad_norm_steps if v is not None]
-    return bool(got) and all(v == 0 for v in got)
 
 
 def _replay(

@@ -43,7 +43,7 @@ class Finished:
     used_as: dict[int, str] = dataclasses.field(default_factory=dict)  # functional.py: what a matrix was applied as
 
 
-def _functional(spec: LayerSpec, finished: Finished, layer: Layer) -> Layer:
+def _applied_as(spec: LayerSpec, finished: Finished, layer: Layer) -> Layer:
     """A matrix no module applies (LayerSpec.functional) is the layer it was applied as (linear or conv), and so
     is a module of a kind no rule knows that applied its own matrix as a matmul's weight (functional.owned); one
     never seen in a matmul-like call (a positional embedding added to the input) stays `other`."""
@@ -60,7 +60,7 @@ def build_records(measured: Measured, finished: Finished) -> tuple[list[Layer], 
         for index in dict.fromkeys(info.layers):
             owning.setdefault(index, []).append(info)
     layers = [
-        _functional(
+        _applied_as(
             spec,
             finished,
             dataclasses.replace(

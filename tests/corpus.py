@@ -188,22 +188,29 @@ def hf_gpt2() -> nn.Module:
     return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=4, n_head=4))
 
 
-def hf_bert(layers: int) -> Callable[[], nn.Module]:
+def _hf_encoder(config_class: str, model_class: str, layers: int, **settings: int) -> Callable[[], nn.Module]:
+    """A Hugging Face masked-LM encoder from a small config (width 64, 4 heads), built when called."""
+
     def build() -> nn.Module:
         _before_transformers()
-        from transformers import BertConfig, BertForMaskedLM
+        import transformers
 
-        config = BertConfig(
+        config = getattr(transformers, config_class)(
             vocab_size=VOCAB,
             hidden_size=64,
             num_hidden_layers=layers,
             num_attention_heads=4,
             intermediate_size=128,
             max_position_embeddings=64,
+            **settings,
         )
-        return BertForMaskedLM(config)
+        return getattr(transformers, model_class)(config)
 
     return build
+
+
+def hf_bert(layers: int) -> Callable[[], nn.Module]:
+    return _hf_encoder("BertConfig", "BertForMaskedLM", layers)
 
 
 def hf_llama(layers: int) -> Callable[[], nn.Module]:
@@ -246,21 +253,7 @@ def hf_mamba(layers: int) -> Callable[[], nn.Module]:
 
 
 def hf_deberta(layers: int) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        _before_transformers()
-        from transformers import DebertaV2Config, DebertaV2ForMaskedLM
-
-        config = DebertaV2Config(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            intermediate_size=128,
-            max_position_embeddings=64,
-        )
-        return DebertaV2ForMaskedLM(config)
-
-    return build
+    return _hf_encoder("DebertaV2Config", "DebertaV2ForMaskedLM", layers)
 
 
 def hf_deit_1() -> nn.Module:
@@ -277,22 +270,6 @@ def hf_deit_1() -> nn.Module:
         num_labels=10,
     )
     return DeiTForImageClassification(config)
-
-
-def hf_electra_1() -> nn.Module:
-    _before_transformers()
-    from transformers import ElectraConfig, ElectraForMaskedLM
-
-    config = ElectraConfig(
-        vocab_size=VOCAB,
-        embedding_size=32,
-        hidden_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=64,
-    )
-    return ElectraForMaskedLM(config)
 
 
 def hf_vit() -> nn.Module:
@@ -696,7 +673,7 @@ def cases() -> list[Case]:
         Case(
             "hf-electra-1",
             "transformers",
-            hf_electra_1,
+            _hf_encoder("ElectraConfig", "ElectraForMaskedLM", 1, embedding_size=32),
             lambda: tokens(VOCAB),
             True,
             "ELECTRA, one block: three embedding tables of twelve weight layers must not set the network median",

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gradcheck_cli.diagnose.thresholds import Thresholds
-from gradcheck_cli.report import Finding, Layer, NanOrigin, SignalSummary, Training, UpdateSummary
+from gradcheck_cli.report import Finding, Layer, NanOrigin, ParameterRecord, SignalSummary, Training, UpdateSummary
 
 LOSS_LAYER = "<loss>"
 
@@ -53,6 +53,7 @@ def got_no_gradient(layer: Layer) -> bool:
     return layer.alias_of is None and bool(layer.trainable_params) and all(v is None for v in layer.grad_norm_steps)
 
 
-def all_zero(layer: Layer) -> bool:
-    got = [v for v in layer.grad_norm_steps if v is not None]
+def all_zero(record: Layer | ParameterRecord) -> bool:
+    """Whether a layer's (a tensor's) gradient was exactly 0 in every measured step that gave it one."""
+    got = [v for v in record.grad_norm_steps if v is not None]
     return bool(got) and all(v == 0 for v in got)
