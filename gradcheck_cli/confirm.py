@@ -164,10 +164,7 @@ def _matrices(layer: Layer, by_name: dict[str, ParameterRecord]) -> list[Paramet
     return [
         p
         for name in layer.parameters
-        if (p := by_name.get(name)) is not None
-        and p.requires_grad
-        and p.layers[0] == layer.name
-        and sum(size > 1 for size in p.shape) >= 2
+        if (p := by_name.get(name)) is not None and p.requires_grad and p.layers[0] == layer.name and is_matrix(p.shape)
     ]
 
 

@@ -149,7 +149,8 @@ def has_units(spec: LayerSpec) -> bool:
     return spec.category == "recurrent"
 
 
-def is_matrix(tensor: torch.Tensor) -> bool:
-    """A weight that mixes features: at least two dimensions longer than 1. A per-channel scale or shift
-    (a norm's gamma, LayerScale's (C,), ConvNeXt's (C, 1, 1), ReZero's scalar) is not one."""
-    return sum(size > 1 for size in tensor.shape) >= 2
+def is_matrix(tensor: torch.Tensor | tuple[int, ...]) -> bool:
+    """A weight (or a weight's shape) that mixes features: at least two dimensions longer than 1. A per-channel
+    scale or shift (a norm's gamma, LayerScale's (C,), ConvNeXt's (C, 1, 1), ReZero's scalar) is not one."""
+    shape = tensor.shape if isinstance(tensor, torch.Tensor) else tensor
+    return sum(size > 1 for size in shape) >= 2

@@ -188,25 +188,31 @@ def hf_gpt2() -> nn.Module:
     return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=4, n_head=4))
 
 
-def _hf_encoder(config_class: str, model_class: str, layers: int, **settings: int) -> Callable[[], nn.Module]:
-    """A Hugging Face masked-LM encoder from a small config (width 64, 4 heads), built when called."""
+def _hf_model(config_class: str, model_class: str, **config: int) -> Callable[[], nn.Module]:
+    """A Hugging Face model of `model_class` from `config_class(**config)`, built when called."""
 
     def build() -> nn.Module:
         _before_transformers()
         import transformers
 
-        config = getattr(transformers, config_class)(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            intermediate_size=128,
-            max_position_embeddings=64,
-            **settings,
-        )
-        return getattr(transformers, model_class)(config)
+        return getattr(transformers, model_class)(getattr(transformers, config_class)(**config))
 
     return build
+
+
+def _hf_encoder(config_class: str, model_class: str, layers: int, **settings: int) -> Callable[[], nn.Module]:
+    """A masked-LM encoder from a small config (width 64, 4 heads)."""
+    return _hf_model(
+        config_class,
+        model_class,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        **settings,
+    )
 
 
 def hf_bert(layers: int) -> Callable[[], nn.Module]:
@@ -256,36 +262,23 @@ def hf_deberta(layers: int) -> Callable[[], nn.Module]:
     return _hf_encoder("DebertaV2Config", "DebertaV2ForMaskedLM", layers)
 
 
-def hf_deit_1() -> nn.Module:
-    _before_transformers()
-    from transformers import DeiTConfig, DeiTForImageClassification
-
-    config = DeiTConfig(
+def _hf_image(config_class: str, model_class: str, layers: int) -> Callable[[], nn.Module]:
+    """An image classifier from a small config (32 px, patches of 8, width 64)."""
+    return _hf_model(
+        config_class,
+        model_class,
         image_size=32,
         patch_size=8,
         hidden_size=64,
-        num_hidden_layers=1,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         intermediate_size=128,
         num_labels=10,
     )
-    return DeiTForImageClassification(config)
 
 
-def hf_vit() -> nn.Module:
-    _before_transformers()
-    from transformers import ViTConfig, ViTForImageClassification
-
-    config = ViTConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=128,
-        num_labels=10,
-    )
-    return ViTForImageClassification(config)
+hf_deit_1 = _hf_image("DeiTConfig", "DeiTForImageClassification", 1)
+hf_vit = _hf_image("ViTConfig", "ViTForImageClassification", 4)
 
 
 def hf_images(count: int = 3, seed: int = 0) -> list[dict]:
