@@ -287,10 +287,11 @@ def _mark_side_outputs(setup: Setup, measurement: Measurement) -> list[str]:
 
 
 def _mark_behind_scales(setup: Setup, measurement: Measurement, options: Options) -> list[str]:
-    """Layers that small per-channel scales gate far below the network (confirm.open_scales)."""
-    from gradcheck_cli.confirm import open_scales
+    """Layers that small per-channel scales gate far below the network, or starve (scales.open_scales)."""
+    from gradcheck_cli.scales import open_scales
 
-    behind = open_scales(setup, measurement.layers, options.thresholds.role_error)
+    thresholds = options.thresholds
+    behind = open_scales(setup, measurement.layers, thresholds.role_error, thresholds.dead_warning)
     if not behind:
         return []
     measurement.layers = [
@@ -299,9 +300,9 @@ def _mark_behind_scales(setup: Setup, measurement: Measurement, options: Options
     names = [layer.name for layer in measurement.layers if layer.name in behind]
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     return [
-        f"{len(names)} layer(s) ({shown}) learn over role_error slower than the network only because small "
-        "per-channel scales (LayerScale) gate their path (checked by setting those to 1): they learn as the "
-        "scales grow"
+        f"{len(names)} layer(s) ({shown}) learn over role_error slower than the network, or get no usable "
+        "gradient in most units, only because small per-channel scales (LayerScale) gate their path (checked by "
+        "setting those to 1): they learn as the scales grow"
     ]
 
 

@@ -71,60 +71,6 @@ def open_gates(
     return opened, owners
 
 
-# A per-channel scale this small gates its branch (LayerScale's 1e-6 to 1e-4, CaiT's 1e-5): far below a
-# norm's gamma (1), so what flows through it is attenuated by its size and the layers behind it learn that
-# much slower at init, by design; opened, it reads 1, a branch without LayerScale.
-SMALL_SCALE = 1e-3
-
-
-def open_scales(setup: Setup, layers: Sequence[Layer], role_error: float) -> set[str]:
-    """Weight layers whose ||g||/||W|| lies more than role_error below the network median only because small
-    per-channel scales (SMALL_SCALE) gate their path, as in EdgeNeXt, whose attention branch sits behind two
-    LayerScales (1e-12 at init): with every such scale set to 1 in one replay of the first batch, they come
-    within role_error of the (then) median."""
-    from gradcheck_cli.diagnose.update import expects_comparison
-    from gradcheck_cli.series import median
-
-    members = {
-        layer.name: layer
-        for layer in layers
-        if expects_comparison(layer) and layer.grad_to_weight is not None and layer.grad_to_weight > 0
-    }
-    reference = median([layer.grad_to_weight for layer in members.values()]) or 0.0
-    slow = [name for name, layer in members.items() if (layer.grad_to_weight or 0.0) * role_error < reference]
-    if not slow:
-        return set()
-    candidates = [p for p in setup.model.parameters() if p.requires_grad and not is_matrix(p) and p.numel()]
-    if not candidates:
-        return set()
-    largest = torch.stack([p.detach().abs().max().float() for p in candidates]).tolist()  # one host read
-    scales = [p for p, value in zip(candidates, largest, strict=True) if 0 < value <= SMALL_SCALE]
-    if not scales:
-        return set()
-    specs = {spec.name: spec for spec in setup.layers if spec.name in members}
-    passes = Passes(setup.runner, setup.loss, setup.device, setup.amp_dtype)
-    with Restorer(setup.model, save_parameters=True):
-        with torch.no_grad():
-            for scale in scales:
-                scale.fill_(1.0)
-        clear_grads(setup.model)
-        passes.forward_backward(setup.batches[0].to(setup.device))
-        zero = torch.zeros((), device=setup.device)
-        squares = []  # per layer: its weights' ||g||^2 and ||W||^2, read back at once
-        for spec in specs.values():
-            weights = [p for _, p in spec.params if p.requires_grad and is_matrix(p)]
-            squares.append(sum((local(p.grad).float().square().sum() for p in weights if p.grad is not None), zero))
-            squares.append(sum((local(p.detach()).float().square().sum() for p in weights), zero))
-        values = torch.stack(squares).tolist() if squares else []
-        clear_grads(setup.model)
-    ratios = {
-        name: (grad / norm) ** 0.5 / passes.scale if norm else 0.0
-        for name, grad, norm in zip(specs, values[::2], values[1::2], strict=True)
-    }
-    opened = median(list(ratios.values())) or 0.0
-    return {name for name in slow if ratios.get(name, 0.0) * role_error >= opened > 0}
-
-
 # Where the chain is cut, as fractions of its length: a residual net's stage transitions (a strided block
 # without a skip) are single paths, so one cut can land on one; three are unlikely to all do.
 CUTS = (0.5, 0.25, 0.75)

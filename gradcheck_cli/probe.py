@@ -57,6 +57,9 @@ class Probe:
         # The last hooked module's output, weakly: a strong reference would keep the model's final output
         # (a language model's logits: often the step's largest tensor) alive through the whole backward.
         self._last_output: weakref.ref[torch.Tensor] | None = None
+        # and the autograd node that made it: an activation that saves only its result (ReLU) frees that tensor,
+        # but its node still points to this one
+        self._last_node: Any = None
         self._handles: list[RemovableHandle] = []
         self._last_layer: int | None = None
         self._layer_category = {spec.index: spec.category for spec in layers}
@@ -106,7 +109,7 @@ class Probe:
     def start_step(self) -> None:
         self.tape = StepTape()
         self._last_layer = None
-        self._last_output = None
+        self._last_output = self._last_node = None
         self._recording = True
         if self._functional:
             self._matmuls = MatmulWatch(self._functional, self._functional_call)
@@ -114,7 +117,7 @@ class Probe:
 
     def stop_step(self) -> None:
         self._recording = False
-        self._last_output = None
+        self._last_output = self._last_node = None
         if self._matmuls is not None:
             self._matmuls.__exit__(None, None, None)  # type: ignore[no-untyped-call]
             self._matmuls = None
@@ -165,14 +168,10 @@ class Probe:
                 tape.order.append(index)
             tape.calls[index] += 1
             inputs = first_tensor(args)
-            if (
-                category == "norm"
-                and inputs is not None
-                and self._last_output is not None
-                and inputs is self._last_output()
-                and self._last_layer is not None
-            ):
-                self.feeds_norm.add(self._last_layer)
+            if category == "norm" and inputs is not None and self._last_layer is not None:
+                last = self._last_output() if self._last_output is not None else None
+                if (last is not None and inputs is last) or _activated(inputs, self._last_node):
+                    self.feeds_norm.add(self._last_layer)
             previous, self._last_layer = self._last_layer, index
             if inputs is not None and inputs.numel() and inputs.dtype.is_floating_point:
                 # RMS and zero fraction of what the layer reads, from a sample (reduced at the step's end, tape.py).
@@ -185,6 +184,7 @@ class Probe:
                 kept = tape.keep(inputs, index, previous if squashed else None)
                 tape.input_numel[index] = tape.input_numel.get(index, 0) + kept
             self._last_output = weakref.ref(out) if out is not None else None
+            self._last_node = out.grad_fn if out is not None else None
             if out is not None and out.requires_grad and out.dtype.is_floating_point:
                 out.register_hook(grad_hook)
 
@@ -284,6 +284,23 @@ _REARRANGING = frozenset(
     ("View", "UnsafeView", "ReshapeAlias", "Squeeze", "Unsqueeze", "Permute", "Transpose", "T", "Clone", "Expand")
 )
 _AVERAGING = ("Mean", "Sum", "AvgPool", "AdaptiveAvgPool")
+
+
+# Activations through which a normalisation still makes the layer before them scale-invariant: positively
+# homogeneous ones exactly (BN(relu(a z)) = BN(relu(z)) for a > 0), and those that are homogeneous in both limits
+# (GELU and SiLU: z/2 near 0, relu(z) far from it; Mish, Hardswish, ELU alike) nearly so. Not sigmoid or tanh,
+# whose middle range is neither. In place (ReLU(inplace=True)) the norm reads the layer's own output tensor.
+_HOMOGENEOUS = frozenset(("Relu", "LeakyRelu", "PreluKernel", "Prelu", "Gelu", "Silu", "Mish", "Hardswish", "Elu"))
+
+
+def _activated(tensor: torch.Tensor, made_by: Any) -> bool:
+    """Whether `tensor` is one such activation (a module's or a function's) applied to the output of the autograd
+    node `made_by`."""
+    node = tensor.grad_fn
+    if node is None or made_by is None or not node.next_functions:
+        return False
+    kind = type(node).__name__.rstrip("0123456789").removesuffix("Backward")
+    return kind in _HOMOGENEOUS and node.next_functions[0][0] is made_by
 
 
 def _averaged(tensor: torch.Tensor) -> bool:

@@ -133,8 +133,9 @@ class Layer:
     # no gradient in any step only because it feeds outputs of the model that the loss does not read (an
     # auxiliary classifier): measured by a backward from those outputs (confirm.side_outputs); not judged
     side_output: bool = False
-    # more than role_error below the network median only because small per-channel scales (LayerScale) gate
-    # its path: measured by setting them to 1 (confirm.open_scales); it learns as they grow
+    # more than role_error below the network median, or most of its units starved (zero_grad_unit_fraction), only
+    # because small per-channel scales (LayerScale) gate its path: measured by setting them to 1
+    # (scales.open_scales); it learns as they grow
     behind_scales: bool = False
     # a tied tensor is one verdict: this module only reuses the parameters of `alias_of` (its dL/dz is its own)
     alias_of: str | None = None

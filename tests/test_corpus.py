@@ -431,6 +431,50 @@ def test_layers_behind_two_layer_scales_are_explained_by_opening_the_scales() ->
     assert any("gate their path (checked by setting those to 1)" in note for note in report.notes)
 
 
+class _DenseBlocks(torch.nn.Module):
+    """RDNet's pattern: each block appends features to its input, scaled per channel (LayerScale when `learned`,
+    else a fixed buffer of the same values), and a depthwise conv reads every channel alone."""
+
+    def __init__(self, learned: bool, width: int = 16, blocks: int = 3) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.grow = nn.ModuleList(nn.Conv2d(width * (1 + i), width, 1) for i in range(blocks))
+        scales = [torch.full((1, width, 1, 1), 1e-6) for _ in range(blocks)]
+        if learned:
+            self.scales = nn.ParameterList(nn.Parameter(scale) for scale in scales)
+        else:
+            for i, scale in enumerate(scales):
+                self.register_buffer(f"fixed{i}", scale)
+        self.learned = learned
+        self.dw = nn.Conv2d(width * (1 + blocks), width * (1 + blocks), 3, padding=1, groups=width * (1 + blocks))
+        self.head = nn.Linear(width * (1 + blocks), 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        for i, grow in enumerate(self.grow):
+            scale = self.scales[i] if self.learned else getattr(self, f"fixed{i}")
+            h = torch.cat([h, scale * torch.nn.functional.gelu(grow(h))], dim=1)
+        return self.head(torch.nn.functional.gelu(self.dw(h)).mean((2, 3)))
+
+
+def test_units_starved_only_by_a_layer_scale_on_what_they_read_are_not_dead() -> None:
+    """A depthwise conv's unit c gets dL/dW_c = sum dL/dz_c x_c: the 48 of its 64 channels that blocks scaled by
+    1e-6 give rows ~1e-6 of the others, under the starved-unit floor (1e-5 of the RMS row), so 75% read dead
+    before. A learned LayerScale opens (set to 1 in the replay, they are ordinary rows): marked, no finding. The
+    same attenuation by a fixed buffer never opens: still dead."""
+    torch.manual_seed(0)
+    batch = (torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,)))
+    learned = gradcheck_cli.analyze(_DenseBlocks(learned=True), batch)
+    assert learned.layer("dw").zero_grad_unit_fraction == pytest.approx(0.75)
+    assert learned.layer("dw").behind_scales
+    assert not [f for f in learned.findings if f.layer == "dw"]
+    torch.manual_seed(0)
+    fixed = gradcheck_cli.analyze(_DenseBlocks(learned=False), batch)
+    assert fixed.layer("dw").zero_grad_unit_fraction == pytest.approx(0.75)
+    assert ("dw", "dead") in {(f.layer, f.kind) for f in fixed.findings}
+
+
 CLOSED_CELL = """
 import sys
 sys.path.insert(0, {tests!r})

@@ -244,6 +244,61 @@ def test_custom_normalisation_classes_count_as_norm_layers() -> None:
     assert report.layer("0").feeds_norm and not report.layer("3").feeds_norm
 
 
+def test_a_layer_normalised_through_an_activation_is_scale_invariant() -> None:
+    """conv -> ReLU -> BatchNorm: BN(relu(a z)) = BN(relu(z)) for a > 0, so the loss ignores the conv's weight
+    scale (checked here by scaling it), as when BatchNorm reads the conv's output itself; ReLU saves only its
+    result, so the conv's output tensor is gone by the time BatchNorm runs. GELU and SiLU are homogeneous in
+    both limits and count too; tanh (neither in its middle range) does not."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    for act, invariant in ((nn.ReLU(), True), (nn.GELU(), True), (nn.SiLU(), True), (nn.Tanh(), False)):
+        model = nn.Sequential(
+            nn.Conv2d(3, 8, 3), act, nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 36, 16), nn.ReLU(), nn.Linear(16, 4)
+        )
+        if isinstance(act, nn.ReLU):
+            before = F.cross_entropy(model(x), y)
+            with torch.no_grad():
+                model[0].weight.mul_(7.0)
+                model[0].bias.mul_(7.0)
+            assert F.cross_entropy(model(x), y).item() == pytest.approx(before.item(), rel=1e-4)
+        report = gradcheck_cli.analyze(model, (x, y), steps=1)
+        assert report.layer("0").feeds_norm is invariant, type(act).__name__
+        assert not report.layer("4").feeds_norm
+
+
+def test_normalised_layers_do_not_set_the_network_median() -> None:
+    """A BatchNorm net's convs scaled by 0.01: the same function (scale invariance, checked; eps 1e-10), their
+    ||g||/||W|| 10^4x larger (g scales by 1/a, W by a). The head's speed is judged against the layers whose scale
+    matters (the two linear layers here, their median written out from autograd), not against the convs'."""
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 3, 8, 8), torch.randint(0, 4, (32,))
+
+    def conv(cin: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8, eps=1e-10), nn.ReLU()]
+
+    model = nn.Sequential(
+        *conv(3), *conv(8), *conv(8), *conv(8), nn.Flatten(), nn.Linear(8 * 64, 32), nn.ReLU(), nn.Linear(32, 4)
+    )
+    before = F.cross_entropy(model(x), y).item()
+    with torch.no_grad():
+        for module in model:
+            if isinstance(module, nn.Conv2d):
+                module.weight.mul_(0.01)
+    model.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    assert loss.item() == pytest.approx(before, rel=1e-4)
+    loss.backward()
+    ratios = {i: (m.weight.grad.norm() / m.weight.norm()).item() for i, m in enumerate(model) if hasattr(m, "weight")}
+    linear = sorted(ratios[i] for i in (13, 15))
+    assert min(ratios[i] for i in (0, 3, 6, 9)) > 100 * max(linear)  # the convs' values would set any median
+    model.zero_grad()
+    model.train()
+    report = gradcheck_cli.analyze(model, (x, y), steps=1)
+    assert all(report.layer(str(i)).feeds_norm for i in (0, 3, 6, 9))
+    assert report.update.median_grad_to_weight == pytest.approx(sum(linear) / 2, rel=1e-3)
+    assert not [f for f in report.findings if f.view == "update"]
+
+
 def test_batched_histograms_match_log2_binning_written_out() -> None:
     """Independent binning: floor(log2 |g|) in float64, clipped to the range, zeros left out, times the scale."""
     from gradcheck_cli.reduce import histograms_of

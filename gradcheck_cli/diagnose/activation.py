@@ -55,8 +55,9 @@ def activations(context: Context) -> list[Finding]:
                 "normalise its input (nn.LayerNorm)"
             )
         reads_something = (layer.input_zero_fraction or 0.0) < 1.0
-        # A gated layer (its matrices get 0 until a zero-initialised gate moves: confirm.open_gates) is not judged.
-        judged = not all_zero(layer) and not layer.gated and reads_something
+        # A gated layer (its matrices get 0 until a zero-initialised gate moves: confirm.open_gates) is not judged,
+        # nor one whose units starve only behind small per-channel scales (scales.open_scales).
+        judged = not all_zero(layer) and not layer.gated and not layer.behind_scales and reads_something
         if dead is None and layer.zero_grad_unit_fraction is not None and judged:
             dead = layer.zero_grad_unit_fraction
             source = "output units got no usable gradient in any step (below 1e-5 of the layer's typical unit)"

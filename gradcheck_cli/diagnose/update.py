@@ -44,7 +44,11 @@ def update_view(
     # The network median is the dense layers': an embedding table's ||g||/||W|| (rows looked up, a scale of its
     # own: _balance) is not comparable with theirs, and in a shallow model three tables (BERT's word, position
     # and token type) can be a third of the members (a one-block ELECTRA's set the median 16x above its block).
+    # Nor do layers whose output is normalised (feeds_norm): their ||g||/||W|| follows their own weight scale, which
+    # the loss does not see (BN(W x) = BN(a W x)), so it says how fast nothing else learns (a BatchNorm net's head
+    # read 14x below the median its convs set, MNASNet-0.5 at 32 px; ConvMixer's 20x).
     dense = [layer for layer in members if layer.category != "embedding"] or members
+    dense = [layer for layer in dense if not layer.feeds_norm] or dense
     reference = median([_relative(layer, measured) or 0.0 for layer in dense])
     quantity = "update_ratio" if measured else "grad_to_weight"
     summary = UpdateSummary(tuple(layer.name for layer in members), reference, quantity)
