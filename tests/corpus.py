@@ -138,6 +138,17 @@ def timm_edgenext() -> nn.Module:
     return timm.create_model("edgenext_xx_small", pretrained=False, num_classes=10)
 
 
+def timm_focalnet() -> nn.Module:
+    """FocalNet: two focal levels per block (3x3 then 5x5 depthwise convs, a ModuleList indexed by level, the
+    second ~30x below the first in every stage) over four stages whose ||g||/||W|| grows stage by stage."""
+    torchvision()
+    from timm.models import focalnet
+
+    return focalnet.FocalNet(
+        depths=(2, 2, 2, 2), embed_dim=32, focal_levels=(2, 2, 2, 2), focal_windows=(3, 3, 3, 3), num_classes=10
+    )
+
+
 def timm_deit3() -> nn.Module:
     torchvision()  # timm imports torchvision: its op schemas first
     from timm.models import vision_transformer
@@ -627,6 +638,14 @@ def cases() -> list[Case]:
             "EdgeNeXt-xx-small: attention behind two LayerScales",
         ),
         Case("timm-deit3", "timm", timm_deit3, small, True, "DeiT-III ViT: LayerScale 1e-6"),
+        Case(
+            "timm-focalnet",
+            "timm",
+            timm_focalnet,
+            lambda: images(size=64, batch=16, count=1),
+            True,
+            "FocalNet: focal levels and stages that learn at different speeds by design",
+        ),
         Case("timm-cait", "timm", timm_cait, small, True, "CaiT: LayerScale 1e-5, class attention"),
         Case("timm-resnet18", "timm", timm_resnet, small, True, "timm ResNet-18"),
         Case("timm-mixer", "timm", timm_mixer, small, True, "MLP-Mixer: timm zero-initialises its head"),

@@ -431,6 +431,21 @@ def test_layers_behind_two_layer_scales_are_explained_by_opening_the_scales() ->
     assert any("gate their path (checked by setting those to 1)" in note for note in report.notes)
 
 
+def test_a_role_spanning_stages_and_levels_is_judged_among_its_repeats() -> None:
+    """FocalNet's focal_layers.{0,1} (3x3 and 5x5 depthwise convs) share a role name across levels and stages: the
+    first stage's second level sits over balance_warning below that name's median, yet level with its repeat
+    in the other block of its stage (the same number of parameters). Flagged only when both say slow."""
+    report = _report("timm-focalnet")
+    role = [x for x in report.layers if ".focal_layers." in x.name and x.category == "conv"]
+    values = sorted(x.grad_to_weight or 0.0 for x in role)
+    median = (values[len(values) // 2 - 1] + values[len(values) // 2]) / 2
+    first = [x for x in role if x.name.startswith("layers.0.") and ".focal_layers.1." in x.name]
+    assert len(first) == 2 and all((x.grad_to_weight or 0.0) * 10 < median for x in first)
+    a, b = (x.grad_to_weight or 0.0 for x in first)
+    assert max(a, b) / min(a, b) < 2
+    assert not [f for f in report.findings if f.view == "update"]
+
+
 class _DenseBlocks(torch.nn.Module):
     """RDNet's pattern: each block appends features to its input, scaled per channel (LayerScale when `learned`,
     else a fixed buffer of the same values), and a depthwise conv reads every channel alone."""

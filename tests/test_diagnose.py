@@ -189,6 +189,22 @@ def test_scale_invariant_layers_are_not_judged_by_step_size_or_balance() -> None
     assert kinds(layers, lr=0.1) == set()
 
 
+def test_a_stage_that_learns_slower_by_design_is_judged_among_its_repeats() -> None:
+    """Two stages of one role (s.#.b.#.fc): the first's two blocks (100 parameters each) 30x below the second's
+    four (400 each), consistently: no finding. One layer off its own repeats still is one, in either stage."""
+
+    def stages(first: list[float], second: list[float]) -> list[Layer]:
+        names = [(f"s.0.b.{i}.fc", 100, r) for i, r in enumerate(first)]
+        names += [(f"s.1.b.{i}.fc", 400, r) for i, r in enumerate(second)]
+        return [layer(name, i, ratio=r, params=n, trainable_params=n) for i, (name, n, r) in enumerate(names)]
+
+    assert kinds(stages([1e-4, 1e-4], [3e-3] * 4)) == set()
+    # 1550x below the role's median (an error past balance_error 1000), 3000x below its repeats': an error
+    assert kinds(stages([1e-4, 1e-4], [3e-3, 3e-3, 1e-6, 3e-3])) == {("s.1.b.2.fc", "vanishing", "error", "update")}
+    # 3000x below the role's median, 50x below the midpoint of its pair of repeats: the milder, a warning
+    assert kinds(stages([1e-6, 1e-4], [3e-3] * 4)) == {("s.0.b.0.fc", "vanishing", "warning", "update")}
+
+
 def test_nan_layers_name_the_origin() -> None:
     layers = [layer("a", 0, nonfinite=5), layer("b", 1, nonfinite=3), layer("c", 2)]
     origin = NanOrigin("forward", "b", "b produced NaN")

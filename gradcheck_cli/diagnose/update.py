@@ -75,6 +75,7 @@ def _balance(
     findings = []
     first = _input_layer(layers)
     peers = _peer_medians(members, measured)
+    repeats = _repeat_medians(members, measured)
     scans = selective_scans([layer.name for layer in members])
     for layer in members:
         if layer.feeds_norm:
@@ -106,6 +107,9 @@ def _balance(
             factor = ratio / peer_reference
             against = f"the median of its {layer.type} peers ({group}) {peer_reference:.2g}"
             severity = level(1 / factor, thresholds.balance_warning, thresholds.balance_error)
+            if severity and layer.name in repeats:  # the milder verdict, as for a pair (_repeat_medians)
+                again = level(repeats[layer.name] / ratio, thresholds.balance_warning, thresholds.balance_error)
+                severity = min(severity, again, key=SEVERITIES.index) if again else None
             if pair:  # two peers cannot say which is off: the slower one is flagged only if slow overall too
                 overall = level(reference / ratio, thresholds.balance_warning, thresholds.balance_error)
                 severity = min(severity, overall, key=SEVERITIES.index) if severity and overall else None
@@ -295,6 +299,29 @@ def _peer_medians(members: Sequence[Layer], measured: bool = False) -> dict[str,
             if value:
                 for layer in group:
                     result[layer.name] = (key.split(":")[0], value, len(group) < ROBUST_PEERS)
+    return result
+
+
+def _repeat_medians(members: Sequence[Layer], measured: bool = False) -> dict[str, float]:
+    """{layer: median ||g||/||W|| of its exact repeats}: peers (_peer_medians) with as many parameters, for layers
+    whose peer group holds others too. A role's name can span layers that differ by design: the stages of a
+    hierarchical net (widths and resolutions change from one to the next: FocalNet's ||g||/||W|| grows ~4x per
+    stage), or a ModuleList indexed by something else than the block (FocalNet's focal levels, 3x3 and 5x5
+    kernels, the second ~30x below the first in every stage). A layer is flagged against its peers only if its
+    repeats, the same layer in the blocks of its own stage, find it slow too (the milder verdict of the two)."""
+    roles: dict[str, list[Layer]] = {}
+    for layer in members:
+        if "#" in peer_group(layer.name):
+            roles.setdefault(f"{peer_group(layer.name)}:{layer.type}", []).append(layer)
+    result: dict[str, float] = {}
+    for role in roles.values():
+        sizes: dict[int, list[Layer]] = {}
+        for layer in role:
+            sizes.setdefault(layer.params, []).append(layer)
+        for same in sizes.values():
+            value = median([_relative(layer, measured) or 0.0 for layer in same])
+            if PEER_GROUP_MIN <= len(same) < len(role) and value:
+                result.update((layer.name, value) for layer in same)
     return result
 
 
