@@ -164,7 +164,9 @@ def _layer_record(
         histogram=tuple(histogram) if histogram is not None else None,
         underflow_fraction=mean(measured.param_series[i.index].underflow.median() for i in trainable),
         output_grad_underflow_fraction=layer_series.output_underflow.median(),
-        scale_only=bool(trainable) and not matrices,
+        # its own parameters only: a tied matrix is its first owner's one verdict (Funnel's head adds its own
+        # bias to the word embeddings' table, which is judged as the embedding it first is)
+        scale_only=bool(trainable) and not {info.index for info in matrices} & {info.index for info in owned},
         alias_of=alias_of,
         output_positions=layer_series.output_positions.median(),
     )

@@ -122,7 +122,8 @@ class Layer:
     underflow_fraction: float | None = None
     output_grad_underflow_fraction: float | None = None
     # its trainable parameters are all per-channel scales or shifts (norms, LayerScale, ReZero): none mixes
-    # features (layers.is_matrix), so a step's size relative to them says nothing about its stability
+    # features (layers.is_matrix), so a step's size relative to them says nothing about its stability; a tied
+    # matrix counts for its first owner only (a head that adds its own bias to a tied embedding table)
     scale_only: bool = False
     # elements per unit of dL/dz (batch x sequence x spatial positions) in a step: layers with the same count
     # see the signal at the same resolution, which is what the signal view compares

@@ -299,6 +299,39 @@ def test_normalised_layers_do_not_set_the_network_median() -> None:
     assert not [f for f in report.findings if f.view == "update"]
 
 
+def test_a_head_tied_to_an_embedding_with_its_own_bias_is_not_judged_twice() -> None:
+    """Funnel's pattern: the output head reuses the word embeddings' table (N(0, 1) in torch, an embedding's own
+    scale) and adds a bias of its own. The table is one tensor with one gradient (both uses summed, written out
+    here by autograd) and one verdict, on its first owner, the embedding, which is not compared with dense
+    layers; the head, of its own only a bias, is not compared either (before, it read ~50x below the median)."""
+
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(64, 32)
+            self.body = nn.Sequential(*(nn.Sequential(nn.Linear(32, 32), nn.Tanh()) for _ in range(4)))
+            self.head = nn.Linear(32, 64)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.body(self.emb(ids)))
+
+    torch.manual_seed(0)
+    model = TiedLM()
+    ids, targets = torch.randint(0, 64, (16,)), torch.randint(0, 64, (16,))
+    F.cross_entropy(model(ids), targets).backward()
+    table = model.emb.weight
+    # an embedding's ratio is over the rows that got a gradient (the rows looked up): here every row, by the head
+    touched = table.grad.abs().sum(dim=1) > 0
+    assert touched.all()
+    expected = (table.grad[touched].norm() / table.detach()[touched].norm()).item()
+    model.zero_grad()
+    report = gradcheck_cli.analyze(model, (ids, targets), steps=1)
+    assert report.layer("emb").grad_to_weight == pytest.approx(expected, rel=1e-4)
+    assert report.layer("head").scale_only
+    assert not [f for f in report.findings if f.layer in ("head", "emb") and f.view == "update"]
+
+
 def test_batched_histograms_match_log2_binning_written_out() -> None:
     """Independent binning: floor(log2 |g|) in float64, clipped to the range, zeros left out, times the scale."""
     from gradcheck_cli.reduce import histograms_of
