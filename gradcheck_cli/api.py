@@ -235,7 +235,7 @@ def _confirm(
     notes += _mark_side_outputs(setup, measurement) if parallel is None else []
     notes += _mark_behind_scales(setup, measurement, options) if parallel is None else []
     _mark_first_step(measurement)
-    in_time, gated_loops = through_time(setup, measurement.layers, combiner)
+    in_time, gated_loops, over_depth = through_time(setup, measurement.layers, combiner)
     gated = gated_cells(setup)
     if in_time or gated:
         measurement.layers = [
@@ -243,6 +243,7 @@ def _confirm(
                 layer,
                 time_grad_norms=in_time.get(layer.name),
                 time_gated=layer.name in gated or layer.name in gated_loops,
+                loop_over_depth=layer.name in over_depth,
                 neutral_gate_gain=gated.get(layer.name),
             )
             for layer in measurement.layers

@@ -42,12 +42,13 @@ def open_gates(
 ) -> tuple[set[str], list[str]]:
     """(layers whose zero gradient a zero-initialised gate explains, the gates' layer names). A layer whose
     matrices get exactly 0 while its bias learns is silent too: its input is zero where the loss reads it (a
-    one-block DeiT's query projection reads the class token, zero-initialised, which a gate before it holds)."""
-    gates = [
-        p.name
-        for p in parameters
-        if p.requires_grad and p.weight_norm == 0 and p.grad_norm and not p.name.endswith("bias")
-    ]
+    one-block DeiT's query projection reads the class token, zero-initialised, which a gate before it holds).
+
+    Gates behind gates: a zero-initialised matrix that gets no gradient only because an outer gate holds it (a
+    global-context block's zero last projection inside a residual branch whose last BatchNorm scale starts at 0)
+    gets one once the outer gate is opened, and is opened in turn, up to NESTED_GATES levels."""
+    zero = [p for p in parameters if p.requires_grad and p.weight_norm == 0 and not p.name.endswith("bias")]
+    gates = [p.name for p in zero if p.grad_norm]
     if not gates:
         return set(), []
     silent = [layer.name for layer in layers if layer.trainable_params and all_zero(layer)]
@@ -60,15 +61,27 @@ def open_gates(
     if not (silent or matrices):
         return set(), []
     named = dict(setup.model.named_parameters())
-    opened = _replay(
-        setup,
-        combiner,
-        [*silent, *sorted(matrices)],
-        perturb=lambda: [named[name].normal_(0.0, OPEN_GATE_STD) for name in gates],
-        matrices_only=matrices,
-    )
+    owner = {p.name: p.layers[0] for p in zero if p.layers}
+    opened: set[str] = set()
+    for _ in range(NESTED_GATES):
+        opened = _replay(
+            setup,
+            combiner,
+            [*silent, *sorted(matrices)],
+            perturb=_opening([named[name] for name in gates]),
+            matrices_only=matrices,
+        )
+        woken = [p.name for p in zero if p.name not in gates and owner.get(p.name) in opened]
+        if not woken:
+            break
+        gates += woken
     owners = sorted({layer.name for layer in layers for name in gates if name in layer.parameters})
     return opened, owners
+
+
+# Levels of gates behind gates that open_gates opens in turn (one replay each): a residual branch's zero scale
+# holding a zero-initialised projection inside it is two.
+NESTED_GATES = 3
 
 
 # Where the chain is cut, as fractions of its length: a residual net's stage transitions (a strided block
@@ -99,6 +112,10 @@ def find_bypass(setup: Setup, chain: Sequence[Layer], combiner: Combiner) -> boo
         if _replay(setup, combiner, before, perturb=_zeroing(weights)):
             return True
     return False
+
+
+def _opening(tensors: Sequence[torch.Tensor]) -> Callable[[], object]:
+    return lambda: [tensor.normal_(0.0, OPEN_GATE_STD) for tensor in tensors]
 
 
 def _zeroing(tensors: Sequence[torch.Tensor]) -> Callable[[], object]:
@@ -188,7 +205,7 @@ MIN_TIME_STEPS = 5
 
 def through_time(
     setup: Setup, layers: Sequence[Layer], combiner: Combiner
-) -> tuple[dict[str, tuple[float, ...]], set[str]]:
+) -> tuple[dict[str, tuple[float, ...]], set[str], set[str]]:
     """||dL/dx_t|| per time step for every recurrent layer, input end first, under the model's own loss (one
     replay of the first batch).
 
@@ -199,8 +216,11 @@ def through_time(
     W_hh): ||dL/dh|| at each call's output. When the loss is taken at the last step (a model that reads the
     whole sequence), this is the textbook view of Bengio et al. 1994 and Pascanu et al. 2013: how the gradient
     decays or grows with its distance from the loss. Also returns the looped layers that form a gated
-    recurrence (a hand-written LSTM or GRU cell: loops.GateWatch)."""
+    recurrence (a hand-written LSTM or GRU cell: loops.GateWatch), and those whose calls are depth, not time: a
+    block applied again to its own result, reading no new part of the batch per call (loops.py)."""
     from torch import nn
+
+    from gradcheck_cli.batch import tensors_in
 
     calls = {layer.name: layer.calls for layer in layers}
     fused = [spec for spec in setup.layers if isinstance(spec.module, nn.RNNBase)]
@@ -212,7 +232,7 @@ def through_time(
         and (spec.functional or spec.module is not setup.model)
     ]
     if not fused and not looped:
-        return {}, set()
+        return {}, set(), set()
     probes: dict[str, tuple[torch.Tensor, int]] = {}
     steps: dict[str, list[torch.Tensor]] = {spec.name: [] for spec in looped}
     watch = GateWatch()
@@ -221,17 +241,19 @@ def through_time(
     handles += [spec.module.register_forward_hook(_last_step_only(spec.name, probes)) for spec in fused]
     for spec in modules:
         watch.owns(spec.name, (param for _, param in spec.params))
-    handles += [spec.module.register_forward_pre_hook(_watch_input(watch)) for spec in modules]
+    handles += [spec.module.register_forward_pre_hook(_watch_input(watch, spec.name)) for spec in modules]
     handles += [
         spec.module.register_forward_hook(_record_calls(spec.name, steps[spec.name], watch)) for spec in modules
     ]
     matrices = _functional_calls([spec for spec in looped if spec.functional], steps, watch)
     passes = Passes(setup.runner, setup.loss, setup.device, setup.amp_dtype)
+    batch = setup.batches[0].to(setup.device)
+    watch.batch(tensors_in((batch.args, batch.kwargs)))
     try:
         with Restorer(setup.model):
             clear_grads(setup.model)
             with watch if looped else contextlib.nullcontext(), matrices or contextlib.nullcontext():
-                passes.forward_backward(setup.batches[0].to(setup.device))
+                passes.forward_backward(batch)
             clear_grads(setup.model)
     finally:
         for handle in handles:
@@ -244,7 +266,17 @@ def through_time(
     for name, recorded in steps.items():
         if len(recorded) >= MIN_TIME_STEPS:
             squares[name] = torch.stack(recorded)
-    return _per_step_norms(squares, combiner, setup.device), watch.gated & set(steps)
+    cells = {spec.name for spec in looped if isinstance(spec.module, nn.RNNCellBase)}
+    in_time = _time_loops({name: len(recorded) for name, recorded in steps.items()}, watch, cells)
+    return _per_step_norms(squares, combiner, setup.device), watch.gated & in_time, set(steps) - in_time
+
+
+def _time_loops(calls: dict[str, int], watch: GateWatch, cells: set[str]) -> set[str]:
+    """The looped layers that run through time (loops.py): nn.RNNCell/LSTMCell/GRUCell modules, and layers
+    called as often as some layer whose calls read a new part of the batch at (nearly) every call, x[:, t];
+    the others are one block applied again to its own result (ALBERT, shared position encoders)."""
+    stepping = {count for name, count in calls.items() if watch.steps_read(name) >= count - 1}
+    return cells | {name for name, count in calls.items() if count in stepping}
 
 
 def gated_cells(setup: Setup) -> dict[str, float]:
@@ -303,7 +335,10 @@ def _functional_calls(
     it is passed to (functional.py), recorded as a looped module's are."""
     if not specs:
         return None
-    hooks = {spec.index: (_watch_input(watch), _record_calls(spec.name, steps[spec.name], watch)) for spec in specs}
+    hooks = {
+        spec.index: (_watch_input(watch, spec.name), _record_calls(spec.name, steps[spec.name], watch))
+        for spec in specs
+    }
 
     def on_call(index: int, kind: str, inputs: torch.Tensor | None, output: torch.Tensor) -> None:
         before, after = hooks[index]
@@ -314,12 +349,12 @@ def _functional_calls(
     return MatmulWatch(watched(specs), on_call)
 
 
-def _watch_input(watch: GateWatch) -> Callable[..., None]:
+def _watch_input(watch: GateWatch, name: str) -> Callable[..., None]:
     from gradcheck_cli.batch import tensors_in
 
     def hook(module: torch.nn.Module, args: object) -> None:
         for x in tensors_in(args):  # a cell's input and the state it carries: cell(x_t, (h, c))
-            watch.input(x)
+            watch.input(x, name)
 
     return hook
 

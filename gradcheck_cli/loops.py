@@ -8,6 +8,13 @@ reads (the state carried to the next step). A plain tanh or sigmoid RNN has no s
 product only leaves the loop (a gated read-out) does not feed the recurrence. GateWatch follows which looped
 layers each tensor of one replayed forward derives from (a TorchFunctionMode: every torch call, however the
 model spells it), so the rule holds whatever the cell's names or its chunking.
+
+The same watch tells a recurrence over time from weight sharing across depth. A layer called many times in one
+forward is a time loop when its calls read the sequence step by step: each call, or an operation joining its
+result, takes a tensor derived from the batch that no looped layer computed (x[:, t], one slice per step). A
+block applied again and again to its own result (ALBERT's one shared layer, CoaT's shared position encoders,
+an iterated refinement) reads the batch once, before its first call: its calls are depth, judged as layers of
+the network (signal and update views), not through time.
 """
 
 from __future__ import annotations
@@ -35,14 +42,25 @@ class GateWatch(TorchFunctionMode):
         self.gated: set[str] = set()
         # id(tensor) -> (a weak reference to it, the looped layers it derives from, those behind a gate product)
         self._tags: dict[int, tuple[weakref.ref[torch.Tensor], Tags, Tags, bool]] = {}
+        # tensors derived from the batch that no looped layer computed: id(tensor) -> a weak reference to it
+        self._batch: dict[int, weakref.ref[torch.Tensor]] = {}
+        # looped layer -> the distinct batch-derived tensors its calls (or operations on its results) read
+        self.fresh: dict[str, set[tuple[int, tuple[int, ...], tuple[int, ...]]]] = {}
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
-        inputs = [tags for tags in map(self._of, tensors_in((args, kwargs))) if tags[0] or tags[1]]
+        given = list(tensors_in((args, kwargs)))
+        inputs = [tags for tags in map(self._of, given) if tags[0] or tags[1]]
+        from_batch = [tensor for tensor in given if self._from_batch(tensor)]
         if not inputs:
+            if from_batch:  # the batch, not yet through a looped layer: what a time loop reads step by step
+                for tensor in tensors_in(result):
+                    self._batch[id(tensor)] = weakref.ref(tensor)
             return result  # nothing a looped layer computed: the common case, kept cheap
         sources = frozenset().union(*(tags for tags, _, _ in inputs))
+        for name in sources:
+            self._read(name, from_batch)
         behind = frozenset().union(*(products for _, products, _ in inputs))
         if func in PRODUCTS:
             # an elementwise product with a gate (a sigmoid of looped layers' outputs) as one of its factors
@@ -64,9 +82,29 @@ class GateWatch(TorchFunctionMode):
         for tensor in tensors:
             self._tag(tensor, frozenset((name,)), NONE, False)
 
-    def input(self, tensor: torch.Tensor) -> None:
+    def input(self, tensor: torch.Tensor, name: str | None = None) -> None:
         """A looped layer's call reads `tensor`: the gates behind it are a gated recurrence."""
         self.gated |= self._of(tensor)[1]
+        if name is not None:
+            self._read(name, [tensor] if self._from_batch(tensor) else [])
+
+    def batch(self, tensors: Iterable[torch.Tensor]) -> None:
+        """The tensors of the batch the replayed forward reads."""
+        for tensor in tensors:
+            self._batch[id(tensor)] = weakref.ref(tensor)
+
+    def steps_read(self, name: str) -> int:
+        """How many distinct batch-derived tensors the looped layer's calls read (one per step in a time loop)."""
+        return len(self.fresh.get(name, ()))
+
+    def _read(self, name: str, tensors: Iterable[torch.Tensor]) -> None:
+        keys = self.fresh.setdefault(name, set())
+        for tensor in tensors:
+            keys.add((tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride())))
+
+    def _from_batch(self, tensor: torch.Tensor) -> bool:
+        ref = self._batch.get(id(tensor))
+        return ref is not None and ref() is tensor and not self._of(tensor)[0]
 
     def _of(self, tensor: torch.Tensor) -> tuple[Tags, Tags, bool]:
         entry = self._tags.get(id(tensor))

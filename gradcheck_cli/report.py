@@ -145,6 +145,9 @@ class Layer:
     # recurrent layers whose memory is gated (nn.LSTM, nn.GRU and their cells): the through-time gain at
     # initialisation is set by gates that learn (Gers et al. 2000), not fixed by W_hh's spectrum
     time_gated: bool = False
+    # a layer called again on its own result rather than on the steps of a sequence (weight sharing across depth:
+    # ALBERT's shared layer; loops.py): its time_grad_norms are per call, judged with the loop's other layers
+    loop_over_depth: bool = False
     # gated recurrent layers: the factor by which their gates at the neutral point sigmoid(0) = 1/2 scale the
     # gradient reaching their input (LSTM: input x output gate, 1/4; GRU: 1 - update gate, 1/2); gates learn
     neutral_gate_gain: float | None = None

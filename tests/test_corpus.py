@@ -282,6 +282,53 @@ def test_a_query_projection_reading_a_zero_initialised_token_is_gated_not_dead()
     assert not [f for f in report.findings if f.layer in (query.name, key.name)]
 
 
+class _ContextBlock(torch.nn.Module):
+    """timm's byobnet blocks: a residual branch conv -> BN -> ReLU -> global-context attention (its last
+    projection zero-initialised, added to the features) -> conv -> BN whose scale starts at 0 (zero_init_last),
+    then a squeeze-excitation on the branch output (attn_last), which at init reads exactly 0."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.conv1, self.bn1 = nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width)
+        self.attn = nn.Conv2d(width, 1, 1)
+        self.fc1, self.fc2 = nn.Conv2d(width, 8, 1), nn.Conv2d(8, width, 1)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width)
+        self.se1, self.se2 = nn.Conv2d(width, 8, 1), nn.Conv2d(8, width, 1)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.bn2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        weights = torch.softmax(self.attn(y).flatten(2), dim=-1)  # (B, 1, HW)
+        context = (y.flatten(2) * weights).sum(-1)[..., None, None]
+        y = y + self.fc2(torch.relu(self.fc1(context)))
+        y = self.bn2(self.conv2(y))
+        y = y * torch.sigmoid(self.se2(torch.relu(self.se1(y.mean(dim=(2, 3), keepdim=True)))))
+        return torch.relu(x + y)
+
+
+def test_gates_behind_gates_and_a_layer_reading_zeros_are_not_dead() -> None:
+    """At init the zero BN scale holds every gradient of its branch at exactly 0, and inside the branch the zero
+    last projection of the context block holds the context layers' too: the projection gets a gradient only once
+    the BN scale moves, and the context layers only once the projection does (gates behind gates: opened in
+    turn). The squeeze-excitation after the zero BN reads exactly 0, so its first layer outputs its bias (0) for
+    every input and the ReLU after it is 0 by that input, not by its weights: nothing of it is dead either."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), *[_ContextBlock() for _ in range(3)])
+    model.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)))
+    batches = [(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))) for _ in range(2)]
+    report = gradcheck_cli.analyze(model, batches)
+    layers = {layer.name: layer for layer in report.layers}
+    for block in ("1", "2", "3"):
+        for inner in ("attn", "fc1", "fc2", "conv1"):
+            assert layers[f"{block}.{inner}"].status == "gated", (block, inner, layers[f"{block}.{inner}"].status)
+        assert layers[f"{block}.se1"].input_zero_fraction == 1.0
+    assert not [f for f in report.findings if f.severity == "error"], report.findings
+    assert not [f for f in report.findings if f.kind == "dead"]
+
+
 def test_weight_layers_no_view_could_compare_read_unjudged_not_ok() -> None:
     """An LSTM LM has three weight layers, fewer than the min_chain (5) that a signal fit or an update median
     needs: only the LSTM is compared (through time); the embedding and the head were checked for NaN and zeros

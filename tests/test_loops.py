@@ -53,6 +53,47 @@ def test_a_loop_is_gated_when_a_sigmoid_product_of_its_layers_is_what_the_next_s
     assert not next(layer for layer in report.layers if layer.name == "head").time_gated
 
 
+class Unrolled(nn.Module):
+    """One tanh block called 12 times. `reads`: "steps", a recurrence over time (each call reads x_t, as Loop);
+    "once", the block applied again to its own result after reading the batch once (ALBERT's shared layer,
+    a weight-tied refinement): its calls are depth, not time; "repeated", a recurrence fed the same input at
+    every step (a decoder conditioned on one context vector): it reads no new part of the batch either."""
+
+    def __init__(self, reads: str, hidden: int = 32) -> None:
+        super().__init__()
+        self.reads = reads
+        self.a = nn.Linear(8, hidden)
+        self.b = nn.Linear(hidden, hidden)
+        self.head = nn.Linear(hidden, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x[:, 0])) if self.reads != "steps" else x.new_zeros(x.shape[0], self.b.in_features)
+        for t in range(x.shape[1]):
+            if self.reads == "steps":
+                h = torch.tanh(self.a(x[:, t]) + self.b(h))
+            else:
+                h = h + torch.tanh(self.b(h)) if self.reads == "once" else torch.tanh(self.b(h) + x[:, 0, :1])
+        return self.head(h)
+
+
+@pytest.mark.parametrize(("reads", "in_time"), [("steps", True), ("once", False), ("repeated", False)])
+def test_a_loop_runs_through_time_only_when_its_calls_read_the_sequence_step_by_step(reads: str, in_time: bool) -> None:
+    """loops.py: all three call `b` 12 times and get its 12 per-call norms; only the one reading x_t is a
+    recurrence over time, the others are loops over depth, judged as one block. The constant-input recurrence
+    contracts (tanh, b at PyTorch's default init: spectral radius about 1/sqrt(3), so at most x0.58 per call,
+    below 1/400 over 11 calls) and fails through its calls all the same."""
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 12, 8), torch.randint(0, 4, (4,)))]
+    report = gradcheck_cli.analyze(Unrolled(reads), batches)
+    block = next(layer for layer in report.layers if layer.name == "b")
+    assert block.calls == 12 and block.time_grad_norms is not None and len(block.time_grad_norms) == 12
+    assert block.loop_over_depth is not in_time
+    if reads == "repeated":
+        finding = next(f for f in report.findings if f.view == "time")
+        assert (finding.layer, finding.kind, finding.severity) == ("b", "vanishing", "error")
+        assert "applied 12 times" in finding.message and finding.factor is not None and finding.factor < 1 / 400
+
+
 class Cell(nn.Module):
     """A cell written as one module that owns its matrices (`x @ self.W_ih + h @ self.W_hh`), its gating in its own
     forward and the state it returns: an LSTM cell (PyTorch's init, U(-1/sqrt(n), 1/sqrt(n))), the same with its

@@ -55,6 +55,11 @@ def activations(context: Context) -> list[Finding]:
                 "normalise its input (nn.LayerNorm)"
             )
         reads_something = (layer.input_zero_fraction or 0.0) < 1.0
+        if not reads_something:
+            # every input exactly 0: each unit outputs its bias, so a ReLU after it is 0 for all inputs whatever
+            # the weights (a squeeze-excitation reading a block whose last norm scale starts at 0, timm's
+            # zero_init_last); the layer that makes the zeros carries the finding, if any
+            dead = None
         # A gated layer (its matrices get 0 until a zero-initialised gate moves: confirm.open_gates) is not judged,
         # nor one whose units starve only behind small per-channel scales (scales.open_scales).
         judged = not all_zero(layer) and not layer.gated and not layer.behind_scales and reads_something

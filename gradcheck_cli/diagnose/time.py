@@ -25,14 +25,55 @@ from gradcheck_cli.series import theil_sen_slope
 
 def through_time(context: Context) -> list[Finding]:
     findings = []
+    loops: dict[int, list[Layer]] = {}
     for layer in context.layers:
         norms = layer.time_grad_norms
         if not norms or len(norms) < context.thresholds.min_chain or not _usable(norms[-1]):
             continue
+        if layer.loop_over_depth:
+            loops.setdefault(len(norms), []).append(layer)
+            continue
         finding = _judge(layer, norms, context)
         if finding is not None:
             findings.append(finding)
+    for block in loops.values():
+        finding = _judge_block(block, context.thresholds)
+        if finding is not None:
+            findings.append(finding)
     return findings
+
+
+def _judge_block(block: Sequence[Layer], thresholds: Thresholds) -> Finding | None:
+    """A block applied again to its own result (loop_over_depth: ALBERT's one shared layer) is one chain of
+    calls, as a stack of distinct blocks is one chain of layers: its layers' per-call norms are fitted together
+    (Theil-Sen over pairs of calls of one layer, as the signal view fits roles), so that one role differing by
+    design across depth (a query projection at near-uniform attention) does not set the verdict alone. One
+    finding, on the block's first layer, covering the rest."""
+    points = [
+        (float(t), math.log10(n), layer.name) for layer in block for t, n in enumerate(layer.time_grad_norms or ())
+    ]
+    usable = [(x, y, name) for x, y, name in points if math.isfinite(y)]
+    slope = theil_sen_slope([x for x, _, _ in usable], [y for _, y, _ in usable], [n for _, _, n in usable])
+    if slope is None:
+        return None
+    calls = len(block[0].time_grad_norms or ())
+    gain = 10 ** (-slope)
+    if (verdict := _verdict(gain, calls, thresholds)) is None:
+        return None
+    severity, kind, direction, total = verdict
+    message = (
+        f"{len(block)} layer(s) applied {calls} times to their own result (weights shared across depth): the "
+        f"gradient reaching the first call is {times(total)} {direction} than at the last, x{gain:.3g} per call"
+    )
+    fix = (
+        "the shared block shrinks the gradient at each application: residual connections and normalisation "
+        "around it (as ALBERT's), or fewer applications"
+        if kind == "vanishing"
+        else "the shared block amplifies the gradient at each application: scale its weights down, normalise "
+        "around it, clip with torch.nn.utils.clip_grad_norm_"
+    )
+    also = tuple(layer.name for layer in block[1:])
+    return Finding(block[0].name, kind, severity, "time", message, fix, total, also)
 
 
 # The per-step gain of a gated cell whose forget/update gate sits at its neutral point: sigmoid(0).
@@ -85,17 +126,23 @@ def _judge(layer: Layer, norms: tuple[float, ...], context: Context) -> Finding 
         return Finding(layer.name, "vanishing", "error", "time", message, _fix("vanishing", layer.time_gated), 0.0)
     if fitted is None:
         return None
-    total = gain ** (steps - 1)
-    severity = level(max(total, 1 / total), thresholds.signal_warning, thresholds.signal_error)
-    if severity is None:
+    if (verdict := _verdict(gain, steps, thresholds)) is None:
         return None
-    kind = "vanishing" if total < 1 else "exploding"
-    direction = "smaller" if kind == "vanishing" else "larger"
+    severity, kind, direction, total = verdict
     message = (
         f"the gradient reaching the first time step is {times(total)} {direction} than at the last: "
         f"x{gain:.3g} per step over {steps} steps"
     )
     return Finding(layer.name, kind, severity, "time", message, _fix(kind, layer.time_gated), total)
+
+
+def _verdict(gain: float, steps: int, thresholds: Thresholds) -> tuple[str, str, str, float] | None:
+    """(severity, kind, direction, factor over the steps) of a gain per step, None below the warning threshold."""
+    total = gain ** (steps - 1)
+    severity = level(max(total, 1 / total), thresholds.signal_warning, thresholds.signal_error)
+    if severity is None:
+        return None
+    return (severity, "vanishing", "smaller", total) if total < 1 else (severity, "exploding", "larger", total)
 
 
 def _fix(kind: str, gated: bool) -> str:
