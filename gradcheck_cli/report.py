@@ -183,6 +183,10 @@ class SignalSummary:
     # the per-layer gain once the gated recurrent layers' factor at their neutral gates (Layer.neutral_gate_gain)
     # is taken out: set only when the chain decays and holds such layers; it, not gain_per_layer, is judged
     beyond_gates_gain: float | None = None
+    # the per-layer gain with each layer's ||dL/dz|| taken at its input's scale where that is below unit RMS
+    # (signal._at_input_scale): set only when a normalised residual net's trend passed residual_gain and is
+    # explained so, in which case it, not gain_per_layer, was judged
+    input_scale_gain: float | None = None
 
 
 @dataclass(frozen=True)

@@ -211,8 +211,8 @@ def _hf_model(config_class: str, model_class: str, **config: int) -> Callable[[]
     return build
 
 
-def _hf_encoder(config_class: str, model_class: str, layers: int, **settings: int) -> Callable[[], nn.Module]:
-    """A masked-LM encoder from a small config (width 64, 4 heads)."""
+def _hf_small(config_class: str, model_class: str, layers: int, **settings: int) -> Callable[[], nn.Module]:
+    """A masked-LM encoder or a causal LM from a small config (width 64, 4 heads)."""
     return _hf_model(
         config_class,
         model_class,
@@ -226,27 +226,18 @@ def _hf_encoder(config_class: str, model_class: str, layers: int, **settings: in
     )
 
 
+def hf_olmo2(layers: int) -> Callable[[], nn.Module]:
+    """OLMo-2: each branch's output is normalised (RMSNorm after attention and MLP) and none of its input, so the
+    branches read the raw stream, which starts at the embeddings' 0.02."""
+    return _hf_small("Olmo2Config", "Olmo2ForCausalLM", layers, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+
+
 def hf_bert(layers: int) -> Callable[[], nn.Module]:
-    return _hf_encoder("BertConfig", "BertForMaskedLM", layers)
+    return _hf_small("BertConfig", "BertForMaskedLM", layers)
 
 
 def hf_llama(layers: int) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        _before_transformers()
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        config = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-        return LlamaForCausalLM(config)
-
-    return build
+    return _hf_small("LlamaConfig", "LlamaForCausalLM", layers, num_key_value_heads=2)
 
 
 def hf_t5() -> nn.Module:
@@ -270,7 +261,7 @@ def hf_mamba(layers: int) -> Callable[[], nn.Module]:
 
 
 def hf_deberta(layers: int) -> Callable[[], nn.Module]:
-    return _hf_encoder("DebertaV2Config", "DebertaV2ForMaskedLM", layers)
+    return _hf_small("DebertaV2Config", "DebertaV2ForMaskedLM", layers)
 
 
 def _hf_image(config_class: str, model_class: str, layers: int) -> Callable[[], nn.Module]:
@@ -654,6 +645,14 @@ def cases() -> list[Case]:
         Case("hf-bert-6", "transformers", hf_bert(6), lambda: tokens(VOCAB), True, "BERT MLM, 6 layers"),
         Case("hf-llama-4", "transformers", hf_llama(4), lambda: tokens(VOCAB), True, "Llama, 4 layers, GQA"),
         Case("hf-llama-6", "transformers", hf_llama(6), lambda: tokens(VOCAB), True, "Llama, 6 layers, GQA"),
+        Case(
+            "hf-olmo2-4",
+            "transformers",
+            hf_olmo2(4),
+            lambda: tokens(VOCAB),
+            True,
+            "OLMo-2, 4 blocks: normalised branch outputs on a stream that grows from 0.02",
+        ),
         Case("hf-t5", "transformers", hf_t5, t5_batches, True, "T5: one embedding shared by four modules"),
         Case("hf-mamba-4", "transformers", hf_mamba(4), lambda: tokens(VOCAB), True, "Mamba SSM, 4 layers"),
         Case(
@@ -685,7 +684,7 @@ def cases() -> list[Case]:
         Case(
             "hf-electra-1",
             "transformers",
-            _hf_encoder("ElectraConfig", "ElectraForMaskedLM", 1, embedding_size=32),
+            _hf_small("ElectraConfig", "ElectraForMaskedLM", 1, embedding_size=32),
             lambda: tokens(VOCAB),
             True,
             "ELECTRA, one block: three embedding tables of twelve weight layers must not set the network median",

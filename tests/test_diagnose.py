@@ -452,3 +452,27 @@ def test_query_key_projections_of_a_softmax_over_one_position_are_dead_and_say_w
             assert "while v beside it learns" in dead["attn.q"].message or "while o beside" in dead["attn.q"].message
         else:
             assert not dead
+
+
+@pytest.mark.parametrize(
+    ("start", "feeds_norm", "judged"),
+    [(0.01, True, False), (1.0, True, True), (0.01, False, True)],
+)
+def test_a_normalised_residual_nets_gradient_is_judged_at_its_inputs_scale_below_unit_rms(
+    start: float, feeds_norm: bool, judged: bool
+) -> None:
+    """signal._at_input_scale. Ten layers whose dL/dz grows x2 per layer toward the input while their input's
+    RMS grows x2 per layer toward the output, from `start`: dL/dz x RMS(input) is the same at every layer, as in
+    a net whose branches normalise their output (OLMo-2). From 0.01 (0.01 .. 5.1) the inputs are below unit
+    scale for the first 7 layers: credited, flat there; the last 3 keep their x2, and the fit over all pairs
+    stays under residual_gain: no finding. From 1.0 the inputs grow past unit scale at
+    every layer (a forward explosion: 1 .. 512): no credit, the x2 trend stands. Without normalisation layers
+    the credit does not apply at all (a stream's scale then reaches the loss)."""
+    layers = chain([2.0] * 9, feeds_norm=feeds_norm)
+    layers = [dataclasses.replace(item, input_rms=start * 2.0**i) for i, item in enumerate(layers)]
+    verdict = diagnose(layers, [1.0], Thresholds(), residual=True)
+    exploding = [f for f in verdict.findings if f.view == "signal" and f.kind == "exploding"]
+    assert verdict.signal.gain_per_layer == pytest.approx(2.0)
+    assert bool(exploding) is judged
+    if not judged:
+        assert verdict.signal.input_scale_gain is not None and verdict.signal.input_scale_gain < 1.5

@@ -75,6 +75,9 @@ def signal_view(
     total = gain**span
     if residual and 1 / thresholds.residual_gain < gain < thresholds.residual_gain:
         return summary, []  # polynomial growth through skip connections: trainable at any depth
+    scaled = _at_input_scale(chain, xs, groups) if residual and gain >= thresholds.residual_gain else None
+    if scaled is not None and 1 / thresholds.residual_gain < scaled < thresholds.residual_gain:
+        return dataclasses.replace(summary, input_scale_gain=scaled), []
     described = f"{len(chain)} layers" + (f", {span + 1:.0f} deep" if span + 1 != len(chain) else "")
     return summary, _findings(chain, ys, end, gain, total, thresholds, described, beyond is not None)
 
@@ -123,6 +126,26 @@ def _beyond_gates(chain: Sequence[Layer], ys: Sequence[float]) -> list[float] | 
         corrected.append(y - after)
         after += log
     return corrected[::-1]
+
+
+def _at_input_scale(chain: Sequence[Layer], xs: Sequence[float], groups: Sequence[object]) -> float | None:
+    """The per-layer gain of ||dL/dz|| x min(input RMS, 1), in a net with normalisation layers (None without).
+
+    A normalised layer's gradient is inversely proportional to the scale of what it normalises, so a branch
+    whose output is normalised (OLMo-2 and EXAONE-4 normalise each branch's output and none of its input)
+    sends back dL/dz x 1/RMS of the stream it reads: where the stream starts from the embeddings' 0.02 and
+    grows block by block toward unit scale, dL/dz falls along the depth as the stream rises, while
+    dL/dW = dL/dz x^T, what the weights learn from, does not (the update view). Only inputs below unit RMS are
+    credited: a stream growing past the scale normalisation restores is a forward explosion, whose gradient
+    growth stays a finding."""
+    if not any(layer.feeds_norm for layer in chain):
+        return None
+    ys = [
+        math.log10(layer.output_grad_per_position or 1.0) + math.log10(min(layer.input_rms or 1.0, 1.0))
+        for layer in chain
+    ]
+    slope = theil_sen_slope(xs, ys, groups)
+    return None if slope is None else 10 ** (-slope)
 
 
 def _group(layer: Layer) -> tuple[str, float | None]:

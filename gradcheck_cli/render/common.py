@@ -174,7 +174,13 @@ def signal_line(report: Report) -> str:
     return (
         f"signal view: ||dL/dz|| x{signal.gain_per_layer:.2f} per layer toward the input over {span} "
         f"(x{signal.total_factor:.3g} in all"
-        + (f"; x{gates:.2f} per layer beyond the LSTM/GRU gates at their neutral point, judged)" if gates else ")")
+        + (f"; x{gates:.2f} per layer beyond the LSTM/GRU gates at their neutral point, judged)" if gates else "")
+        + (
+            f"; x{signal.input_scale_gain:.2f} per layer with each layer's dL/dz taken at its input's scale below "
+            "unit RMS, judged: a normalised branch's gradient follows 1/RMS of the stream it reads)"
+            if signal.input_scale_gain
+            else ("" if gates else ")")
+        )
     )
 
 
