@@ -476,3 +476,42 @@ def test_a_normalised_residual_nets_gradient_is_judged_at_its_inputs_scale_below
     assert bool(exploding) is judged
     if not judged:
         assert verdict.signal.input_scale_gain is not None and verdict.signal.input_scale_gain < 1.5
+
+
+@pytest.mark.parametrize(("stem", "flagged"), [(5e-4, False), (2.5e-5, True)])
+def test_a_layer_without_peers_is_compared_with_the_same_sublayer_of_the_other_blocks(
+    stem: float, flagged: bool
+) -> None:
+    """update._peer_medians: a stem's squeeze-excitation (stem.se.fc1) has no role of its own; the same sublayer
+    in the ten blocks (blocks.#.se.fc1) learns 20x slower than the network median (their 30 MLP layers) by
+    design of where it sits (a pooled input): the stem's copy is compared with them, not with the median, and
+    is flagged only when it is slow against them too (20x below its twins: a warning)."""
+    layers = [layer(f"blocks.{i}.mlp.fc{j}", 4 * i + j, ratio=0.01) for i in range(10) for j in range(3)]
+    layers += [layer(f"blocks.{i}.se.fc1", 4 * i + 3, ratio=5e-4) for i in range(10)]
+    layers.append(layer("stem.se.fc1", 40, ratio=stem))
+    verdict = diagnose(layers, [1.0], Thresholds())
+    found = [(f.layer, f.kind, f.view) for f in verdict.findings]
+    assert (("stem.se.fc1", "vanishing", "update") in found) is flagged, found
+    assert not [f for f in verdict.findings if f.layer != "stem.se.fc1"]
+
+
+@pytest.mark.parametrize(("weights_per_unit", "flagged"), [(1, False), (9, True)])
+def test_one_weight_per_unit_before_a_norm_is_not_a_starved_unit(weights_per_unit: int, flagged: bool) -> None:
+    """A 1x1 depthwise conv (MobileOne's scale branch) has one weight per channel, and the BatchNorm it feeds
+    divides it out: BN(w x) = BN(x) for w > 0 while w^2 var(x) dwarfs BN's eps, so dL/dw is 0 up to rounding
+    by design, and 80% of its units below 1e-5 of the RMS row is no starved unit. A 3x3 depthwise conv has 9
+    weights per unit whose direction BN does not remove: 80% starved there is a finding."""
+    units = 128
+    layers = chain([1.0] * 9)
+    scale = layer(
+        "scale",
+        10,
+        units=units,
+        params=units * weights_per_unit,
+        trainable_params=units * weights_per_unit,
+        feeds_norm=True,
+        zero_grad_unit_fraction=0.8,
+    )
+    verdict = diagnose([*layers, scale], [1.0], Thresholds())
+    dead = [f for f in verdict.findings if f.kind == "dead" and f.layer == "scale"]
+    assert bool(dead) is flagged, verdict.findings

@@ -63,6 +63,9 @@ def activations(context: Context) -> list[Finding]:
         # A gated layer (its matrices get 0 until a zero-initialised gate moves: confirm.open_gates) is not judged,
         # nor one whose units starve only behind small per-channel scales (scales.open_scales).
         judged = not all_zero(layer) and not layer.gated and not layer.behind_scales and reads_something
+        # One weight per unit whose output is normalised (a 1x1 depthwise conv before BatchNorm: MobileOne's scale
+        # branch): BN(w x) = BN(x) for any w > 0, so dL/dw is 0 but for rounding by design, not a starved unit.
+        judged = judged and not (layer.feeds_norm and layer.units and layer.params <= 2 * layer.units)
         if dead is None and layer.zero_grad_unit_fraction is not None and judged:
             dead = layer.zero_grad_unit_fraction
             source = "output units got no usable gradient in any step (below 1e-5 of the layer's typical unit)"

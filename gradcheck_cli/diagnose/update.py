@@ -299,6 +299,22 @@ def _peer_medians(members: Sequence[Layer], measured: bool = False) -> dict[str,
             if value:
                 for layer in group:
                     result[layer.name] = (key.split(":")[0], value, len(group) < ROBUST_PEERS)
+    # A layer left without peers (its role has one block: a stem's copy of a stage's block, the third of three
+    # blocks where the other stages have two) is compared with the same sublayer of every block: the layers of
+    # its type whose names end in the same two parts but for their numbers (stem.down.conv_block.se.fc1 with
+    # stages.#.downsample.conv_block.se.fc1 and stages.#.global_block.blocks.conv#.se.fc1: *.se.fc#; the third
+    # block's blocks.conv3.conv_dw with the others': *.conv#.conv_dw), when there are at least ROBUST_PEERS of
+    # them. Nearer than the network median, which it replaces, and never in place of a role's own peers.
+    twins: dict[str, list[Layer]] = {}
+    for layer in members:
+        parts = layer.name.split(".")
+        if len(parts) >= 3:
+            tail = ".".join(re.sub(r"\d+$", "#", part) for part in parts[-2:])
+            twins.setdefault(f"*.{tail}:{layer.type}", []).append(layer)
+    for key, group in twins.items():
+        twin = median([_relative(layer, measured) or 0.0 for layer in group]) if len(group) >= ROBUST_PEERS else None
+        for layer in group if twin else ():
+            result.setdefault(layer.name, (key.split(":")[0], twin or 0.0, False))
     return result
 
 
