@@ -273,3 +273,29 @@ def test_a_base_model_without_a_head_gets_unlabelled_inputs_and_a_projected_loss
     silent = [layer["name"] for layer in report["layers"] if layer["trainable_params"] and not layer["grad_norm"]]
     assert silent in ([], ["pooler.dense"]), silent
     assert len(report["layers"]) > 20
+
+
+def test_a_hybrid_with_only_linear_attention_runs_without_a_key_value_cache(cli: Any, tmp_path: Path) -> None:
+    """Bamba at 2 layers holds only Mamba (linear-attention) layers, and building its default cache raises in
+    the forward ('get_seq_length can only be called on Attention layers'). A training pass keeps no cache:
+    gradcheck turns it off in the loaded model's config (the folder is not changed), and the run is clean."""
+    pytest.importorskip("transformers")
+    from transformers import BambaConfig
+
+    folder = tmp_path / "bamba"
+    BambaConfig(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        mamba_d_state=8,
+        mamba_n_heads=4,
+        mamba_d_head=16,
+    ).save_pretrained(folder)
+    saved = (folder / "config.json").read_text()
+    code, report = cli.json("analyze", f"hf:{folder}", "--from-config", "--task", "causal-lm", "--quiet")
+    assert code == 0 and not [f for f in report["findings"] if f["severity"] == "error"], report["findings"]
+    assert (folder / "config.json").read_text() == saved

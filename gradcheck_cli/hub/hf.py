@@ -131,6 +131,11 @@ def build_hf(name: str, options: Options) -> Built:
     if options.adapter is not None:
         model = _with_adapter(model, Path(options.adapter))
         notes.append(f"adapter: {options.adapter} (base frozen, adapter trainable)")
+    inner: Any = getattr(model, "config", None)
+    if getattr(inner, "use_cache", None):
+        # a training pass keeps no key/value cache (the passes measured are training steps), and building one
+        # fails in some hybrids at small depths (Bamba, Jamba, GraniteMoeHybrid with only linear-attention layers)
+        inner.use_cache = False
     built = _inputs(model, config, task)
     built.notes[:0] = notes
     built.directory = directory
