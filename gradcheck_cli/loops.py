@@ -13,8 +13,8 @@ The same watch tells a recurrence over time from weight sharing across depth. A 
 forward is a time loop when its calls read the sequence step by step: each call, or an operation joining its
 result, takes a tensor derived from the batch that no looped layer computed (x[:, t], one slice per step). A
 block applied again and again to its own result (ALBERT's one shared layer, CoaT's shared position encoders,
-an iterated refinement) reads the batch once, before its first call: its calls are depth, judged as layers of
-the network (signal and update views), not through time.
+an iterated refinement) reads the batch once, before its first call: its calls are depth, and its layers'
+per-call norms are judged together as one block (diagnose/time.py), not one layer at a time through time.
 """
 
 from __future__ import annotations
