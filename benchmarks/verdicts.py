@@ -264,6 +264,11 @@ def main() -> None:
             line = run(target)
             print(line, flush=True)
             lines.append(line)
+    report(lines, args.output)
+
+
+def report(lines: list[str], output: Path | None) -> None:
+    """The totals of run()'s lines, printed and, with the lines, written to `output`."""
     heads = [line.splitlines()[0].split() for line in lines]
     counted = [h for h in heads if "errors" in h]
     errors = sum(int(h[h.index("errors") + 1]) for h in counted)
@@ -271,8 +276,8 @@ def main() -> None:
     failing = sum(h[h.index("exit") + 1] != "0" for h in heads)
     summary = f"{len(heads)} models: {errors} errors, {warnings} warnings, {failing} not exiting 0"
     print(summary)
-    if args.output:
-        args.output.write_text("\n".join([*lines, summary]) + "\n")
+    if output:
+        output.write_text("\n".join([*lines, summary]) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,237 @@
+"""The third try on unseen models (README, Checked against theory): standard architectures that neither the tests
+nor benchmarks/verdicts.py hold, run as verdicts.py runs its own (`gradcheck analyze TARGET --format json`).
+
+    python benchmarks/unseen.py [--only torchvision|timm|hf] [--output FILE]
+
+timm and torchvision models are full size at their own resolution; each Hugging Face type gets one generic small
+config (width 64, 4 layers, a vocabulary of 512; the keys its config class has), so a few types do not run from
+it (their pad or end ids above the vocabulary, rope settings it leaves out: exit 2 with one line). Every model is
+healthy by construction at its library's default initialisation: an error is a false alarm unless the finding
+is true of the model (README: SwiftFormer's softmax over a dimension of size 1). About 50 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from verdicts import _BASE, _HF, report, run
+
+TIMM = [
+    "mobilevit_xxs",
+    "mobilevitv2_050",
+    "edgenext_xx_small",
+    "repvit_m0_9",
+    "hgnetv2_b0",
+    "cspresnet50",
+    "xception41",
+    "inception_v4",
+    "nf_resnet26",
+    "gcvit_xxtiny",
+    "davit_tiny",
+    "coat_tiny",
+    "pvt_v2_b0",
+    "efficientformerv2_s0",
+    "mobileone_s0",
+    "resnetv2_50",
+    "skresnet18",
+    "lcnet_050",
+    "mobilenetv1_100",
+    "semnasnet_050",
+    "swinv2_tiny_window8_256",
+    "nest_tiny",
+    "starnet_s1",
+    "mambaout_femto",
+    "efficientvit_b0",
+    "vitamin_small_224",
+    "mixer_b16_224",
+    "legacy_seresnet18",
+    "fastvit_sa12",
+    "hgnet_tiny",
+    "eva02_small_patch14_224",
+    "test_vit",
+    "test_efficientnet",
+    "test_byobnet",
+    "beit_base_patch16_224",
+    "inception_resnet_v2",
+    "seresnext26ts",
+    "eca_resnext26ts",
+    "gcresnet33ts",
+    "resnet51q",
+    "convnext_nano",
+    "regnetz_b16",
+    "resnest14d",
+    "rexnetr_100",
+    "efficientnet_b1",
+    "mobilenetv4_hybrid_medium",
+    "flexivit_small",
+    "deit_tiny_patch16_224",
+    "xcit_tiny_12_p16_224",
+    "convformer_s18",
+    "hrnet_w18_small_v2",
+    "dla46_c",
+    "dpn48b",
+    "nfnet_l0",
+    "eca_nfnet_l0",
+    "mixnet_s",
+    "vgg11_bn",
+    "tf_efficientnetv2_b0",
+    "resnetaa50d",
+]
+
+TORCHVISION = [
+    "resnet101",
+    "regnet_y_800mf",
+    "regnet_x_3_2gf",
+    "mnasnet1_3",
+    "shufflenet_v2_x2_0",
+    "mobilenet_v3_small",
+    "efficientnet_b2",
+    "densenet169",
+    "swin_s",
+    "wide_resnet101_2",
+    "resnext101_32x8d",
+]
+
+HF = [
+    "apertus",
+    "arcee",
+    "bamba",
+    "big_bird",
+    "bitnet",
+    "blenderbot",
+    "camembert",
+    "cohere2",
+    "dbrx",
+    "deepseek_v3",
+    "dinov2",
+    "doge",
+    "ernie4_5",
+    "exaone4",
+    "fnet",
+    "gemma3_text",
+    "glm",
+    "glm4",
+    "granitemoehybrid",
+    "helium",
+    "hunyuan_v1_dense",
+    "ibert",
+    "ijepa",
+    "jamba",
+    "jetmoe",
+    "led",
+    "lfm2",
+    "longformer",
+    "longt5",
+    "m2m_100",
+    "ministral",
+    "mobilenet_v2",
+    "modernbert",
+    "mra",
+    "mt5",
+    "olmo3",
+    "olmoe",
+    "phimoe",
+    "plbart",
+    "roformer",
+    "seed_oss",
+    "smollm3",
+    "swiftformer",
+    "switch_transformers",
+    "umt5",
+    "vit_msn",
+    "xlm",
+    "yoso",
+]
+
+# The generic small config: each key that the type's config class has is set to this value (verdicts.py's
+# decoder and encoder-decoder settings, and the keys of mixtures of experts, MLA attention and vision models).
+SMALL: dict[str, Any] = dict(
+    _BASE,
+    **_HF["bart"][1],
+    num_key_value_heads=2,
+    head_dim=16,
+    num_layers=4,
+    num_heads=4,
+    d_ff=128,
+    d_kv=16,
+    moe_intermediate_size=64,
+    image_size=32,
+    patch_size=4,
+    num_labels=10,
+    n_routed_experts=4,
+    num_experts=4,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    shared_expert_intermediate_size=64,
+    embedding_size=64,
+    kv_lora_rank=16,
+    q_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    first_k_dense_replace=1,
+    n_group=1,
+    topk_group=1,
+    num_decoder_layers=2,
+)
+
+# The heads tried, in order: the first auto mapping that names the type gives its architecture.
+_MAPPINGS = (
+    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+    "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+    "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+)
+
+
+def hf_targets(folder: Path) -> list[str]:
+    """hf:DIR targets, one folder per type with its generic small config.json (types it cannot make are named)."""
+    from gradcheck_cli.hub import import_torchvision
+
+    import_torchvision()
+    from transformers import AutoConfig
+    from transformers.models.auto import modeling_auto
+
+    targets = []
+    for model_type in HF:
+        names = [getattr(modeling_auto, mapping) for mapping in _MAPPINGS]
+        architecture = next((found[model_type] for found in names if model_type in found), None)
+        defaults = AutoConfig.for_model(model_type)
+        settings = {key: value for key, value in SMALL.items() if getattr(defaults, key, None) is not None}
+        if "depths" in vars(defaults):  # staged vision models: one block per stage
+            stages = len(defaults.depths)
+            settings["depths"] = [1] * stages
+            if "hidden_sizes" in vars(defaults):
+                settings["hidden_sizes"] = [16 * 2**i for i in range(stages)]
+        try:
+            config = AutoConfig.for_model(model_type, architectures=[architecture], **settings)
+        except (TypeError, ValueError) as error:
+            print(f"hf:{model_type:33s} no config: {str(error).splitlines()[0][:120]}", flush=True)
+            continue
+        config.save_pretrained(folder / model_type)
+        targets.append(f"hf:{folder / model_type}")
+    return targets
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["torchvision", "timm", "hf"], action="append")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    families = args.only or ["torchvision", "timm", "hf"]
+    lines = []
+    with tempfile.TemporaryDirectory() as folder:
+        targets = [f"torchvision:{m}" for m in TORCHVISION] if "torchvision" in families else []
+        targets += [f"timm:{m}" for m in TIMM] if "timm" in families else []
+        targets += hf_targets(Path(folder)) if "hf" in families else []
+        for target in targets:
+            lines.append(run(target))
+            print(lines[-1], flush=True)
+    report(lines, args.output)
+
+
+if __name__ == "__main__":
+    main()
