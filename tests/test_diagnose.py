@@ -515,3 +515,18 @@ def test_one_weight_per_unit_before_a_norm_is_not_a_starved_unit(weights_per_uni
     verdict = diagnose([*layers, scale], [1.0], Thresholds())
     dead = [f for f in verdict.findings if f.kind == "dead" and f.layer == "scale"]
     assert bool(dead) is flagged, verdict.findings
+
+
+def test_a_loop_over_depth_with_a_call_that_got_no_gradient_is_fitted_on_the_others() -> None:
+    """diagnose/time._judge_block: a call whose gradient is exactly 0 (nothing usable on a log scale) is left
+    out of the fit, as the per-layer fit of a time loop leaves it out; the other calls still carry the trend:
+    x0.25 per call over 8 calls, 0.25**7 = 6e-5, an error."""
+    norms = tuple(0.25 ** (7 - t) for t in range(8))
+    block = [
+        layer(name, i, time_grad_norms=(norms[0], 0.0, *norms[2:]) if i else norms, loop_over_depth=True)
+        for i, name in enumerate(("shared.a", "shared.b"))
+    ]
+    verdict = diagnose([*chain([1.0] * 4), *block], [1.0], Thresholds())
+    found = [f for f in verdict.findings if f.view == "time"]
+    assert [(f.layer, f.kind, f.severity) for f in found] == [("shared.a", "vanishing", "error")]
+    assert found[0].factor == pytest.approx(0.25**7) and found[0].also == ("shared.b",)

@@ -49,10 +49,12 @@ def _judge_block(block: Sequence[Layer], thresholds: Thresholds) -> Finding | No
     (Theil-Sen over pairs of calls of one layer, as the signal view fits roles), so that one role differing by
     design across depth (a query projection at near-uniform attention) does not set the verdict alone. One
     finding, on the block's first layer, covering the rest."""
-    points = [
-        (float(t), math.log10(n), layer.name) for layer in block for t, n in enumerate(layer.time_grad_norms or ())
+    usable = [
+        (float(t), math.log10(n), layer.name)
+        for layer in block
+        for t, n in enumerate(layer.time_grad_norms or ())
+        if _usable(n)
     ]
-    usable = [(x, y, name) for x, y, name in points if math.isfinite(y)]
     slope = theil_sen_slope([x for x, _, _ in usable], [y for _, y, _ in usable], [n for _, _, n in usable])
     if slope is None:
         return None

@@ -313,8 +313,9 @@ def _peer_medians(members: Sequence[Layer], measured: bool = False) -> dict[str,
             twins.setdefault(f"*.{tail}:{layer.type}", []).append(layer)
     for key, group in twins.items():
         twin = median([_relative(layer, measured) or 0.0 for layer in group]) if len(group) >= ROBUST_PEERS else None
-        for layer in group if twin else ():
-            result.setdefault(layer.name, (key.split(":")[0], twin or 0.0, False))
+        if twin:
+            for layer in group:
+                result.setdefault(layer.name, (key.split(":")[0], twin, False))
     return result
 
 
