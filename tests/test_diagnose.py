@@ -277,6 +277,26 @@ def test_balance_compares_a_layer_with_its_peers_in_other_blocks() -> None:
     assert {k[1:] for k in kinds(collapsed)} == {("vanishing", "error", "update")}
 
 
+def test_stacked_gated_layers_lag_their_peers_by_their_neutral_gates_by_design() -> None:
+    """Six separate LSTM modules at default init: each gate at sigmoid(0) puts x1/4 on the gradient reaching
+    its layer's input, so layer k's ||g||/||W|| carries 0.25^(5-k); the bottom sits 0.25^2.5 = 1/32 below the
+    median of its peers, which is no finding. 20x below what its gates explain is one; and a stack of plain
+    layers gets no such credit."""
+
+    def stack(bottom: float, type: str = "LSTM", gate: float | None = 0.25) -> list[Layer]:
+        layers = [layer("embed", 0, ratio=0.01, type="Embedding", category="embedding")]
+        for k in range(6):
+            value = 0.01 * 0.25 ** (5 - k) * (bottom if k == 0 else 1.0)
+            layers.append(
+                ratio(layer(f"rnns.{k}", k + 1, type=type, category="recurrent", neutral_gate_gain=gate), value)
+            )
+        return [*layers, ratio(layer("head", 7), 0.01)]
+
+    assert kinds(stack(1.0)) == set()
+    assert kinds(stack(1 / 20)) == {("rnns.0", "vanishing", "warning", "update")}
+    assert ("rnns.0", "vanishing", "warning", "update") in kinds(stack(1.0, type="RNN", gate=None))
+
+
 def test_a_pair_of_peers_cannot_say_which_of_them_is_off() -> None:
     """Two class-attention blocks (XCiT): the first block's value projection 100x above the network median
     (behind a LayerNorm of a small token), the second 2x above it. The pair's midpoint puts the second 25x

@@ -75,6 +75,7 @@ def _balance(
     findings = []
     first = _input_layer(layers)
     peers = _peer_medians(members, measured)
+    gates = _neutral_gate_lags(members)
     repeats = _repeat_medians(members, measured)
     scans = selective_scans([layer.name for layer in members])
     for layer in members:
@@ -92,23 +93,18 @@ def _balance(
         # (N(0, 1) in torch, 0.02 in GPT-2, T5's factor), so its ||g||/||W|| is not comparable to dense layers'.
         severity = None
         if attention_logits(layer.name) or layer.name in scans:
-            # At (near-)uniform attention a query/key projection's gradient is second order (LOGIT_WORDS):
-            # slow by design, at a rate that follows how alike the tokens it reads are, so it differs from block
-            # to block too; a selective scan's step and state projections are scaled by its step size
-            # (SELECTIVE_SCAN). Only a factor no design explains (role_error) is judged, beyond what a small
-            # input explains (_logit_scale).
-            factor, against = ratio / reference, f"the network median {reference:.2g}"
-            expected = _logit_scale(layer) if attention_logits(layer.name) else 1.0
-            if not layer.behind_scales and level(
-                reference * expected / ratio, thresholds.role_error, thresholds.role_error
-            ):
-                severity = "error"
+            severity, factor, against = _slow_by_design(layer, ratio, reference, thresholds)
         elif peer_reference:
             factor = ratio / peer_reference
             against = f"the median of its {layer.type} peers ({group}) {peer_reference:.2g}"
-            severity = level(1 / factor, thresholds.balance_warning, thresholds.balance_error)
+            by_design = min(gates.get(layer.name, 1.0), 1.0)
+            if by_design < 1:
+                against += f" (x{by_design:.2g} of that by design: its peers' gates at sigmoid(0) after it)"
+            severity = level(by_design / factor, thresholds.balance_warning, thresholds.balance_error)
             if severity and layer.name in repeats:  # the milder verdict, as for a pair (_repeat_medians)
-                again = level(repeats[layer.name] / ratio, thresholds.balance_warning, thresholds.balance_error)
+                again = level(
+                    by_design * repeats[layer.name] / ratio, thresholds.balance_warning, thresholds.balance_error
+                )
                 severity = min(severity, again, key=SEVERITIES.index) if again else None
             if pair:  # two peers cannot say which is off: the slower one is flagged only if slow overall too
                 overall = level(reference / ratio, thresholds.balance_warning, thresholds.balance_error)
@@ -144,6 +140,19 @@ def _balance(
             continue
         findings.append(Finding(layer.name, "vanishing", severity, "update", message, fix, factor))
     return findings
+
+
+def _slow_by_design(
+    layer: Layer, ratio: float, reference: float, thresholds: Thresholds
+) -> tuple[str | None, float, str]:
+    """At (near-)uniform attention a query/key projection's gradient is second order (LOGIT_WORDS): slow by
+    design, at a rate that follows how alike the tokens it reads are, so it differs from block to block too; a
+    selective scan's step and state projections are scaled by its step size (SELECTIVE_SCAN). Only a factor no
+    design explains (role_error) is judged, beyond what a small input explains (_logit_scale)."""
+    expected = _logit_scale(layer) if attention_logits(layer.name) else 1.0
+    slow = level(reference * expected / ratio, thresholds.role_error, thresholds.role_error)
+    severity = "error" if slow and not layer.behind_scales else None
+    return severity, ratio / reference, f"the network median {reference:.2g}"
 
 
 def _step_size(layers: Sequence[Layer], thresholds: Thresholds, lr: float, measured: bool) -> list[Finding]:
@@ -316,6 +325,32 @@ def _peer_medians(members: Sequence[Layer], measured: bool = False) -> dict[str,
         if twin:
             for layer in group:
                 result.setdefault(layer.name, (key.split(":")[0], twin, False))
+    return result
+
+
+def _neutral_gate_lags(members: Sequence[Layer]) -> dict[str, float]:
+    """{layer: the factor by which gates at their neutral point put it below its peers' median}, for a role
+    made of gated recurrent layers stacked one on another (separate nn.LSTM/nn.GRU modules). Every gated layer
+    scales the gradient reaching its input by neutral_gate_gain at PyTorch's default init (LSTM 1/4, GRU 1/2;
+    the signal view takes the same factor out: signal._beyond_gates), so a layer's dL/dz, and with it dL/dW,
+    carries the factors of the gated layers after it: the bottom of six default LSTMs sits 0.25^2.5 ~ 1/32
+    below the median by design, and the gates learn to open from the first steps (Gers et al. 2000)."""
+    roles: dict[str, list[Layer]] = {}
+    for layer in members:
+        if "#" in peer_group(layer.name):
+            roles.setdefault(f"{peer_group(layer.name)}:{layer.type}", []).append(layer)
+    result: dict[str, float] = {}
+    for role in roles.values():
+        if len(role) < PEER_GROUP_MIN or not all(
+            layer.neutral_gate_gain and layer.forward_index is not None for layer in role
+        ):
+            continue
+        lags, after = {}, 1.0
+        for layer in sorted(role, key=lambda layer: layer.forward_index or 0, reverse=True):
+            lags[layer.name] = after
+            after *= layer.neutral_gate_gain or 1.0
+        reference = median(list(lags.values())) or 1.0
+        result.update((name, lag / reference) for name, lag in lags.items())
     return result
 
 
