@@ -297,10 +297,7 @@ def _peer_medians(members: Sequence[Layer], measured: bool = False) -> dict[str,
     key projections gradients ~30x smaller than value projections. The same role in another block should learn
     at a similar speed, so a layer is compared with its peers when it has enough of them.
     """
-    groups: dict[str, list[Layer]] = {}
-    for layer in members:
-        if "#" in peer_group(layer.name):
-            groups.setdefault(f"{peer_group(layer.name)}:{layer.type}", []).append(layer)
+    groups = _roles(members)
     result = {}
     for key, group in groups.items():
         if len(group) >= PEER_GROUP_MIN:
@@ -328,6 +325,15 @@ def _peer_medians(members: Sequence[Layer], measured: bool = False) -> dict[str,
     return result
 
 
+def _roles(members: Sequence[Layer]) -> dict[str, list[Layer]]:
+    """{"role:type": its layers}: the layers whose names differ only in block indices (peer_group), by type."""
+    roles: dict[str, list[Layer]] = {}
+    for layer in members:
+        if "#" in peer_group(layer.name):
+            roles.setdefault(f"{peer_group(layer.name)}:{layer.type}", []).append(layer)
+    return roles
+
+
 def _neutral_gate_lags(members: Sequence[Layer]) -> dict[str, float]:
     """{layer: the factor by which gates at their neutral point put it below its peers' median}, for a role
     made of gated recurrent layers stacked one on another (separate nn.LSTM/nn.GRU modules). Every gated layer
@@ -335,10 +341,7 @@ def _neutral_gate_lags(members: Sequence[Layer]) -> dict[str, float]:
     the signal view takes the same factor out: signal._beyond_gates), so a layer's dL/dz, and with it dL/dW,
     carries the factors of the gated layers after it: the bottom of six default LSTMs sits 0.25^2.5 ~ 1/32
     below the median by design, and the gates learn to open from the first steps (Gers et al. 2000)."""
-    roles: dict[str, list[Layer]] = {}
-    for layer in members:
-        if "#" in peer_group(layer.name):
-            roles.setdefault(f"{peer_group(layer.name)}:{layer.type}", []).append(layer)
+    roles = _roles(members)
     result: dict[str, float] = {}
     for role in roles.values():
         if len(role) < PEER_GROUP_MIN or not all(
@@ -361,10 +364,7 @@ def _repeat_medians(members: Sequence[Layer], measured: bool = False) -> dict[st
     stage), or a ModuleList indexed by something else than the block (FocalNet's focal levels, 3x3 and 5x5
     kernels, the second ~30x below the first in every stage). A layer is flagged against its peers only if its
     repeats, the same layer in the blocks of its own stage, find it slow too (the milder verdict of the two)."""
-    roles: dict[str, list[Layer]] = {}
-    for layer in members:
-        if "#" in peer_group(layer.name):
-            roles.setdefault(f"{peer_group(layer.name)}:{layer.type}", []).append(layer)
+    roles = _roles(members)
     result: dict[str, float] = {}
     for role in roles.values():
         sizes: dict[int, list[Layer]] = {}
