@@ -158,7 +158,7 @@ def reduce_gradient(
     flat = grad.reshape(-1)
     rows = None
     if want_rows and grad.dim() >= 2:
-        row_norms = torch.linalg.vector_norm(grad.reshape(grad.shape[0], -1), dim=1, dtype=norm_dtype(grad))
+        row_norms = torch.linalg.vector_norm(grad.flatten(1), dim=1, dtype=norm_dtype(grad))  # (0, n): no rows
         norm_sq = row_norms.square().sum()
         floor = (norm_sq / row_norms.numel()).sqrt() * starved if starved else 0.0
         rows = ~(row_norms <= floor)  # a NaN row (or a NaN floor) got a gradient: the numeric rule's finding

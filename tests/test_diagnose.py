@@ -297,6 +297,23 @@ def test_stacked_gated_layers_lag_their_peers_by_their_neutral_gates_by_design()
     assert ("rnns.0", "vanishing", "warning", "update") in kinds(stack(1.0, type="RNN", gate=None))
 
 
+def test_a_role_across_stages_of_growing_width_is_compared_with_its_trend_over_sizes() -> None:
+    """One attention projection per stage of a hierarchical net, each wider than the last (timm's SwiftFormer-XS:
+    48, 56, 112, 220 wide): ||g||/||W|| falls 3-4x a stage by design, so the last stage sits 12x below the role's
+    median, on its trend over sizes. A projection 100x off that trend is still found."""
+    sizes, values = (2352, 3192, 12656, 48620), (3.1e-8, 9.9e-9, 2e-9, 5.1e-10)
+
+    def role(last: float) -> list[Layer]:
+        layers = [ratio(layer(f"body.{i}.fc", i), 2e-8) for i in range(8)]
+        for stage, (size, value) in enumerate(zip(sizes, values, strict=True)):
+            value = value * last if stage == 3 else value
+            layers.append(ratio(layer(f"stages.{stage}.attn.proj", 8 + stage, params=size), value))
+        return layers
+
+    assert kinds(role(1.0)) == set()
+    assert kinds(role(0.01)) == {("stages.3.attn.proj", "vanishing", "warning", "update")}
+
+
 def test_a_pair_of_peers_cannot_say_which_of_them_is_off() -> None:
     """Two class-attention blocks (XCiT): the first block's value projection 100x above the network median
     (behind a LayerNorm of a small token), the second 2x above it. The pair's midpoint puts the second 25x
@@ -429,7 +446,7 @@ def test_a_small_input_makes_query_and_key_projections_slower_by_its_square() ->
 
 
 def test_a_dash_separated_block_index_is_a_position_not_a_role() -> None:
-    from gradcheck_cli.diagnose.update import peer_group
+    from gradcheck_cli.diagnose.peers import peer_group
 
     assert peer_group("trunk_output.block3.block3-4.f.se.fc1") == "trunk_output.block3.block3-#.f.se.fc1"
     assert peer_group("layer1.0.conv1") == "layer1.#.conv1"  # conv1 and conv2 stay different roles
@@ -502,7 +519,7 @@ def test_a_normalised_residual_nets_gradient_is_judged_at_its_inputs_scale_below
 def test_a_layer_without_peers_is_compared_with_the_same_sublayer_of_the_other_blocks(
     stem: float, flagged: bool
 ) -> None:
-    """update._peer_medians: a stem's squeeze-excitation (stem.se.fc1) has no role of its own; the same sublayer
+    """peers.peer_medians: a stem's squeeze-excitation (stem.se.fc1) has no role of its own; the same sublayer
     in the ten blocks (blocks.#.se.fc1) learns 20x slower than the network median (their 30 MLP layers) by
     design of where it sits (a pooled input): the stem's copy is compared with them, not with the median, and
     is flagged only when it is slow against them too (20x below its twins: a warning)."""

@@ -180,6 +180,34 @@ def test_frozen_and_unused_layers() -> None:
     assert all(not p.requires_grad and p.grad_norm is None for p in frozen_params)
 
 
+class ZeroWidth(nn.Module):
+    """A layer with no units beside a real one, concatenated: Hugging Face's MobileBERT head builds
+    nn.Linear(vocab, hidden - embedding), which is empty when the two sizes are equal."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(8, 16)
+        self.empty = nn.Linear(8, 0)  # weight (0, 8), bias (0,)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([self.body(x), self.empty(x)], dim=1)
+        return self.head(torch.relu(h))
+
+
+def test_an_empty_layer_is_measured_without_error() -> None:
+    torch.manual_seed(0)
+    model = ZeroWidth()
+    x, y = torch.randn(8, 8), torch.randint(0, 4, (8,))
+    report = gradcheck_cli.analyze(model, [(x, y)], steps=1)
+    F.cross_entropy(model(x), y).backward()
+    layers = {layer.name: layer for layer in report.layers}
+    assert layers["empty"].params == 0 and layers["empty"].grad_norm == 0.0
+    assert model.body.weight.grad is not None
+    expected = math.sqrt(model.body.weight.grad.square().sum().item() + model.body.bias.grad.square().sum().item())
+    assert layers["body"].grad_norm == pytest.approx(expected, rel=1e-5)
+
+
 def test_dead_units_are_counted_per_unit_over_all_batches() -> None:
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
     with torch.no_grad():

@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from gradcheck_cli.diagnose.activation import activations, usage
 from gradcheck_cli.diagnose.common import LOSS_LAYER, Context
 from gradcheck_cli.diagnose.numeric import numeric, underflow
+from gradcheck_cli.diagnose.peers import peer_group
 from gradcheck_cli.diagnose.signal import signal_view
 from gradcheck_cli.diagnose.thresholds import Thresholds
 from gradcheck_cli.diagnose.time import gated_memory_notes, through_time
 from gradcheck_cli.diagnose.training import training
-from gradcheck_cli.diagnose.update import expects_comparison, peer_group, update_view
+from gradcheck_cli.diagnose.update import expects_comparison, update_view
 from gradcheck_cli.diagnose.views import MODEL_LAYER, unjudged, views
 from gradcheck_cli.kinds import STATUS_ORDER
 from gradcheck_cli.report import Finding, Layer, NanOrigin, SignalSummary, Training, UpdateSummary

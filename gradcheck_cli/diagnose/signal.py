@@ -12,8 +12,8 @@ import math
 from collections.abc import Sequence
 
 from gradcheck_cli.diagnose.common import level, times
+from gradcheck_cli.diagnose.peers import peer_group
 from gradcheck_cli.diagnose.thresholds import Thresholds
-from gradcheck_cli.diagnose.update import peer_group
 from gradcheck_cli.report import Finding, Layer, SignalSummary
 from gradcheck_cli.series import median, theil_sen_slope
 

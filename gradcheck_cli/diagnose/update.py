@@ -8,10 +8,16 @@ show the two views can disagree, so both are needed.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 
 from gradcheck_cli.diagnose.common import level, times
+from gradcheck_cli.diagnose.peers import (
+    neutral_gate_lags,
+    peer_medians,
+    relative,
+    repeat_medians,
+    size_trends,
+)
 from gradcheck_cli.diagnose.thresholds import Thresholds
 from gradcheck_cli.kinds import SEVERITIES
 from gradcheck_cli.report import Finding, Layer, SignalSummary, UpdateSummary
@@ -37,7 +43,7 @@ def update_view(
         for layer in layers
         if layer.category in BALANCE_CATEGORIES
         and _judged(layer)
-        and (value := _relative(layer, measured)) is not None
+        and (value := relative(layer, measured)) is not None
         and math.isfinite(value)
         and value > 0
     ]
@@ -49,19 +55,13 @@ def update_view(
     # read 14x below the median its convs set, MNASNet-0.5 at 32 px; ConvMixer's 20x).
     dense = [layer for layer in members if layer.category != "embedding"] or members
     dense = [layer for layer in dense if not layer.feeds_norm] or dense
-    reference = median([_relative(layer, measured) or 0.0 for layer in dense])
+    reference = median([relative(layer, measured) or 0.0 for layer in dense])
     quantity = "update_ratio" if measured else "grad_to_weight"
     summary = UpdateSummary(tuple(layer.name for layer in members), reference, quantity)
     findings = []
     if reference and len(members) >= thresholds.min_chain:
         findings += _balance(layers, members, reference, thresholds, signal, measured)
     return summary, findings + _step_size(layers, thresholds, lr, measured)
-
-
-def _relative(layer: Layer, measured: bool) -> float | None:
-    """What the view compares: the update the watched optimizer steps made (||dW||/||W||, --train-steps), or
-    without them ||g||/||W||, the update one SGD step would make per unit of learning rate."""
-    return layer.update_ratio if measured else layer.grad_to_weight
 
 
 def _balance(
@@ -74,19 +74,20 @@ def _balance(
 ) -> list[Finding]:
     findings = []
     first = _input_layer(layers)
-    peers = _peer_medians(members, measured)
-    gates = _neutral_gate_lags(members)
-    repeats = _repeat_medians(members, measured)
+    peers = peer_medians(members, measured)
+    gates = neutral_gate_lags(members)
+    trends = size_trends(members, measured)
+    repeats = repeat_medians(members, measured)
     scans = selective_scans([layer.name for layer in members])
     for layer in members:
         if layer.feeds_norm:
             # Scale-invariant (its output is normalised): SGD tunes its effective learning rate by itself
             # (Arora et al. 2019), so a slow start is not a lasting imbalance.
             continue
-        ratio = _relative(layer, measured) or 0.0
+        ratio = relative(layer, measured) or 0.0
         group, peer_reference, pair = peers.get(layer.name, (None, None, False))
         # Against its peers (the same role in the other blocks) when it has them: roles differ by design (see
-        # _peer_medians; CaiT's talking-heads projections learn 1000x slower than its MLPs in every block), so
+        # peer_medians; CaiT's talking-heads projections learn 1000x slower than its MLPs in every block), so
         # a whole role that is slow is the architecture, not a fault, short of thresholds.role_error. Without
         # peers, against the network.
         # An embedding table has neither: it is read a few rows at a time and initialised on its own scale
@@ -95,13 +96,16 @@ def _balance(
         if attention_logits(layer.name) or layer.name in scans:
             severity, factor, against = _slow_by_design(layer, ratio, reference, thresholds)
         elif peer_reference:
-            factor = ratio / peer_reference
             against = f"the median of its {layer.type} peers ({group}) {peer_reference:.2g}"
+            if layer.name in trends:
+                peer_reference = trends[layer.name]
+                against = f"its {layer.type} peers' trend over their sizes ({group}) {peer_reference:.2g}"
+            factor = ratio / peer_reference
             by_design = min(gates.get(layer.name, 1.0), 1.0)
             if by_design < 1:
                 against += f" (x{by_design:.2g} of that by design: its peers' gates at sigmoid(0) after it)"
             severity = level(by_design / factor, thresholds.balance_warning, thresholds.balance_error)
-            if severity and layer.name in repeats:  # the milder verdict, as for a pair (_repeat_medians)
+            if severity and layer.name in repeats:  # the milder verdict, as for a pair (repeat_medians)
                 again = level(
                     by_design * repeats[layer.name] / ratio, thresholds.balance_warning, thresholds.balance_error
                 )
@@ -158,15 +162,15 @@ def _slow_by_design(
 def _step_size(layers: Sequence[Layer], thresholds: Thresholds, lr: float, measured: bool) -> list[Finding]:
     findings = []
     for layer in layers:
-        relative = _relative(layer, measured)
-        if not _judged(layer) or relative is None or not math.isfinite(relative):
+        value = relative(layer, measured)
+        if not _judged(layer) or value is None or not math.isfinite(value):
             continue
         if layer.feeds_norm:
             # Its output is normalised, so the loss does not depend on its weights' scale: a large step grows
             # ||W|| (the gradient is orthogonal to W), which shrinks the next steps by itself (van Laarhoven
             # 2017; Hoffer et al. 2018). Step size relative to ||W|| is not a hazard here.
             continue
-        size = relative if measured else lr * relative
+        size = value if measured else lr * value
         norm = _step_reference(layer)
         size *= layer.weight_norm / norm if norm > layer.weight_norm > 0 else 1.0
         severity = level(size, thresholds.update_warning, thresholds.update_error)
@@ -176,7 +180,7 @@ def _step_size(layers: Sequence[Layer], thresholds: Thresholds, lr: float, measu
         message = (
             f"the watched optimizer steps changed the weights by {size:.3g}x {their} per step (median ||dW||/||W||)"
             if measured
-            else f"one SGD step at lr {lr:g} changes the weights by {size:.3g}x {their} (||g||/||W|| = {relative:.3g})"
+            else f"one SGD step at lr {lr:g} changes the weights by {size:.3g}x {their} (||g||/||W|| = {value:.3g})"
         )
         findings.append(
             Finding(
@@ -214,17 +218,6 @@ def _judged(layer: Layer) -> bool:
     per-channel scale (LayerScale 1e-6, ReZero 0, a norm's gamma: they are meant to move by many times their
     size), and not a module that only reuses a tied tensor (its owner carries the tensor's one verdict)."""
     return bool(layer.trainable_params) and not layer.scale_only and layer.alias_of is None
-
-
-# "3", "encoder_layer_3", "block3-4" (torchvision RegNet): a block's position, not its role
-_BLOCK_INDEX = re.compile(r"^(?:\d+|.*[_-]\d+)$")
-
-
-def peer_group(name: str) -> str:
-    """A layer's role: its name with block indices wildcarded (encoder.layers.3.linear1 -> encoder.layers.#.linear1,
-    encoder.layers.encoder_layer_3.mlp.0 -> encoder.layers.encoder_layer_#.mlp.#,
-    block3.block3-4.f -> block3.block3-#.f)."""
-    return ".".join(re.sub(r"\d+$", "#", part) if _BLOCK_INDEX.match(part) else part for part in name.split("."))
 
 
 # Query and key projections, by the names the common implementations give them (Hugging Face BERT/ALBERT/
@@ -275,106 +268,6 @@ def attention_logits(name: str) -> bool:
     return any(word in LOGIT_WORDS for word in words) and all(
         word in LOGIT_WORDS or word in PROJECTION_WORDS for word in words
     )
-
-
-# Fewest layers in a role for a peer median: with two, the same role in another block is already a better
-# reference than the whole network, whose roles differ by design (see _peer_medians). But the median of two is
-# their midpoint, which moves with either: a pair 40x apart says one of them is off, not which (XCiT's two
-# class-attention blocks: the first one's value projection learns 220x faster than the network median, behind a
-# LayerNorm of the small class token, and the second, 5x above that median, read 22x below the pair). From
-# ROBUST_PEERS on, one odd layer cannot move the median past the others; a pair's slower member is flagged only
-# when the network median says so too (the milder of the two verdicts).
-PEER_GROUP_MIN = 2
-ROBUST_PEERS = 3
-
-
-def _peer_medians(members: Sequence[Layer], measured: bool = False) -> dict[str, tuple[str, float, bool]]:
-    """{layer: (group, median ||g||/||W|| of its group, whether the group is a mere pair: fewer than
-    ROBUST_PEERS)} for groups of at least PEER_GROUP_MIN layers.
-
-    Layers in different roles learn at different speeds by design: GPT-2's scaled initialisation makes the
-    residual projections' weights sqrt(2 * blocks) smaller, uniform attention at initialisation gives query and
-    key projections gradients ~30x smaller than value projections. The same role in another block should learn
-    at a similar speed, so a layer is compared with its peers when it has enough of them.
-    """
-    groups = _roles(members)
-    result = {}
-    for key, group in groups.items():
-        if len(group) >= PEER_GROUP_MIN:
-            value = median([_relative(layer, measured) or 0.0 for layer in group])
-            if value:
-                for layer in group:
-                    result[layer.name] = (key.split(":")[0], value, len(group) < ROBUST_PEERS)
-    # A layer left without peers (its role has one block: a stem's copy of a stage's block, the third of three
-    # blocks where the other stages have two) is compared with the same sublayer of every block: the layers of
-    # its type whose names end in the same two parts but for their numbers (stem.down.conv_block.se.fc1 with
-    # stages.#.downsample.conv_block.se.fc1 and stages.#.global_block.blocks.conv#.se.fc1: *.se.fc#; the third
-    # block's blocks.conv3.conv_dw with the others': *.conv#.conv_dw), when there are at least ROBUST_PEERS of
-    # them. Nearer than the network median, which it replaces, and never in place of a role's own peers.
-    twins: dict[str, list[Layer]] = {}
-    for layer in members:
-        parts = layer.name.split(".")
-        if len(parts) >= 3:
-            tail = ".".join(re.sub(r"\d+$", "#", part) for part in parts[-2:])
-            twins.setdefault(f"*.{tail}:{layer.type}", []).append(layer)
-    for key, group in twins.items():
-        twin = median([_relative(layer, measured) or 0.0 for layer in group]) if len(group) >= ROBUST_PEERS else None
-        if twin:
-            for layer in group:
-                result.setdefault(layer.name, (key.split(":")[0], twin, False))
-    return result
-
-
-def _roles(members: Sequence[Layer]) -> dict[str, list[Layer]]:
-    """{"role:type": its layers}: the layers whose names differ only in block indices (peer_group), by type."""
-    roles: dict[str, list[Layer]] = {}
-    for layer in members:
-        if "#" in peer_group(layer.name):
-            roles.setdefault(f"{peer_group(layer.name)}:{layer.type}", []).append(layer)
-    return roles
-
-
-def _neutral_gate_lags(members: Sequence[Layer]) -> dict[str, float]:
-    """{layer: the factor by which gates at their neutral point put it below its peers' median}, for a role
-    made of gated recurrent layers stacked one on another (separate nn.LSTM/nn.GRU modules). Every gated layer
-    scales the gradient reaching its input by neutral_gate_gain at PyTorch's default init (LSTM 1/4, GRU 1/2;
-    the signal view takes the same factor out: signal._beyond_gates), so a layer's dL/dz, and with it dL/dW,
-    carries the factors of the gated layers after it: the bottom of six default LSTMs sits 0.25^2.5 ~ 1/32
-    below the median by design, and the gates learn to open from the first steps (Gers et al. 2000)."""
-    roles = _roles(members)
-    result: dict[str, float] = {}
-    for role in roles.values():
-        if len(role) < PEER_GROUP_MIN or not all(
-            layer.neutral_gate_gain and layer.forward_index is not None for layer in role
-        ):
-            continue
-        lags, after = {}, 1.0
-        for layer in sorted(role, key=lambda layer: layer.forward_index or 0, reverse=True):
-            lags[layer.name] = after
-            after *= layer.neutral_gate_gain or 1.0
-        reference = median(list(lags.values())) or 1.0
-        result.update((name, lag / reference) for name, lag in lags.items())
-    return result
-
-
-def _repeat_medians(members: Sequence[Layer], measured: bool = False) -> dict[str, float]:
-    """{layer: median ||g||/||W|| of its exact repeats}: peers (_peer_medians) with as many parameters, for layers
-    whose peer group holds others too. A role's name can span layers that differ by design: the stages of a
-    hierarchical net (widths and resolutions change from one to the next: FocalNet's ||g||/||W|| grows ~4x per
-    stage), or a ModuleList indexed by something else than the block (FocalNet's focal levels, 3x3 and 5x5
-    kernels, the second ~30x below the first in every stage). A layer is flagged against its peers only if its
-    repeats, the same layer in the blocks of its own stage, find it slow too (the milder verdict of the two)."""
-    roles = _roles(members)
-    result: dict[str, float] = {}
-    for role in roles.values():
-        sizes: dict[int, list[Layer]] = {}
-        for layer in role:
-            sizes.setdefault(layer.params, []).append(layer)
-        for same in sizes.values():
-            value = median([_relative(layer, measured) or 0.0 for layer in same])
-            if PEER_GROUP_MIN <= len(same) < len(role) and value:
-                result.update((layer.name, value) for layer in same)
-    return result
 
 
 def _input_layer(layers: Sequence[Layer]) -> Layer | None:
