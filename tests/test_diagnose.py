@@ -312,6 +312,11 @@ def test_a_role_across_stages_of_growing_width_is_compared_with_its_trend_over_s
 
     assert kinds(role(1.0)) == set()
     assert kinds(role(0.01)) == {("stages.3.attn.proj", "vanishing", "warning", "update")}
+    # a trend read far from the sizes it was fitted on can say anything: it only clears what the median says
+    odd = [ratio(layer(f"body.{i}.fc", i), 0.01) for i in range(8)]
+    for k, (size, value) in enumerate(zip((100, 101, 102, 103, 10_000), (0.01, 0.02, 0.01, 0.02, 0.01), strict=True)):
+        odd.append(ratio(layer(f"stages.{k}.mix.conv", 8 + k, params=size), value))
+    assert kinds(odd) == set()
 
 
 def test_a_pair_of_peers_cannot_say_which_of_them_is_off() -> None:

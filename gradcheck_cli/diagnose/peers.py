@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from gradcheck_cli.report import Layer
 from gradcheck_cli.series import median, theil_sen_slope
@@ -89,9 +90,11 @@ def _roles(members: Sequence[Layer]) -> dict[str, list[Layer]]:
 # A role spanning the stages of a hierarchical net has a layer per stage, each of its stage's width and
 # resolution: timm's SwiftFormer-XS attention projection, 48 to 220 wide, reads ||g||/||W|| 3.1e-8, 9.9e-9,
 # 2e-9, 5.1e-10 from stage to stage, so the role's median falls between stages and the last stage sits 12x below
-# it by design. Where the rest of its role has SIZE_TREND_MIN sizes, a layer is compared with their trend over
-# size (a Theil-Sen line in log ||g||/||W|| against log parameters) at its own size: fitted without it, so that
-# a layer off the trend cannot tilt the line toward itself (with one layer per stage there are few points).
+# it by design. In a role whose layers all differ in size (so none has repeats: repeat_medians), with
+# SIZE_TREND_MIN sizes besides its own, a layer is also compared with the others' trend over size (a Theil-Sen
+# line in log ||g||/||W|| against log parameters) at its own size, fitted without it so that a layer off the
+# trend cannot tilt the line toward itself, and the milder verdict of the two holds (_balance): a trend read
+# far from the sizes it was fitted on can say anything, so it only ever clears what the median says.
 SIZE_TREND_MIN = 3
 LEAVE_ONE_OUT = 16
 
@@ -100,8 +103,9 @@ def size_trends(members: Sequence[Layer], measured: bool) -> dict[str, float]:
     """{layer: the rest of its role's fitted ||g||/||W|| at its size}, where the rest has SIZE_TREND_MIN sizes."""
     result: dict[str, float] = {}
     for role in _roles(members).values():
-        if len({layer.params for layer in role}) <= SIZE_TREND_MIN:
-            continue  # without any one of its layers the role must still have SIZE_TREND_MIN sizes
+        sizes = {layer.params for layer in role}
+        if len(sizes) <= SIZE_TREND_MIN or len(sizes) < len(role):
+            continue  # a layer per size (no repeats), and SIZE_TREND_MIN sizes without any one of them
         points = [
             (layer.name, math.log10(max(layer.params, 1)), math.log10(relative(layer, measured) or 1.0))
             for layer in role  # members' values are finite and > 0
@@ -163,3 +167,24 @@ def repeat_medians(members: Sequence[Layer], measured: bool = False) -> dict[str
             if PEER_GROUP_MIN <= len(same) < len(role) and value:
                 result.update((layer.name, value) for layer in same)
     return result
+
+
+@dataclass(frozen=True)
+class References:
+    """What the update view compares the layers of a network with, each {layer: value}: their peers' median
+    (group, median, whether a mere pair), the factor gates put between them and their peers by design, the
+    trend of their role over sizes, and the median of their repeats."""
+
+    medians: dict[str, tuple[str, float, bool]]
+    gates: dict[str, float]
+    trends: dict[str, float]
+    repeats: dict[str, float]
+
+    @classmethod
+    def of(cls, members: Sequence[Layer], measured: bool) -> References:
+        return cls(
+            peer_medians(members, measured),
+            neutral_gate_lags(members),
+            size_trends(members, measured),
+            repeat_medians(members, measured),
+        )

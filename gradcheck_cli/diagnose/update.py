@@ -11,13 +11,7 @@ import math
 from collections.abc import Sequence
 
 from gradcheck_cli.diagnose.common import level, times
-from gradcheck_cli.diagnose.peers import (
-    neutral_gate_lags,
-    peer_medians,
-    relative,
-    repeat_medians,
-    size_trends,
-)
+from gradcheck_cli.diagnose.peers import References, relative
 from gradcheck_cli.diagnose.thresholds import Thresholds
 from gradcheck_cli.kinds import SEVERITIES
 from gradcheck_cli.report import Finding, Layer, SignalSummary, UpdateSummary
@@ -74,10 +68,7 @@ def _balance(
 ) -> list[Finding]:
     findings = []
     first = _input_layer(layers)
-    peers = peer_medians(members, measured)
-    gates = neutral_gate_lags(members)
-    trends = size_trends(members, measured)
-    repeats = repeat_medians(members, measured)
+    refs = References.of(members, measured)
     scans = selective_scans([layer.name for layer in members])
     for layer in members:
         if layer.feeds_norm:
@@ -85,7 +76,7 @@ def _balance(
             # (Arora et al. 2019), so a slow start is not a lasting imbalance.
             continue
         ratio = relative(layer, measured) or 0.0
-        group, peer_reference, pair = peers.get(layer.name, (None, None, False))
+        peer_reference = refs.medians.get(layer.name, (None, None, False))[1]
         # Against its peers (the same role in the other blocks) when it has them: roles differ by design (see
         # peer_medians; CaiT's talking-heads projections learn 1000x slower than its MLPs in every block), so
         # a whole role that is slow is the architecture, not a fault, short of thresholds.role_error. Without
@@ -96,30 +87,7 @@ def _balance(
         if attention_logits(layer.name) or layer.name in scans:
             severity, factor, against = _slow_by_design(layer, ratio, reference, thresholds)
         elif peer_reference:
-            against = f"the median of its {layer.type} peers ({group}) {peer_reference:.2g}"
-            if layer.name in trends:
-                peer_reference = trends[layer.name]
-                against = f"its {layer.type} peers' trend over their sizes ({group}) {peer_reference:.2g}"
-            factor = ratio / peer_reference
-            by_design = min(gates.get(layer.name, 1.0), 1.0)
-            if by_design < 1:
-                against += f" (x{by_design:.2g} of that by design: its peers' gates at sigmoid(0) after it)"
-            severity = level(by_design / factor, thresholds.balance_warning, thresholds.balance_error)
-            if severity and layer.name in repeats:  # the milder verdict, as for a pair (repeat_medians)
-                again = level(
-                    by_design * repeats[layer.name] / ratio, thresholds.balance_warning, thresholds.balance_error
-                )
-                severity = min(severity, again, key=SEVERITIES.index) if again else None
-            if pair:  # two peers cannot say which is off: the slower one is flagged only if slow overall too
-                overall = level(reference / ratio, thresholds.balance_warning, thresholds.balance_error)
-                severity = min(severity, overall, key=SEVERITIES.index) if severity and overall else None
-            if (
-                severity is None
-                and not layer.behind_scales
-                and level(reference / ratio, thresholds.role_error, thresholds.role_error)
-            ):
-                factor, against = ratio / reference, f"the network median {reference:.2g}, as all its peers are"
-                severity = "error"
+            severity, factor, against = _against_peers(layer, ratio, refs, reference, thresholds)
         else:
             factor, against = ratio / reference, f"the network median {reference:.2g}"
             if layer.category != "embedding":
@@ -144,6 +112,46 @@ def _balance(
             continue
         findings.append(Finding(layer.name, "vanishing", severity, "update", message, fix, factor))
     return findings
+
+
+def _against_peers(
+    layer: Layer, ratio: float, refs: References, reference: float, thresholds: Thresholds
+) -> tuple[str | None, float, str]:
+    """(severity, factor, what it is below) of a layer against its peers: their median net of what gates put
+    between them by design, the milder verdict where its role's trend over sizes, its repeats or the network
+    (for a pair) disagree, and the network median past role_error when the whole role is slow."""
+    group, peer_reference, pair = refs.medians[layer.name]
+    against = f"the median of its {layer.type} peers ({group}) {peer_reference:.2g}"
+    by_design = min(refs.gates.get(layer.name, 1.0), 1.0)
+    if by_design < 1:
+        against += f" (x{by_design:.2g} of that by design: its peers' gates at sigmoid(0) after it)"
+    factor = ratio / peer_reference
+    severity = level(by_design / factor, thresholds.balance_warning, thresholds.balance_error)
+    trend = refs.trends.get(layer.name)
+    if severity and trend:  # the milder verdict, as for a pair: a trend only clears what a median says
+        along = level(trend / ratio, thresholds.balance_warning, thresholds.balance_error)
+        if along is not None and SEVERITIES.index(along) < SEVERITIES.index(severity):
+            factor, against = (
+                ratio / trend,
+                f"its {layer.type} peers' trend over their sizes ({group}) {trend:.2g}",
+            )
+        severity = min(severity, along, key=SEVERITIES.index) if along else None
+    if severity and layer.name in refs.repeats:  # the milder verdict, as for a pair (repeat_medians)
+        again = level(
+            by_design * refs.repeats[layer.name] / ratio, thresholds.balance_warning, thresholds.balance_error
+        )
+        severity = min(severity, again, key=SEVERITIES.index) if again else None
+    if pair:  # two peers cannot say which is off: the slower one is flagged only if slow overall too
+        overall = level(reference / ratio, thresholds.balance_warning, thresholds.balance_error)
+        severity = min(severity, overall, key=SEVERITIES.index) if severity and overall else None
+    if (
+        severity is None
+        and not layer.behind_scales
+        and level(reference / ratio, thresholds.role_error, thresholds.role_error)
+    ):
+        factor, against = ratio / reference, f"the network median {reference:.2g}, as all its peers are"
+        severity = "error"
+    return severity, factor, against
 
 
 def _slow_by_design(
