@@ -1,7 +1,7 @@
 """The third try on unseen models (README, Checked against theory): standard architectures that neither the tests
 nor benchmarks/verdicts.py hold, run as verdicts.py runs its own (`gradcheck analyze TARGET --format json`).
 
-    python benchmarks/unseen.py [--only torchvision|timm|hf] [--output FILE]
+    python benchmarks/unseen.py [--set third|fourth] [--only torchvision|timm|hf] [--output FILE]
 
 timm and torchvision models are full size at their own resolution; each Hugging Face type gets one generic small
 config (width 64, 4 layers, a vocabulary of 512; the keys its config class has), so a few types do not run from
@@ -146,6 +146,28 @@ HF = [
     "yoso",
 ]
 
+# The fourth try (a later session): timm families and Hugging Face types none of the lists above, the tests or
+# benchmarks/verdicts.py hold (`--set fourth`).
+TIMM_FOURTH = [
+    "convit_tiny", "convmixer_768_32", "cpubone_nano", "crossvit_tiny_240", "cspnext_tiny", "efficientvim_m1",
+    "efficientvit_m0", "fasternet_t0", "focalnet_tiny_srf", "hardcorenas_b", "iformer_t", "inception_next_atto",
+    "lcnetv2_small", "lowformer_b0", "mvitv2_tiny", "nextvit_small", "pit_ti_224", "rdnet_tiny", "repghostnet_050",
+    "res2next50", "selecsls42", "shvit_s1", "swiftformer_xs", "swinv2_cr_tiny_224", "tiny_vit_5m_224",
+    "tnt_s_legacy_patch16_224", "tresnet_m", "twins_svt_small", "visformer_tiny", "vit_tiny_r_s16_p8_224",
+    "test_vit_relpos", "volo_d1_224", "ese_vovnet19b_slim_dw", "legacy_xception",
+]  # fmt: skip
+
+HF_FOURTH = [
+    "biogpt", "codegen", "convbert", "ctrl", "deberta", "diffllama", "ernie", "esm", "falcon_h1", "falcon_mamba",
+    "flaubert", "fsmt", "funnel", "gpt_neox", "granite", "granitemoe", "hgnet_v2", "imagegpt", "internlm3", "levit",
+    "luke", "mamba2", "marian", "mbart", "megatron-bert", "mobilebert", "mobilevit", "mpnet", "mpt", "mvp",
+    "nemotron", "nystromformer", "openai-gpt", "pegasus", "persimmon", "phi3", "poolformer", "prophetnet",
+    "qwen3_moe", "recurrent_gemma", "reformer", "regnet", "rembert", "rwkv", "squeezebert", "stablelm",
+    "starcoder2", "swinv2", "xglm", "xlnet", "xlstm", "zamba", "zamba2", "cvt", "efficientnet", "convnextv2",
+    "beit", "bit", "data2vec-text", "nemotron_h", "qwen3_next", "kimi_linear", "minimax", "exaone", "cohere",
+    "olmo2", "gemma3n_text", "xlm-roberta", "roberta-prelayernorm", "pvt",
+]  # fmt: skip
+
 # The generic small config: each key that the type's config class has is set to this value (verdicts.py's
 # decoder and encoder-decoder settings, and the keys of mixtures of experts, MLA attention and vision models).
 SMALL: dict[str, Any] = dict(
@@ -187,7 +209,7 @@ _MAPPINGS = (
 )
 
 
-def hf_targets(folder: Path) -> list[str]:
+def hf_targets(folder: Path, types: list[str] = HF) -> list[str]:
     """hf:DIR targets, one folder per type with its generic small config.json (types it cannot make are named)."""
     from gradcheck_cli.hub import import_torchvision
 
@@ -196,7 +218,7 @@ def hf_targets(folder: Path) -> list[str]:
     from transformers.models.auto import modeling_auto
 
     targets = []
-    for model_type in HF:
+    for model_type in types:
         names = [getattr(modeling_auto, mapping) for mapping in _MAPPINGS]
         architecture = next((found[model_type] for found in names if model_type in found), None)
         defaults = AutoConfig.for_model(model_type)
@@ -208,7 +230,7 @@ def hf_targets(folder: Path) -> list[str]:
                 settings["hidden_sizes"] = [16 * 2**i for i in range(stages)]
         try:
             config = AutoConfig.for_model(model_type, architectures=[architecture], **settings)
-        except (TypeError, ValueError) as error:
+        except Exception as error:  # each config class validates its own keys in its own way
             print(f"hf:{model_type:33s} no config: {str(error).splitlines()[0][:120]}", flush=True)
             continue
         config.save_pretrained(folder / model_type)
@@ -219,14 +241,16 @@ def hf_targets(folder: Path) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["torchvision", "timm", "hf"], action="append")
+    parser.add_argument("--set", choices=["third", "fourth"], default="third", help="which try's lists")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     families = args.only or ["torchvision", "timm", "hf"]
+    fourth = args.set == "fourth"
     lines = []
     with tempfile.TemporaryDirectory() as folder:
-        targets = [f"torchvision:{m}" for m in TORCHVISION] if "torchvision" in families else []
-        targets += [f"timm:{m}" for m in TIMM] if "timm" in families else []
-        targets += hf_targets(Path(folder)) if "hf" in families else []
+        targets = [f"torchvision:{m}" for m in TORCHVISION] if "torchvision" in families and not fourth else []
+        targets += [f"timm:{m}" for m in (TIMM_FOURTH if fourth else TIMM)] if "timm" in families else []
+        targets += hf_targets(Path(folder), HF_FOURTH if fourth else HF) if "hf" in families else []
         for target in targets:
             lines.append(run(target))
             print(lines[-1], flush=True)
