@@ -1,5 +1,4 @@
-"""Recurrent layers stacked one on another: separate nn.LSTM modules (each its own row) and one
-nn.LSTM(num_layers=L) holding the same weights."""
+"""Recurrent layers stacked one on another as separate nn.LSTM modules, each its own row."""
 
 from __future__ import annotations
 
@@ -15,38 +14,17 @@ VOCAB, WIDTH, STEPS, BATCH = 50, 32, 24, 8
 class Stack(nn.Module):
     """Embedding -> `layers` separate nn.LSTM modules -> head, the loss at every step (a language model)."""
 
-    def __init__(self, layers: int, scale: float = 1.0) -> None:
+    def __init__(self, layers: int) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, WIDTH)
         self.rnns = nn.ModuleList(nn.LSTM(WIDTH, WIDTH, batch_first=True) for _ in range(layers))
         self.head = nn.Linear(WIDTH, VOCAB)
-        with torch.no_grad():
-            for rnn in self.rnns:
-                for name, param in rnn.named_parameters():
-                    if name.startswith("weight"):
-                        param.mul_(scale)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(ids)
         for rnn in self.rnns:
             x = rnn(x)[0]
         return self.head(x)
-
-
-class Fused(nn.Module):
-    """The same network with one nn.LSTM(num_layers=L) holding the stack's weights."""
-
-    def __init__(self, stack: Stack) -> None:
-        super().__init__()
-        self.embed, self.head = stack.embed, stack.head
-        self.rnn = nn.LSTM(WIDTH, WIDTH, num_layers=len(stack.rnns), batch_first=True)
-        with torch.no_grad():
-            for k, rnn in enumerate(stack.rnns):
-                for name, param in rnn.named_parameters():
-                    getattr(self.rnn, name.replace("_l0", f"_l{k}")).copy_(param)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.rnn(self.embed(ids))[0])
 
 
 def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
