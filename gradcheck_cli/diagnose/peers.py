@@ -41,7 +41,9 @@ PEER_GROUP_MIN = 2
 ROBUST_PEERS = 3
 
 
-def peer_medians(members: Sequence[Layer], measured: bool = False) -> dict[str, tuple[str, float, bool]]:
+def peer_medians(
+    members: Sequence[Layer], roles: dict[str, list[Layer]], measured: bool
+) -> dict[str, tuple[str, float, bool]]:
     """{layer: (group, median ||g||/||W|| of its group, whether the group is a mere pair: fewer than
     ROBUST_PEERS)} for groups of at least PEER_GROUP_MIN layers.
 
@@ -50,9 +52,8 @@ def peer_medians(members: Sequence[Layer], measured: bool = False) -> dict[str, 
     key projections gradients ~30x smaller than value projections. The same role in another block should learn
     at a similar speed, so a layer is compared with its peers when it has enough of them.
     """
-    groups = _roles(members)
     result = {}
-    for key, group in groups.items():
+    for key, group in roles.items():
         if len(group) >= PEER_GROUP_MIN:
             value = median([relative(layer, measured) or 0.0 for layer in group])
             if value:
@@ -99,10 +100,10 @@ SIZE_TREND_MIN = 3
 LEAVE_ONE_OUT = 16
 
 
-def size_trends(members: Sequence[Layer], measured: bool) -> dict[str, float]:
+def size_trends(roles: dict[str, list[Layer]], measured: bool) -> dict[str, float]:
     """{layer: the rest of its role's fitted ||g||/||W|| at its size}, where the rest has SIZE_TREND_MIN sizes."""
     result: dict[str, float] = {}
-    for role in _roles(members).values():
+    for role in roles.values():
         sizes = {layer.params for layer in role}
         if len(sizes) <= SIZE_TREND_MIN or len(sizes) < len(role):
             continue  # a layer per size (no repeats), and SIZE_TREND_MIN sizes without any one of them
@@ -126,14 +127,13 @@ def _line(points: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
     return None if slope is None or intercept is None else (slope, intercept)
 
 
-def neutral_gate_lags(members: Sequence[Layer]) -> dict[str, float]:
+def neutral_gate_lags(roles: dict[str, list[Layer]]) -> dict[str, float]:
     """{layer: the factor by which gates at their neutral point put it below its peers' median}, for a role
     made of gated recurrent layers stacked one on another (separate nn.LSTM/nn.GRU modules). Every gated layer
     scales the gradient reaching its input by neutral_gate_gain at PyTorch's default init (LSTM 1/4, GRU 1/2;
     the signal view takes the same factor out: signal._beyond_gates), so a layer's dL/dz, and with it dL/dW,
     carries the factors of the gated layers after it: the bottom of six default LSTMs sits 0.25^2.5 ~ 1/32
     below the median by design, and the gates learn to open from the first steps (Gers et al. 2000)."""
-    roles = _roles(members)
     result: dict[str, float] = {}
     for role in roles.values():
         if len(role) < PEER_GROUP_MIN or not all(
@@ -149,14 +149,13 @@ def neutral_gate_lags(members: Sequence[Layer]) -> dict[str, float]:
     return result
 
 
-def repeat_medians(members: Sequence[Layer], measured: bool = False) -> dict[str, float]:
+def repeat_medians(roles: dict[str, list[Layer]], measured: bool) -> dict[str, float]:
     """{layer: median ||g||/||W|| of its exact repeats}: peers (peer_medians) with as many parameters, for layers
     whose peer group holds others too. A role's name can span layers that differ by design: the stages of a
     hierarchical net (widths and resolutions change from one to the next: FocalNet's ||g||/||W|| grows ~4x per
     stage), or a ModuleList indexed by something else than the block (FocalNet's focal levels, 3x3 and 5x5
     kernels, the second ~30x below the first in every stage). A layer is flagged against its peers only if its
     repeats, the same layer in the blocks of its own stage, find it slow too (the milder verdict of the two)."""
-    roles = _roles(members)
     result: dict[str, float] = {}
     for role in roles.values():
         sizes: dict[int, list[Layer]] = {}
@@ -182,9 +181,10 @@ class References:
 
     @classmethod
     def of(cls, members: Sequence[Layer], measured: bool) -> References:
+        roles = _roles(members)
         return cls(
-            peer_medians(members, measured),
-            neutral_gate_lags(members),
-            size_trends(members, measured),
-            repeat_medians(members, measured),
+            peer_medians(members, roles, measured),
+            neutral_gate_lags(roles),
+            size_trends(roles, measured),
+            repeat_medians(roles, measured),
         )
