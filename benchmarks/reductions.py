@@ -10,7 +10,9 @@ process (machine drift hits all alike; medians over rounds), the passes over tho
 - `extrema`: torch.aminmax (max |g|);
 - `zeros`: torch.count_nonzero (the exact count of zeros);
 - `zeros as int`: count_nonzero on the same bits read as integers, faster on a CPU, but -0.0 is a nonzero
-  integer: exact only with one more pass that rules -0.0 out, which costs what it saves (README: Overhead);
+  integer: exact only with one more pass that rules -0.0 out (the integers' minimum);
+- `whole passes`: reduce_gradient as it was before the CPU path by bits and blocks (reduce.BLOCK): the
+  three passes over each whole gradient, count_nonzero on floats;
 - `reduce_gradient`: all of gradcheck's per-gradient statistics (the three passes, the |g| histogram's sample).
 `sparse-input` is the 10M MLP fed inputs whose features are 80% exact zeros (MNIST's pixels are 82%): its
 first layer's gradient has zero columns, which is where a float count_nonzero slows down on a CPU.
@@ -67,7 +69,15 @@ def gradients(source: str, sparse_input: bool) -> list[torch.Tensor]:
 
 
 def passes_over(grads: list[torch.Tensor]) -> dict[str, Callable[[], object]]:
+    from gradcheck_cli import reduce
     from gradcheck_cli.reduce import reduce_gradient
+
+    def whole_passes() -> object:
+        threshold, reduce.BY_BITS = reduce.BY_BITS, sys.maxsize
+        try:
+            return [reduce_gradient(g, g.dim() >= 2) for g in grads]
+        finally:
+            reduce.BY_BITS = threshold
 
     flats = [g.reshape(-1) for g in grads]
     bits = [flat.view(torch.int32) for flat in flats]
@@ -77,6 +87,7 @@ def passes_over(grads: list[torch.Tensor]) -> dict[str, Callable[[], object]]:
         "extrema": lambda: [torch.aminmax(flat) for flat in flats],
         "zeros": lambda: [torch.count_nonzero(flat) for flat in flats],
         "zeros as int": lambda: [torch.count_nonzero(b) for b in bits],
+        "whole passes": whole_passes,
         "reduce_gradient": lambda: [reduce_gradient(g, g.dim() >= 2) for g in grads],
     }
 
@@ -87,7 +98,7 @@ def main() -> None:
     parser.add_argument("--only", action="append", help="run only this workload (repeatable)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms per step, median of {args.rounds} rounds")
-    header = ("norm only", "row norms", "extrema", "zeros", "zeros as int", "reduce_gradient")
+    header = ("norm only", "row norms", "extrema", "zeros", "zeros as int", "whole passes", "reduce_gradient")
     print(f"{'workload':14s} {'grads':>5s} {'values':>7s} " + " ".join(f"{h:>15s}" for h in header))
     for name, source, sparse_input in workloads():
         if args.only and name not in args.only:

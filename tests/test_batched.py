@@ -201,11 +201,16 @@ def test_layers_reading_one_tensor_share_its_sample_until_it_changes() -> None:
     assert found[(2, "saturated")] == float((x.abs() / 2 > 1.0).sum())
 
 
+@pytest.mark.parametrize("tiled", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-def test_max_abs_and_zero_count_are_exact_for_signed_zeros_and_nonfinite_values(dtype: torch.dtype) -> None:
+def test_max_abs_and_zero_count_are_exact_for_signed_zeros_and_nonfinite_values(
+    dtype: torch.dtype, tiled: bool
+) -> None:
     """reduce_gradient's max |g| and count of exact zeros, checked against float arithmetic on the values
-    written out here: == 0 (which is true of -0.0) and the largest |x| (NaN wherever there is one)."""
-    from gradcheck_cli.reduce import reduce_gradient
+    written out here: == 0 (which is true of -0.0) and the largest |x| (NaN wherever there is one). Tiled:
+    each case repeated past two of the CPU path's blocks (its count is the case's times the copies), and put
+    once at the end of zeros-free values, so that one block holds it and the others none."""
+    from gradcheck_cli.reduce import BLOCK, reduce_gradient
 
     g, tiny = torch.Generator().manual_seed(7), torch.finfo(dtype).tiny
     base = torch.randn(5000, generator=g).to(dtype)
@@ -221,15 +226,57 @@ def test_max_abs_and_zero_count_are_exact_for_signed_zeros_and_nonfinite_values(
         "negative NaN": torch.tensor([2.0, -float("nan")], dtype=dtype),
         "subnormal beside zero": torch.tensor([tiny / 4, 0.0, -tiny / 8], dtype=dtype),
     }
+    filler = torch.full((2 * BLOCK,), 0.25, dtype=dtype)  # no zeros, below every case's largest |x| but one
     for name, values in cases.items():
-        reduced = reduce_gradient(values, want_rows=False)
-        largest, zeros = reduced.max_abs, reduced.zeros
-        assert zeros.item() == sum(1 for v in values.tolist() if v == 0.0), name
+        zeros_expected = sum(1 for v in values.tolist() if v == 0.0)
         magnitudes = [abs(v) for v in values.tolist()]
         expected = float("nan") if any(math.isnan(v) for v in magnitudes) else max(magnitudes)
         expected = float(torch.tensor(expected, dtype=torch.float64).float())  # reported in float32
-        assert largest.dtype == torch.float32, name
-        if math.isnan(expected):
-            assert math.isnan(largest.item()), name
-        else:
-            assert largest.item() == expected, name
+        runs = [(values, zeros_expected, expected)]
+        if tiled:
+            copies = 2 * BLOCK // values.numel() + 1
+            runs = [
+                (values.repeat(copies), copies * zeros_expected, expected),
+                (torch.cat([filler, values]), zeros_expected, expected if not expected < 0.25 else 0.25),
+            ]
+        for tensor, zeros_wanted, largest_wanted in runs:
+            reduced = reduce_gradient(tensor, want_rows=False)
+            largest, zeros = reduced.max_abs, reduced.zeros
+            assert zeros.item() == zeros_wanted, name
+            assert largest.dtype == torch.float32, name
+            if math.isnan(largest_wanted):
+                assert math.isnan(largest.item()), name
+            else:
+                assert largest.item() == largest_wanted, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 1_500_001), (1, (1 << 22) + 3), (700, 9000), ((1 << 22) * 2 + 5,)])
+def test_large_cpu_gradients_reduced_by_blocks_give_every_row_and_the_exact_counts(
+    dtype: torch.dtype, shape: tuple[int, ...]
+) -> None:
+    """The CPU path for large gradients (blocks of whole rows, or of values where a row is longer than a
+    block): row norms, the squared norm, max |g| and the zero count against float64 arithmetic on the whole
+    tensor. Zeros of both signs sit in one row and in one column, and one -0.0 alone in the last block."""
+    from gradcheck_cli.reduce import reduce_gradient
+
+    g = torch.Generator().manual_seed(3)
+    grad = torch.randn(shape, generator=g).to(dtype)
+    flat = grad.view(-1)
+    dead = 1 if shape[0] > 1 else None
+    if dead is not None:
+        grad[dead] = 0.0
+    if grad.dim() == 2:
+        grad[:, 5] = -0.0
+    flat[: flat.numel() // 3] *= 1.5
+    flat[-2] = -0.0
+    reduced = reduce_gradient(grad, want_rows=True)
+    exact = grad.double()
+    assert reduced.zeros.item() == int((exact == 0).sum())
+    assert reduced.max_abs.item() == float(exact.abs().max().float())
+    # float32: torch's own sums of millions of squares (vector_norm, as before this path) err by ~1e-4
+    tolerance = 5e-4 if dtype == torch.float32 else 1e-12
+    assert reduced.norm_sq.item() == pytest.approx(float(exact.square().sum()), rel=tolerance)
+    if grad.dim() == 2:
+        assert reduced.touched_rows is not None
+        assert reduced.touched_rows.tolist() == [i != dead for i in range(shape[0])]
