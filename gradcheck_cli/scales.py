@@ -35,15 +35,12 @@ def open_scales(setup: Setup, layers: Sequence[Layer], role_error: float, dead_w
       two LayerScales, 1e-12 at init); opened, within role_error of the (then) median;
     - starved: at least dead_warning of its units below STARVED_UNIT of its typical unit (records'
       zero_grad_unit_fraction, the dead-unit rule where no ReLU module says); opened, fewer than that."""
-    from gradcheck_cli.diagnose.update import expects_comparison
+    from gradcheck_cli.diagnose.update import comparison_sets
     from gradcheck_cli.series import median
 
-    members = {
-        layer.name: layer
-        for layer in layers
-        if expects_comparison(layer) and layer.grad_to_weight is not None and layer.grad_to_weight > 0
-    }
-    reference = median([layer.grad_to_weight for layer in members.values()]) or 0.0
+    compared, dense = comparison_sets(layers, measured=False)  # the update view's: ||g||/||W||, its median
+    members = {layer.name: layer for layer in compared}
+    reference = median([layer.grad_to_weight for layer in dense]) or 0.0
     slow = [name for name, layer in members.items() if (layer.grad_to_weight or 0.0) * role_error < reference]
     starved = {
         layer.name
@@ -55,7 +52,7 @@ def open_scales(setup: Setup, layers: Sequence[Layer], role_error: float, dead_w
         return set()
     specs = {spec.name: spec for spec in setup.layers if spec.name in members or spec.name in starved}
     ratios, fractions = _replay_opened(setup, scales, specs, starved)
-    opened = median([ratios[name] for name in members if name in ratios]) or 0.0
+    opened = median([ratios[layer.name] for layer in dense if layer.name in ratios]) or 0.0
     behind = {name for name in slow if ratios.get(name, 0.0) * role_error >= opened > 0}
     return behind | {name for name in starved if fractions.get(name, 1.0) < dead_warning}
 

@@ -478,6 +478,58 @@ def test_layers_behind_two_layer_scales_are_explained_by_opening_the_scales() ->
     assert any("gate their path (checked by setting those to 1)" in note for note in report.notes)
 
 
+class _CategoricalResidual(torch.nn.Module):
+    """DLRM's pattern: one embedding table per categorical feature, summed with a bottom MLP's output, then one
+    residual block whose branch a per-channel scale of 1e-6 gates (LayerScale when `learned`, else a fixed
+    buffer of the same values), and a top MLP. He init on the MLPs, torch's on the rest."""
+
+    def __init__(self, learned: bool, tables: int = 8, vocab: int = 20000, dim: int = 16) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.tables = nn.ModuleList(nn.Embedding(vocab, dim) for _ in range(tables))
+        self.bottom = nn.Sequential(nn.Linear(13, 64), nn.ReLU(), nn.Linear(64, dim))
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        scale = torch.full((dim,), 1e-6)
+        self.scale = nn.Parameter(scale) if learned else nn.Buffer(scale)
+        self.top = nn.Sequential(nn.Linear(dim, 32), nn.ReLU(), nn.Linear(32, 2))
+        for layer in [*self.bottom, *self.top]:
+            if isinstance(layer, nn.Linear):
+                nn.init.kaiming_normal_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dense, ids = x[:, :13], x[:, 13:].long()
+        h = self.bottom(dense) + sum(table(ids[:, i]) for i, table in enumerate(self.tables))
+        h = h + self.scale * self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(h))))
+        return self.top(h)
+
+
+def test_a_single_block_behind_a_layer_scale_is_judged_against_the_update_views_median() -> None:
+    """The block's fc1/fc2 get ~1e-6 of an ungated layer's ||g||/||W|| (the scale multiplies their path) and have
+    no peers. The scales replay must measure them against the median the update view compares with (the dense
+    layers': eight embedding tables, each ~1e-2 of a dense layer, would put the median among them, where the
+    block sits less than role_error below), and a layer it explains has no finding, peers or none. A fixed
+    buffer of the same values never opens: still an error."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 20000, (64, 8), generator=g).float()
+    batch = (torch.cat([torch.randn(64, 13, generator=g), ids], 1), torch.randint(0, 2, (64,), generator=g))
+    torch.manual_seed(0)
+    learned = gradcheck_cli.analyze(_CategoricalResidual(learned=True), batch)
+    dense = sorted(x.grad_to_weight or 0.0 for x in learned.layers if x.name.startswith(("bottom.", "top.", "fc")))
+    reference = (dense[2] + dense[3]) / 2  # of six: bottom.0, bottom.2, fc1, fc2, top.0, top.2
+    tables = sorted(x.grad_to_weight or 0.0 for x in learned.layers if x.name.startswith("tables."))
+    role_error = learned.thresholds["role_error"]
+    for name in ("fc1", "fc2"):
+        layer = learned.layer(name)
+        assert (layer.grad_to_weight or 0.0) * role_error < reference, name
+        assert layer.behind_scales, name
+    assert (learned.layer("fc2").grad_to_weight or 0.0) * role_error > tables[len(tables) // 2]  # ~6x
+    assert not learned.findings, [(f.layer, f.kind, f.severity) for f in learned.findings]
+    torch.manual_seed(0)
+    fixed = gradcheck_cli.analyze(_CategoricalResidual(learned=False), batch)
+    assert {("fc1", "error"), ("fc2", "error")} <= {(f.layer, f.severity) for f in fixed.findings}
+
+
 def test_a_role_spanning_stages_and_levels_is_judged_among_its_repeats() -> None:
     """FocalNet's focal_layers.{0,1} (3x3 and 5x5 depthwise convs) share a role name across levels and stages: the
     first stage's second level sits over balance_warning below that name's median, yet level with its repeat

@@ -32,6 +32,19 @@ def update_view(
     """The update view's summary, and its findings: layers that learn far slower than their peers or the
     network (balance), and steps that change a layer's weights by more than their norm (size)."""
     measured = any(layer.update_ratio is not None for layer in layers)
+    members, dense = comparison_sets(layers, measured)
+    reference = median([relative(layer, measured) or 0.0 for layer in dense])
+    quantity = "update_ratio" if measured else "grad_to_weight"
+    summary = UpdateSummary(tuple(layer.name for layer in members), reference, quantity)
+    findings = []
+    if reference and len(members) >= thresholds.min_chain:
+        findings += _balance(layers, members, reference, thresholds, signal, measured)
+    return summary, findings + _step_size(layers, thresholds, lr, measured)
+
+
+def comparison_sets(layers: Sequence[Layer], measured: bool) -> tuple[list[Layer], list[Layer]]:
+    """The layers the update view compares, and those whose median is the network's reference (also what
+    scales.open_scales measures against, so that the layers it explains are those this view would flag)."""
     members = [
         layer
         for layer in layers
@@ -49,13 +62,7 @@ def update_view(
     # read 14x below the median its convs set, MNASNet-0.5 at 32 px; ConvMixer's 20x).
     dense = [layer for layer in members if layer.category != "embedding"] or members
     dense = [layer for layer in dense if not layer.feeds_norm] or dense
-    reference = median([relative(layer, measured) or 0.0 for layer in dense])
-    quantity = "update_ratio" if measured else "grad_to_weight"
-    summary = UpdateSummary(tuple(layer.name for layer in members), reference, quantity)
-    findings = []
-    if reference and len(members) >= thresholds.min_chain:
-        findings += _balance(layers, members, reference, thresholds, signal, measured)
-    return summary, findings + _step_size(layers, thresholds, lr, measured)
+    return members, dense
 
 
 def _balance(
@@ -90,7 +97,7 @@ def _balance(
             severity, factor, against = _against_peers(layer, ratio, refs, reference, thresholds)
         else:
             factor, against = ratio / reference, f"the network median {reference:.2g}"
-            if layer.category != "embedding":
+            if layer.category != "embedding" and not layer.behind_scales:
                 severity = level(1 / factor, thresholds.balance_warning, thresholds.balance_error)
         message = (
             f"||dW||/||W|| per step = {ratio:.2g} is {times(factor)} below {against}: "
