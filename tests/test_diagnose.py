@@ -319,6 +319,25 @@ def test_a_role_across_stages_of_growing_width_is_compared_with_its_trend_over_s
     assert kinds(odd) == set()
 
 
+def test_a_role_across_stages_with_repeats_is_compared_with_the_other_stages_trend() -> None:
+    """MaxxViT's stages hold 1, 2, 3 and 1 blocks, each stage 4x the parameters of the last, and the gradient in
+    its residual stream shrinks ~7x a stage toward the input: the first stage's MLP reads ~40x below its role's
+    median, ~3x below the trend of the other stages' medians (one point per size, so the stage of three
+    blocks weighs as one). Cleared; 100x further off that trend it is still found."""
+    blocks, values = (1, 2, 3, 1), (5.5e-7, 4.8e-6, 2.5e-5, 5.6e-5)
+
+    def role(first: float) -> list[Layer]:
+        layers = [ratio(layer(f"body.{i}.fc", i), 2e-5) for i in range(8)]
+        for stage, (count, value) in enumerate(zip(blocks, values, strict=True)):
+            for block in range(count):
+                name, index = f"stages.{stage}.blocks.{block}.mlp.fc1", 8 + len(layers)
+                layers.append(ratio(layer(name, index, params=4096 * 4**stage), value * (first if stage == 0 else 1)))
+        return layers
+
+    assert kinds(role(1.0)) == set()
+    assert kinds(role(0.01)) == {("stages.0.blocks.0.mlp.fc1", "vanishing", "warning", "update")}
+
+
 def test_a_pair_of_peers_cannot_say_which_of_them_is_off() -> None:
     """Two class-attention blocks (XCiT): the first block's value projection 100x above the network median
     (behind a LayerNorm of a small token), the second 2x above it. The pair's midpoint puts the second 25x
@@ -492,6 +511,37 @@ def test_query_key_projections_of_a_softmax_over_one_position_are_dead_and_say_w
             assert set(dead) == {"attn.q", "attn.k"}
             assert all(f.severity == "error" and "single position" in f.message for f in dead.values())
             assert "while v beside it learns" in dead["attn.q"].message or "while o beside" in dead["attn.q"].message
+        else:
+            assert not dead
+
+
+def test_a_layer_reading_a_layer_norm_over_one_feature_is_dead_and_says_its_input_is_zero() -> None:
+    """CSATv2's spatial attention normalises one channel: LayerNorm over a single feature gives (x - mean) = 0,
+    so its output is its bias (0 at init) for every x, and the bias-free projection reading it gets dL/dW =
+    dL/dz x 0 = 0 whatever reaches it. Dead, with that cause; over two features it learns."""
+    import torch
+    from torch import nn
+
+    import gradcheck_cli
+
+    class Net(nn.Module):
+        def __init__(self, features: int) -> None:
+            super().__init__()
+            self.embed, self.norm = nn.Linear(8, features), nn.LayerNorm(features)
+            self.proj, self.head = nn.Linear(features, 16, bias=False), nn.Linear(16 + features, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.embed(x)
+            return self.head(torch.cat([self.proj(self.norm(h)), h], dim=1))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    for features in (1, 2):
+        report = gradcheck_cli.analyze(Net(features), (x, y), steps=2)
+        dead = {f.layer: f for f in report.findings if f.kind == "dead"}
+        if features == 1:
+            assert set(dead) == {"proj"} and dead["proj"].severity == "error"
+            assert "and so is its input" in dead["proj"].message and "single feature" in dead["proj"].fix
         else:
             assert not dead
 

@@ -43,15 +43,16 @@ def numeric(context: Context) -> list[Finding]:
         elif layer.trainable_params and all_zero(layer) and not layer.gated:
             steps = f"every gradient value is exactly 0 in all {len(layer.grad_norm_steps)} steps"
             learning = _learning_sibling(layer, layers)
-            message, fix = (
-                _one_position(steps, learning)
-                if learning is not None
-                else (
+            if learning is not None:
+                message, fix = _one_position(steps, learning)
+            elif layer.input_zero_fraction == 1.0:
+                message, fix = _zero_input(steps)
+            else:
+                message, fix = (
                     f"{steps}: this layer cannot learn",
                     "check what zeroes its signal: dead ReLUs after it (kaiming_normal_ init, LeakyReLU), a "
                     "zero-initialised layer downstream, or a detach()/no_grad in the forward",
                 )
-            )
             findings.append(Finding(layer.name, "dead", "error", "numeric", message, fix))
     return findings
 
@@ -84,6 +85,16 @@ def _one_position(steps: str, learning: str) -> tuple[str, str]:
         "softmax of one logit is 1 whatever the logit)",
         "give this attention more than one position to attend over: a longer sequence, a larger input (more "
         "patches after the downsampling before it), or an attention mask that leaves more than one key",
+    )
+
+
+def _zero_input(steps: str) -> tuple[str, str]:
+    """A layer whose input reads exactly 0: dL/dW = dL/dz x input is 0 whatever reaches its output."""
+    return (
+        f"{steps}, and so is its input (every value read, every step): dL/dW = dL/dz x input, so this layer "
+        "cannot learn from what it reads",
+        "look at what makes its input 0: a LayerNorm over a single feature ((x - mean) / std is 0 for every x), "
+        "a ReLU before it that never activates, a zero-initialised or masked layer before it",
     )
 
 

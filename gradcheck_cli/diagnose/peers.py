@@ -91,32 +91,37 @@ def _roles(members: Sequence[Layer]) -> dict[str, list[Layer]]:
 # A role spanning the stages of a hierarchical net has a layer per stage, each of its stage's width and
 # resolution: timm's SwiftFormer-XS attention projection, 48 to 220 wide, reads ||g||/||W|| 3.1e-8, 9.9e-9,
 # 2e-9, 5.1e-10 from stage to stage, so the role's median falls between stages and the last stage sits 12x below
-# it by design. In a role whose layers all differ in size (so none has repeats: repeat_medians), with
-# SIZE_TREND_MIN sizes besides its own, a layer is also compared with the others' trend over size (a Theil-Sen
-# line in log ||g||/||W|| against log parameters) at its own size, fitted without it so that a layer off the
-# trend cannot tilt the line toward itself, and the milder verdict of the two holds (_balance): a trend read
-# far from the sizes it was fitted on can say anything, so it only ever clears what the median says.
+# it by design; MaxxViT's stages hold 1, 2, 3 and 1 blocks, and the gradient in its residual stream shrinks
+# 6-11x per stage toward the input (each stage's shortcut pools 2x2 and projects), so its first stage's layers
+# sit 20-48x below their role's median and ~3x below the other stages' trend. In a role with more than
+# SIZE_TREND_MIN sizes, a layer is also compared with the trend over size of the other sizes (a Theil-Sen line in
+# log ||g||/||W|| against log parameters, through one point per size: the median of the layers of that size, so
+# that a stage of many blocks weighs as one) at its own size. The line is fitted without the layer's own size,
+# so that layers off the trend cannot tilt it toward themselves, and the milder verdict holds (_balance): a trend
+# read far from the sizes it was fitted on can say anything, so it only ever clears what the median says.
 SIZE_TREND_MIN = 3
 LEAVE_ONE_OUT = 16
 
 
 def size_trends(roles: dict[str, list[Layer]], measured: bool) -> dict[str, float]:
-    """{layer: the rest of its role's fitted ||g||/||W|| at its size}, where the rest has SIZE_TREND_MIN sizes."""
+    """{layer: the other sizes' fitted ||g||/||W|| at its size}, in roles of more than SIZE_TREND_MIN sizes."""
     result: dict[str, float] = {}
     for role in roles.values():
-        sizes = {layer.params for layer in role}
-        if len(sizes) <= SIZE_TREND_MIN or len(sizes) < len(role):
-            continue  # a layer per size (no repeats), and SIZE_TREND_MIN sizes without any one of them
-        points = [
-            (layer.name, math.log10(max(layer.params, 1)), math.log10(relative(layer, measured) or 1.0))
-            for layer in role  # members' values are finite and > 0
-        ]
-        # beyond a few points one layer cannot tilt the line: one fit for them all
-        shared = _line([(x, y) for _, x, y in points]) if len(points) > LEAVE_ONE_OUT else None
-        for name, size, _ in points:
-            line = shared or _line([(x, y) for other, x, y in points if other != name])
+        by_size: dict[int, list[float]] = {}
+        for layer in role:  # members' values are finite and > 0
+            by_size.setdefault(layer.params, []).append(relative(layer, measured) or 1.0)
+        if len(by_size) <= SIZE_TREND_MIN:
+            continue
+        points = {
+            size: (math.log10(max(size, 1)), math.log10(median(values) or 1.0)) for size, values in by_size.items()
+        }
+        # beyond a few points one size cannot tilt the line: one fit for them all
+        shared = _line(list(points.values())) if len(points) > LEAVE_ONE_OUT else None
+        lines = {size: shared or _line([point for other, point in points.items() if other != size]) for size in points}
+        for layer in role:
+            line = lines[layer.params]
             if line is not None:
-                result[name] = 10 ** (line[1] + line[0] * size)
+                result[layer.name] = 10 ** (line[1] + line[0] * points[layer.params][0])
     return result
 
 
