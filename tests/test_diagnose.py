@@ -515,6 +515,40 @@ def test_query_key_projections_of_a_softmax_over_one_position_are_dead_and_say_w
             assert not dead
 
 
+@pytest.mark.parametrize(("units", "severity"), [(8, "warning"), (16, "error")])
+def test_a_narrow_layer_whose_relus_all_die_is_an_error_only_past_chance(units: int, severity: str) -> None:
+    """A squeeze-excitation's reduction of 8 units, each dead at init with probability up to 1/2 (a ReLU reading
+    one pooled vector per image): all 8 at once is 1 in 256, which random init alone gives (CHANCE_DEAD 1e-3;
+    timm sehalonet33ts at seed 0). The layer gets no gradient at all: a warning that says why. 16 units all dead
+    (1 in 65,536) is an error."""
+    import torch
+    from torch import nn
+
+    import gradcheck_cli
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc1 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, units, 1)
+            self.act, self.fc2, self.head = nn.ReLU(), nn.Conv2d(units, 16, 1), nn.Linear(16, 3)
+            with torch.no_grad():
+                self.fc1.bias.fill_(-3.0)  # pooled inputs are O(0.1): every unit below 0 on every image
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.conv(x))
+            gate = torch.sigmoid(self.fc2(self.act(self.fc1(h.mean((2, 3), keepdim=True)))))
+            return self.head((h * gate).mean((2, 3)))
+
+    torch.manual_seed(0)
+    batch = (torch.randn(8, 3, 8, 8), torch.randint(0, 3, (8,)))
+    report = gradcheck_cli.analyze(Net(), batch, steps=2)
+    assert report.layer("fc1").dead_fraction == 1.0 and report.layer("fc1").grad_norm == 0.0
+    dead = {f.view: f for f in report.findings if f.layer == "fc1" and f.kind == "dead"}
+    assert dead["numeric"].severity == severity
+    assert (f"all {units} ReLU units after it never activate" in dead["numeric"].message) == (severity == "warning")
+    assert ("activation" in dead) == (severity == "error")  # the activation rule's chance, the same
+
+
 def test_a_layer_reading_a_layer_norm_over_one_feature_is_dead_and_says_its_input_is_zero() -> None:
     """CSATv2's spatial attention normalises one channel: LayerNorm over a single feature gives (x - mean) = 0,
     so its output is its bias (0 at init) for every x, and the bias-free projection reading it gets dL/dW =

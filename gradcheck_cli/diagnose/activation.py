@@ -14,7 +14,8 @@ from gradcheck_cli.report import Finding
 # is the same for every input, so up to half the units never activate by chance alone, each independently.
 # A dead fraction is a finding only when its count is improbable under that worst case: a binomial upper
 # tail below CHANCE_DEAD (one healthy layer in a thousand flagged at worst). A small layer all of whose units
-# are dead still gets no gradient at all, which the numeric rule reports.
+# are dead still gets no gradient at all, which the numeric rule reports (a warning while the chance of all of
+# them dying is at least CHANCE_DEAD: numeric._dead_by_chance).
 CHANCE_DEAD = 1e-3
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from gradcheck_cli.diagnose.activation import CHANCE_DEAD, chance_of_dead
 from gradcheck_cli.diagnose.common import LOSS_LAYER, Context, all_zero, level
 from gradcheck_cli.diagnose.update import attention_logits
 from gradcheck_cli.report import Finding, Layer, NanOrigin
@@ -43,17 +44,21 @@ def numeric(context: Context) -> list[Finding]:
         elif layer.trainable_params and all_zero(layer) and not layer.gated:
             steps = f"every gradient value is exactly 0 in all {len(layer.grad_norm_steps)} steps"
             learning = _learning_sibling(layer, layers)
+            severity = "error"
             if learning is not None:
                 message, fix = _one_position(steps, learning)
             elif layer.input_zero_fraction == 1.0:
                 message, fix = _zero_input(steps)
+            elif layer.dead_fraction == 1.0 and layer.units and chance_of_dead(layer.units, layer.units) >= CHANCE_DEAD:
+                severity = "warning"  # the activation rule's chance, for a layer left with no gradient by it
+                message, fix = _dead_by_chance(steps, layer.units)
             else:
                 message, fix = (
                     f"{steps}: this layer cannot learn",
                     "check what zeroes its signal: dead ReLUs after it (kaiming_normal_ init, LeakyReLU), a "
                     "zero-initialised layer downstream, or a detach()/no_grad in the forward",
                 )
-            findings.append(Finding(layer.name, "dead", "error", "numeric", message, fix))
+            findings.append(Finding(layer.name, "dead", severity, "numeric", message, fix))
     return findings
 
 
@@ -85,6 +90,18 @@ def _one_position(steps: str, learning: str) -> tuple[str, str]:
         "softmax of one logit is 1 whatever the logit)",
         "give this attention more than one position to attend over: a longer sequence, a larger input (more "
         "patches after the downsampling before it), or an attention mask that leaves more than one key",
+    )
+
+
+def _dead_by_chance(steps: str, units: int) -> tuple[str, str]:
+    """A small layer all of whose ReLU units never activate: at init each does with probability up to 1/2 (the
+    activation rule's worst case), so all `units` with at least 2^-units, a chance that random init alone
+    gives (CHANCE_DEAD): a warning, where fewer than that many units all dead would be an error."""
+    return (
+        f"{steps}: all {units} ReLU units after it never activate on these batches, which a random init "
+        f"leaves up to 1 time in {2**units:,} for {units} units; it cannot learn until what it reads moves",
+        "another seed revives it; for a layer this narrow (a squeeze-excitation's reduction), LeakyReLU, a "
+        "small positive bias, or more units keep it from dying",
     )
 
 
