@@ -549,6 +549,37 @@ def test_a_narrow_layer_whose_relus_all_die_is_an_error_only_past_chance(units: 
     assert ("activation" in dead) == (severity == "error")  # the activation rule's chance, the same
 
 
+def test_an_embedding_that_only_looks_up_its_padding_row_is_unused_not_dead() -> None:
+    """nn.Embedding's backward adds dL/dz into the rows looked up except padding_idx's: a table read only at
+    its padding index gets exactly 0 while its output gets a gradient (RoCBert's shape ids default to zeros,
+    its padding_idx). The inputs never exercise it: unused, a warning. Read at other indices, it learns."""
+    import torch
+    from torch import nn
+
+    import gradcheck_cli
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.words, self.shapes = nn.Embedding(50, 16), nn.Embedding(20, 16, padding_idx=0)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            words, shapes = x.unbind(-1)
+            return self.head((self.words(words) + self.shapes(shapes)).mean(1))
+
+    torch.manual_seed(0)
+    words, labels = torch.randint(0, 50, (8, 12)), torch.randint(0, 3, (8,))
+    for shapes in (torch.zeros(8, 12, dtype=torch.long), torch.randint(1, 20, (8, 12))):
+        report = gradcheck_cli.analyze(Net(), (torch.stack([words, shapes], -1), labels), steps=2)
+        found = {(f.layer, f.kind, f.severity) for f in report.findings}
+        if shapes.max() == 0:
+            assert found == {("shapes", "unused", "warning")}
+            assert (report.layer("shapes").output_grad_norm or 0) > 0 and report.layer("shapes").grad_norm == 0
+        else:
+            assert found == set()
+
+
 def test_a_layer_reading_a_layer_norm_over_one_feature_is_dead_and_says_its_input_is_zero() -> None:
     """CSATv2's spatial attention normalises one channel: LayerNorm over a single feature gives (x - mean) = 0,
     so its output is its bias (0 at init) for every x, and the bias-free projection reading it gets dL/dW =

@@ -41,6 +41,8 @@ def numeric(context: Context) -> list[Finding]:
                 else f"{layer.nonfinite} NaN/Inf gradient values{where}"
             )
             findings.append(Finding(layer.name, "nan", "error", "numeric", message, _nan_fix(origin)))
+        elif layer.trainable_params and all_zero(layer) and layer.type == "Embedding" and layer.output_grad_norm:
+            findings.append(_padding_only(layer))
         elif layer.trainable_params and all_zero(layer) and not layer.gated:
             steps = f"every gradient value is exactly 0 in all {len(layer.grad_norm_steps)} steps"
             learning = _learning_sibling(layer, layers)
@@ -90,6 +92,24 @@ def _one_position(steps: str, learning: str) -> tuple[str, str]:
         "softmax of one logit is 1 whatever the logit)",
         "give this attention more than one position to attend over: a longer sequence, a larger input (more "
         "patches after the downsampling before it), or an attention mask that leaves more than one key",
+    )
+
+
+def _padding_only(layer: Layer) -> Finding:
+    """An nn.Embedding whose output gets a gradient while its table gets exactly 0: its backward scatters dL/dz
+    into the rows looked up, leaving out only padding_idx, so every index it read is padding_idx. Not a table
+    that cannot learn: one that these inputs never exercise (RoCBert's shape and pronunciation ids default to
+    all zeros, its padding_idx)."""
+    return Finding(
+        layer.name,
+        "unused",
+        "warning",
+        "usage",
+        f"every gradient value is exactly 0 in all {len(layer.grad_norm_steps)} steps while its output gets one "
+        f"(||dL/dz|| = {layer.output_grad_norm:.2g}): an embedding's backward leaves out only its padding_idx row, "
+        "so every index these batches look up is padding_idx, and the inputs never exercise this table",
+        "feed it the ids it embeds (an optional input left out defaults to padding: Hugging Face RoCBert's "
+        "input_shape_ids and input_pronunciation_ids), or freeze it: requires_grad_(False)",
     )
 
 
