@@ -97,6 +97,20 @@ def type_name(module: nn.Module) -> str:
     return cls.__name__
 
 
+def layout(module: nn.Module) -> str | None:
+    """How a convolution mixes its input, where one class covers kinds of layer that differ by design: the
+    kernel ("3x3"), and "depthwise" (one filter per channel) or "groups G". A depthwise-separable chain written as
+    one Sequential (or Hugging Face's MobileNet-v1, layer.#.convolution for both halves) names its depthwise and
+    pointwise convolutions alike, yet they see different signals: a depthwise 3x3 sums 9 inputs, a pointwise
+    1x1 as many as there are channels. None for other modules."""
+    if not isinstance(module, nn.modules.conv._ConvNd):
+        return None
+    kernel = "x".join(str(size) for size in module.kernel_size)
+    if module.groups == 1:
+        return kernel
+    return f"{kernel} depthwise" if module.groups == module.in_channels else f"{kernel} groups {module.groups}"
+
+
 def discover_layers(model: nn.Module) -> list[LayerSpec]:
     """Every module that directly owns parameters, in named_modules() order.
 

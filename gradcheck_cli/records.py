@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from gradcheck_cli.layers import LayerSpec, is_matrix, type_name
+from gradcheck_cli.layers import LayerSpec, is_matrix, layout, type_name
 from gradcheck_cli.report import Layer, ParameterRecord, ValueHistogram
 from gradcheck_cli.series import StepSeries, mean, safe_ratio
 from gradcheck_cli.steps import LayerSeries, ParamInfo, ParamSeries
@@ -132,6 +132,7 @@ def _layer_record(
     return Layer(
         name=spec.name,
         type=type_name(spec.module),
+        layout=layout(spec.module),
         category=spec.category,
         params=sum(info.tensor.numel() for info in owned),
         trainable_params=numel,

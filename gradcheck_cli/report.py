@@ -140,6 +140,8 @@ class Layer:
     behind_scales: bool = False
     # a tied tensor is one verdict: this module only reuses the parameters of `alias_of` (its dL/dz is its own)
     alias_of: str | None = None
+    # convolutions: kernel and grouping (layers.layout: "3x3 depthwise", "1x1"); one role holds one layout
+    layout: str | None = None
     # recurrent layers: ||dL/dx_t|| per time step under the model's loss, the first step first (confirm.through_time)
     time_grad_norms: tuple[float, ...] | None = None
     # recurrent layers whose memory is gated (nn.LSTM, nn.GRU and their cells): the through-time gain at

@@ -6,9 +6,11 @@ import dataclasses
 import random
 
 import pytest
+from torch import nn
 
 from gradcheck_cli.diagnose import Thresholds, diagnose
 from gradcheck_cli.errors import UserError
+from gradcheck_cli.layers import layout
 from gradcheck_cli.report import Layer, NanOrigin
 
 
@@ -652,6 +654,38 @@ def test_a_layer_without_peers_is_compared_with_the_same_sublayer_of_the_other_b
     assert not [f for f in verdict.findings if f.layer != "stem.se.fc1"]
 
 
+def test_depthwise_and_pointwise_convolutions_under_one_name_are_fitted_apart() -> None:
+    """signal._group: Hugging Face's MobileNet-v1 names both halves of each depthwise-separable pair
+    layer.#.convolution; a depthwise 3x3 (9 inputs per output) sits ~4x above the pointwise 1x1 after it in
+    per-position dL/dz by design, and each resolution starts on a (strided) depthwise conv. Fitted as one group,
+    every resolution's run reads high-to-low, a slope the layers do not have. Here the true trend is x1.1 per
+    layer over 24 layers (1.1^23 = 9x, under the 20x warning): one group per layout recovers it, one group for
+    both read x1.39 and an error."""
+    layers = [
+        layer(
+            f"layer.{k}.convolution",
+            k,
+            dz=1.1 ** (23 - k) * (4.0 if k % 2 == 0 else 1.0),
+            type="Conv2d",
+            category="conv",
+            output_positions=float(4 ** (6 - k // 4)),
+            layout="3x3 depthwise" if k % 2 == 0 else "1x1",
+        )
+        for k in range(24)
+    ]
+    verdict = diagnose(layers, [1.0], Thresholds())
+    assert verdict.signal.gain_per_layer == pytest.approx(1.1)
+    assert not verdict.findings, verdict.findings
+
+
+def test_a_convolution_layout_names_its_kernel_and_grouping() -> None:
+    assert layout(nn.Conv2d(8, 8, 3, groups=8)) == "3x3 depthwise"
+    assert layout(nn.Conv2d(8, 16, 1)) == "1x1"
+    assert layout(nn.Conv1d(8, 16, 5, groups=2)) == "5 groups 2"
+    assert layout(nn.Conv3d(4, 4, (1, 3, 3))) == "1x3x3"
+    assert layout(nn.Linear(4, 4)) is None
+
+
 @pytest.mark.parametrize(("weights_per_unit", "flagged"), [(1, False), (9, True)])
 def test_one_weight_per_unit_before_a_norm_is_not_a_starved_unit(weights_per_unit: int, flagged: bool) -> None:
     """A 1x1 depthwise conv (MobileOne's scale branch) has one weight per channel, and the BatchNorm it feeds
@@ -687,3 +721,27 @@ def test_a_loop_over_depth_with_a_call_that_got_no_gradient_is_fitted_on_the_oth
     found = [f for f in verdict.findings if f.view == "time"]
     assert [(f.layer, f.kind, f.severity) for f in found] == [("shared.a", "vanishing", "error")]
     assert found[0].factor == pytest.approx(0.25**7) and found[0].also == ("shared.b",)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.999])
+def test_a_heavy_dropout_is_named_as_the_cause_of_the_units_before_it_getting_no_gradient(p: float) -> None:
+    """A unit behind nn.Dropout(p) gets a gradient from a sample with probability 1 - p, so over 3 steps of 8
+    samples it gets none with probability p^24: 6e-8 at p = 0.5, 0.976 at p = 0.999 (Hugging Face
+    MobileNetV1Config's default classifier_dropout_prob). At 0.999 nearly all of the first layer's 64 units starve
+    (GELU: no ReLU module to count active units, so the starved rows are what is judged), a true finding, and the
+    note names the dropout as its cause; at 0.5 there is neither."""
+    import torch
+
+    import gradcheck_cli
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Dropout(p), nn.Linear(64, 4))
+    batches = [(torch.randn(8, 16), torch.randint(0, 4, (8,))) for _ in range(3)]
+    report = gradcheck_cli.analyze(model, batches, steps=3)
+    starved = report.layer("0").zero_grad_unit_fraction or 0.0
+    named = [note for note in report.notes if note.startswith("2 (Dropout, p=0.999)")]
+    dead = [f for f in report.findings if f.layer == "0" and f.kind == "dead"]
+    if p == 0.5:
+        assert starved == 0.0 and not named and not dead
+    else:
+        assert starved > 0.85 and len(named) == 1 and dead, (starved, report.notes)

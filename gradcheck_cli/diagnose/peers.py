@@ -70,7 +70,7 @@ def peer_medians(
         parts = layer.name.split(".")
         if len(parts) >= 3:
             tail = ".".join(re.sub(r"\d+$", "#", part) for part in parts[-2:])
-            twins.setdefault(f"*.{tail}:{layer.type}", []).append(layer)
+            twins.setdefault(f"*.{tail}:{layer.type}:{layer.layout}", []).append(layer)
     for key, group in twins.items():
         twin = median([relative(layer, measured) or 0.0 for layer in group]) if len(group) >= ROBUST_PEERS else None
         if twin:
@@ -80,11 +80,12 @@ def peer_medians(
 
 
 def _roles(members: Sequence[Layer]) -> dict[str, list[Layer]]:
-    """{"role:type": its layers}: the layers whose names differ only in block indices (peer_group), by type."""
+    """{"role:type:layout": its layers}: the layers whose names differ only in block indices (peer_group), by
+    type and by layout (a depthwise and a pointwise convolution under one name are two roles)."""
     roles: dict[str, list[Layer]] = {}
     for layer in members:
         if "#" in peer_group(layer.name):
-            roles.setdefault(f"{peer_group(layer.name)}:{layer.type}", []).append(layer)
+            roles.setdefault(f"{peer_group(layer.name)}:{layer.type}:{layer.layout}", []).append(layer)
     return roles
 
 

@@ -148,11 +148,12 @@ def _at_input_scale(chain: Sequence[Layer], xs: Sequence[float], groups: Sequenc
     return None if slope is None else 10 ** (-slope)
 
 
-def _group(layer: Layer) -> tuple[str, float | None]:
+def _group(layer: Layer) -> tuple[str, str | None, float | None]:
     """Layers that see the same signal but for depth: one role (peer_group; the type in a net without block
-    indices, such as fc1..fc4) and one position count."""
+    indices, such as fc1..fc4), one layout (a depthwise 3x3 and a pointwise 1x1 under one name, as in Hugging
+    Face's MobileNet-v1, sit ~4x apart in per-position dL/dz by design) and one position count."""
     role = peer_group(layer.name)
-    return (role if "#" in role else layer.type, layer.output_positions)
+    return (role if "#" in role else layer.type, layer.layout, layer.output_positions)
 
 
 def _stitched(xs: Sequence[float], ys: Sequence[float], groups: Sequence[object], slope: float) -> list[float]:
