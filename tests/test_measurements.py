@@ -437,3 +437,50 @@ def test_analyses_of_many_models_keep_no_sampling_indices_between_runs() -> None
         assert width * width > SAMPLE_SIZE
         gradcheck_cli.analyze(model, (torch.randn(4, width), torch.randint(0, 2, (4,))), steps=1)
         assert _sample_index.cache_info().currsize == 0
+
+
+class CrossAttentionBlock(nn.Module):
+    """A decoder block built with a cross-attention that runs only when an encoder output is given (Hugging Face's
+    causal-LM form of encoder-decoder models)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(8, 8)
+        self.cross = nn.ModuleDict({"q": nn.Linear(8, 8), "k": nn.Linear(8, 8), "v": nn.Linear(8, 8)})
+        self.cross_norm = nn.LayerNorm(8)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + torch.tanh(self.mix(x))
+        if memory is not None:
+            x = x + self.cross["v"](memory) * torch.sigmoid(self.cross["q"](x) * self.cross["k"](memory))
+            x = self.cross_norm(x)
+        return x
+
+
+class CausalDecoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(CrossAttentionBlock() for _ in range(3))
+        self.pooler = nn.Linear(8, 8)  # never called either, elsewhere in the model: a cause of its own
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def test_the_unused_part_of_every_block_is_one_finding_that_covers_its_layers() -> None:
+    """Every block's cross-attention (3 linear layers) and its norm are never called: 12 layers, one cause, one
+    finding on the first, the other 11 in `also` and unused in the table; the pooler, never called outside the
+    blocks, is a second finding."""
+    report = gradcheck_cli.analyze(CausalDecoder(), _batches(1)[0], steps=2)
+    cross = {f"blocks.{i}.{name}" for i in range(3) for name in ("cross.q", "cross.k", "cross.v", "cross_norm")}
+    unused = [f for f in report.findings if f.kind == "unused"]
+    assert len(unused) == 2, [(f.layer, f.also) for f in unused]
+    blocks, pooler = sorted(unused, key=lambda f: f.layer != "blocks.0.cross.q")
+    assert {blocks.layer, *blocks.also} == cross and len(blocks.also) == 11
+    assert "11 more layers, in blocks.#.cross, blocks.#.cross_norm" in blocks.message
+    assert pooler.layer == "pooler" and pooler.also == ()
+    assert all(report.layer(name).status == "unused" for name in cross)
+    assert report.layer("blocks.1.mix").status != "unused"

@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 
 from gradcheck_cli.diagnose.common import Context, all_zero, got_no_gradient, level
-from gradcheck_cli.report import Finding
+from gradcheck_cli.diagnose.peers import peer_group
+from gradcheck_cli.report import Finding, Layer
 
 # Dead units, and chance. At a random symmetric initialisation a unit's pre-activation w.x + b is below 0 for
 # any one input with probability 1/2. When the inputs vary little around a nonzero mean (a squeeze-excitation
@@ -99,21 +100,64 @@ def activations(context: Context) -> list[Finding]:
 
 
 def usage(context: Context) -> list[Finding]:
-    layers = context.layers
+    """Trainable layers no gradient reached. One cause is one finding: the unused layers of one part of the
+    model (the same maximal unused module in every block: a causal-LM decoder's cross-attention, built in each
+    layer and never called without an encoder) are one finding on the first of them, the rest in `also`."""
+    layers = [layer for layer in context.layers if not layer.side_output]  # side outputs: not measured
+    unused = [layer for layer in layers if got_no_gradient(layer)]
+    never = [layer for layer in unused if layer.forward_index is None]
+    cut = [layer for layer in unused if layer.forward_index is not None]
+    causes = (
+        (
+            never,
+            "trainable, but never called in a measured forward, so it got no gradient",
+            "remove it, freeze it (requires_grad_(False)), or check the forward calls it",
+        ),
+        (  # called, yet nothing it returned reached the loss with a gradient
+            cut,
+            "trainable and called in the forward, but no gradient reached it in any step: its output is unused, "
+            "detached (.detach(), torch.no_grad()) or read only through non-differentiable ops (argmax, >)",
+            "to train it, keep its output in the graph to the loss; if not, freeze it: requires_grad_(False)",
+        ),
+    )
     findings = []
-    for layer in layers:
-        if layer.side_output:  # an auxiliary head the loss does not read (confirm.side_outputs): not measured
-            continue
-        if not got_no_gradient(layer):
-            continue
-        if layer.forward_index is None:
-            message = "trainable, but never called in a measured forward, so it got no gradient"
-            fix = "remove it, freeze it (requires_grad_(False)), or check the forward calls it"
-        else:  # called, yet nothing it returned reached the loss with a gradient
-            message = (
-                "trainable and called in the forward, but no gradient reached it in any step: its output is unused, "
-                "detached (.detach(), torch.no_grad()) or read only through non-differentiable ops (argmax, >)"
-            )
-            fix = "to train it, keep its output in the graph to the loss; if not, freeze it: requires_grad_(False)"
-        findings.append(Finding(layer.name, "unused", "warning", "usage", message, fix))
+    all_names = [layer.name for layer in context.layers]
+    for members, message, fix in causes:
+        for part, grouped in _parts(members, all_names).items():
+            first, rest = grouped[0], grouped[1:]
+            alike = f"; the same for {len(rest)} more layers, in {_named(part)}" if rest else ""
+            also = tuple(layer.name for layer in rest)
+            findings.append(Finding(first.name, "unused", "warning", "usage", message + alike, fix, None, also))
     return findings
+
+
+def _parts(members: list[Layer], names: list[str]) -> dict[tuple[str, ...], list[Layer]]:
+    """Unused layers grouped by where their cause lies: each layer's largest enclosing module whose layers are
+    all in `members` (the module never called), keyed by that module's parent with block indices wildcarded,
+    so that the same part of every block is one group; the key holds the wildcarded modules, in order."""
+    inside = {layer.name for layer in members}
+    groups: dict[str, list[Layer]] = {}
+    modules: dict[str, list[str]] = {}
+    for layer in members:
+        top = layer.name
+        parts = layer.name.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            prefix = ".".join(parts[:cut])
+            if all(name in inside for name in names if name == prefix or name.startswith(prefix + ".")):
+                top = prefix
+            else:
+                break
+        parent = peer_group(top.rpartition(".")[0])
+        groups.setdefault(parent, []).append(layer)
+        module = peer_group(top)
+        if module not in modules.setdefault(parent, []):
+            modules[parent].append(module)
+    return {tuple(modules[parent]): grouped for parent, grouped in groups.items()}
+
+
+def _named(modules: tuple[str, ...]) -> str:
+    shown = ", ".join(modules[:NAMED_PARTS])
+    return shown + (f" and {len(modules) - NAMED_PARTS} more" if len(modules) > NAMED_PARTS else "")
+
+
+NAMED_PARTS = 4  # modules a grouped unused finding names (the rest are counted)
