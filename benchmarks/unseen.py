@@ -1,13 +1,14 @@
 """The third try on unseen models (README, Checked against theory): standard architectures that neither the tests
 nor benchmarks/verdicts.py hold, run as verdicts.py runs its own (`gradcheck analyze TARGET --format json`).
 
-    python benchmarks/unseen.py [--set third|fourth|fifth] [--only torchvision|timm|hf] [--output FILE]
+    python benchmarks/unseen.py [--set third|fourth|fifth|sixth] [--only torchvision|timm|hf] [--output FILE]
 
 timm and torchvision models are full size at their own resolution; each Hugging Face type gets one generic small
 config (width 64, 4 layers, a vocabulary of 512; the keys its config class has), so a few types do not run from
 it (their pad or end ids above the vocabulary, rope settings it leaves out: exit 2 with one line). Every model is
 healthy by construction at its library's default initialisation: an error is a false alarm unless the finding
 is true of the model (README: SwiftFormer's softmax over a dimension of size 1). About 50 minutes on 2 cores.
+The sixth set is torchvision's segmentation, video and optical-flow models, each as a model file (TV_SIXTH).
 """
 
 from __future__ import annotations
@@ -268,18 +269,83 @@ def hf_targets(folder: Path, types: list[str] = HF) -> list[str]:
     return targets
 
 
+# The sixth try: what torchvision builds besides classifiers, which `torchvision:NAME` does not synthesise
+# inputs for, so each is a model file as a user writes it (build_model, get_batch and, where the output is not
+# a tensor of logits, loss_fn): semantic segmentation (a dict output, per-pixel cross-entropy against random
+# masks), video classification (clips of 16 frames), and optical flow (RAFT: a list of refinements, the loss
+# over all of them as its paper weights them, gamma 0.8).
+TV_SIXTH: dict[str, tuple[str, str, str]] = {
+    name: (
+        "segmentation",
+        "torch.randn(4, 3, 128, 128, generator=g), torch.randint(0, 21, (4, 128, 128), generator=g)",
+        'torch.nn.functional.cross_entropy(output["out"], targets)',
+    )
+    for name in ("fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large")
+}
+TV_SIXTH |= {
+    name: ("video", f"torch.randn(2, 3, 16, {size}, {size}, generator=g), torch.randint(0, 10, (2,), generator=g)", "")
+    for name, size in (
+        ("r3d_18", 112),
+        ("mc3_18", 112),
+        ("r2plus1d_18", 112),
+        ("s3d", 224),
+        ("swin3d_t", 224),
+        ("mvit_v2_s", 224),
+    )
+}
+TV_SIXTH |= {
+    name: (
+        "optical_flow",
+        "(torch.randn(2, 3, 128, 128, generator=g), torch.randn(2, 3, 128, 128, generator=g)), "
+        "torch.randn(2, 2, 128, 128, generator=g)",
+        "sum(0.8 ** (len(output) - 1 - i) * (flow - targets).abs().mean() for i, flow in enumerate(output))",
+    )
+    for name in ("raft_small",)
+}
+
+
+def sixth_files(folder: Path) -> list[str]:
+    """A model file per TV_SIXTH model, at its library's default initialisation (no weights)."""
+    targets = []
+    for name, (family, batch, loss) in TV_SIXTH.items():
+        classes = (
+            "" if family == "optical_flow" else ", num_classes=21" if family == "segmentation" else ", num_classes=10"
+        )
+        backbone = ", weights_backbone=None" if family == "segmentation" else ""
+        text = (
+            "import torch\n\nfrom gradcheck_cli.hub import import_torchvision\n\n"
+            "torchvision = import_torchvision()\n\n\n"
+            f"def build_model():\n    return torchvision.models.{family}.{name}(weights=None{backbone}{classes})\n\n\n"
+            f"def get_batch():\n    g = torch.Generator().manual_seed(0)\n    return {batch}\n"
+        )
+        text += f"\n\ndef loss_fn(output, targets):\n    return {loss}\n" if loss else ""
+        path = folder / f"tv_{name}.py"
+        path.write_text(text)
+        targets.append(str(path))
+    return targets
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["torchvision", "timm", "hf"], action="append")
-    parser.add_argument("--set", choices=["third", "fourth", "fifth"], default="third", help="which try's lists")
+    parser.add_argument(
+        "--set", choices=["third", "fourth", "fifth", "sixth"], default="third", help="which try's lists"
+    )
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     families = args.only or ["torchvision", "timm", "hf"]
-    timm, hf = {"third": (TIMM, HF), "fourth": (TIMM_FOURTH, HF_FOURTH), "fifth": (TIMM_FIFTH, HF_FIFTH)}[args.set]
+    lists = {
+        "third": (TIMM, HF),
+        "fourth": (TIMM_FOURTH, HF_FOURTH),
+        "fifth": (TIMM_FIFTH, HF_FIFTH),
+        "sixth": ([], []),
+    }
+    timm, hf = lists[args.set]
     lines = []
     with tempfile.TemporaryDirectory() as folder:
         third = args.set == "third"
         targets = [f"torchvision:{m}" for m in TORCHVISION] if "torchvision" in families and third else []
+        targets += sixth_files(Path(folder)) if "torchvision" in families and args.set == "sixth" else []
         targets += [f"timm:{m}" for m in timm] if "timm" in families else []
         targets += hf_targets(Path(folder), hf) if "hf" in families else []
         for target in targets:
