@@ -253,6 +253,8 @@ def _confirm(
             f"({shown}) gate their path (checked by opening them); they learn once those move: see --train-steps 1"
         )
     notes += _mark_side_outputs(setup, measurement) if parallel is None else []
+    if parallel is None:
+        _mark_unread(setup, measurement)
     notes += _mark_behind_scales(setup, measurement, options) if parallel is None else []
     _mark_first_step(measurement)
     in_time, gated_loops, over_depth = through_time(setup, measurement.layers, combiner)
@@ -305,6 +307,15 @@ def _mark_side_outputs(setup: Setup, measurement: Measurement) -> list[str]:
         f"{len(names)} layer(s) ({shown}) feed only outputs of the model that the loss does not read (auxiliary "
         "heads): not measured, status unjudged; a --loss that reads those outputs measures them"
     ]
+
+
+def _mark_unread(setup: Setup, measurement: Measurement) -> None:
+    """Layers with exactly zero gradient because nothing they compute reaches the loss (unread.unread_parameters)."""
+    from gradcheck_cli.unread import unread_parameters
+
+    unread = unread_parameters(setup, measurement.layers, measurement.parameters)
+    if unread:
+        measurement.layers = [dataclasses.replace(layer, unread=layer.name in unread) for layer in measurement.layers]
 
 
 def _mark_behind_scales(setup: Setup, measurement: Measurement, options: Options) -> list[str]:

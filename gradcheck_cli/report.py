@@ -134,6 +134,10 @@ class Layer:
     # no gradient in any step only because it feeds outputs of the model that the loss does not read (an
     # auxiliary classifier): measured by a backward from those outputs (confirm.side_outputs); not judged
     side_output: bool = False
+    # every gradient exactly 0, and the loss the same whatever its parameters hold (unread.unread_parameters):
+    # nothing it computes reaches the loss (the model reads one class token of a block that also transforms
+    # the others); unused, not dead
+    unread: bool = False
     # more than role_error below the network median, or most of its units starved (zero_grad_unit_fraction), only
     # because small per-channel scales (LayerScale) gate its path: measured by setting them to 1
     # (scales.open_scales); it learns as they grow

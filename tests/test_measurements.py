@@ -484,3 +484,63 @@ def test_the_unused_part_of_every_block_is_one_finding_that_covers_its_layers() 
     assert pooler.layer == "pooler" and pooler.also == ()
     assert all(report.layer(name).status == "unused" for name in cross)
     assert report.layer("blocks.1.mix").status != "unused"
+
+
+class ClassTokenHead(nn.Module):
+    """Tokens (a class token first) through a block whose `patches` layer transforms the other tokens only, as
+    MViT-v2's last block pools its queries; the head reads the class token. The loss cannot depend on
+    `patches` at any weights: structurally unread, so unused (a warning), not dead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.mix = nn.Linear(16, 16)
+        self.patches = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = torch.relu(self.mix(self.embed(x).unsqueeze(1).expand(-1, 5, -1) + torch.arange(5.0)[:, None]))
+        tokens = torch.cat([tokens[:, :1], self.patches(tokens[:, 1:])], dim=1)
+        return self.head(tokens[:, 0])
+
+
+def _dead_relu() -> nn.Module:
+    """A layer whose ReLU units never activate (bias -100, inputs at unit scale), and one before it that gets
+    no gradient because of them: the parameters of both matter once those units come on, so both stay dead."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[2].bias.fill_(-100.0)
+    return model
+
+
+def _zero_mlp() -> nn.Module:
+    """Every weight and bias 0 before ReLUs (benchmarks/theory_verdicts.py's zero-weights): the hidden layers
+    get exactly 0 (ReLU's derivative at 0 is 0, and the zero layers after them pass nothing), yet the loss
+    depends on each of them once the others hold any values: dead, none unread."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+    return model
+
+
+def test_a_layer_whose_output_the_loss_never_reads_is_unused_not_dead() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    model = ClassTokenHead()
+    # autograd written out: patches gets exactly 0, while mix (read through the class token) learns
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert model.patches.weight.grad is not None and not model.patches.weight.grad.any()
+    assert model.mix.weight.grad is not None and model.mix.weight.grad.any()
+    model.zero_grad()
+    report = gradcheck_cli.analyze(model, (x, y), steps=2)
+    found = {(f.layer, f.kind, f.severity) for f in report.findings if f.covers("patches")}
+    assert found == {("patches", "unused", "warning")}
+    assert report.layer("patches").unread and not report.layer("mix").unread
+    dead = gradcheck_cli.analyze(_dead_relu(), (x, y), steps=2)
+    # layer 2's units never activate, and layer 0 gets exactly 0 because of them: both dead, neither unread
+    assert not dead.layer("2").unread and not dead.layer("0").unread
+    assert {("0", "dead", "error"), ("2", "dead", "error")} <= {(f.layer, f.kind, f.severity) for f in dead.findings}
+    zeros = gradcheck_cli.analyze(_zero_mlp(), (x, y), steps=2)
+    assert not any(layer.unread for layer in zeros.layers)
+    assert {f.kind for f in zeros.findings if f.layer in ("0", "2")} == {"dead"}

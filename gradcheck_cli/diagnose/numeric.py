@@ -43,11 +43,13 @@ def numeric(context: Context) -> list[Finding]:
             findings.append(Finding(layer.name, "nan", "error", "numeric", message, _nan_fix(origin)))
         elif layer.trainable_params and all_zero(layer) and layer.type == "Embedding" and layer.output_grad_norm:
             findings.append(_padding_only(layer))
+        elif layer.trainable_params and all_zero(layer) and layer.unread and _learning_sibling(layer, layers) is None:
+            findings.append(_unread(layer))
         elif layer.trainable_params and all_zero(layer) and not layer.gated:
             steps = f"every gradient value is exactly 0 in all {len(layer.grad_norm_steps)} steps"
             learning = _learning_sibling(layer, layers)
             severity = "error"
-            if learning is not None:
+            if learning is not None:  # a softmax over one position: no logit matters either, but by a known cause
                 message, fix = _one_position(steps, learning)
             elif layer.input_zero_fraction == 1.0:
                 message, fix = _zero_input(steps)
@@ -110,6 +112,22 @@ def _padding_only(layer: Layer) -> Finding:
         "so every index these batches look up is padding_idx, and the inputs never exercise this table",
         "feed it the ids it embeds (an optional input left out defaults to padding: Hugging Face RoCBert's "
         "input_shape_ids and input_pronunciation_ids), or freeze it: requires_grad_(False)",
+    )
+
+
+def _unread(layer: Layer) -> Finding:
+    """A layer whose gradient is exactly 0 because the loss reads nothing it computes (unread.unread_parameters):
+    its parameters redrawn, the loss stays bit for bit the same. It cannot learn under this loss, but nothing is
+    dead: the model reads only part of what it computes (one class token), by design or by mistake."""
+    return Finding(
+        layer.name,
+        "unused",
+        "warning",
+        "usage",
+        f"every gradient value is exactly 0 in all {len(layer.grad_norm_steps)} steps, and the loss stays bit for "
+        "bit the same with its parameters redrawn: nothing they change reaches the loss (it reads only outputs "
+        "they do not affect, such as the class token of a last block whose other tokens they transform)",
+        "to train it, make the loss read what it computes; otherwise freeze it (requires_grad_(False)) or remove it",
     )
 
 
