@@ -6,8 +6,8 @@ experts looped in Python, a seq2seq GRU with attention, WaveNet, DCGAN, GCN, tow
     python benchmarks/handwritten.py [NAME ...]
 
 Prints one line per model (ok/BAD, exit, error and warning counts, the fitted signal gain) and its first
-findings. Broken models that the documented thresholds put at warning level read BAD here by design (a
-30-layer tanh net at about 6.6 depth scales, an 8-layer N(0,1) sigmoid net 57% saturated, a ReLU RNN with
+findings. Broken models that the documented thresholds put at warning level read BAD here by design (an
+8-layer N(0,1) sigmoid net 57% saturated, a ReLU RNN with
 W_hh = 1.5 orthogonal over 32 steps, a detached backbone: `unused` is not in the default --fail-on).
 """
 

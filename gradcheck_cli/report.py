@@ -193,6 +193,10 @@ class SignalSummary:
     # (signal._at_input_scale): set only when a normalised residual net's trend passed residual_gain and is
     # explained so, in which case it, not gain_per_layer, was judged
     input_scale_gain: float | None = None
+    # the per-layer gain of ||dL/dz|| x input RMS (the scale of dL/dW) where a plain chain without normalisation
+    # carries its trend past the trainable depth (6 depth scales) into its weights' gradients
+    # (signal._past_trainable_depth): set only then, and the trend is an error
+    weight_gradient_gain: float | None = None
 
 
 @dataclass(frozen=True)

@@ -48,3 +48,29 @@ def test_orthogonal_linear_chain_is_exact() -> None:
     for inner, outer in itertools.pairwise(norms):
         assert inner / outer == pytest.approx(scale, rel=1e-4)
     assert report.signal.gain_per_layer == pytest.approx(scale, rel=1e-3)
+
+
+@pytest.mark.parametrize(("activation", "sw2"), [(nn.Tanh, 3.0), (nn.ReLU, 2 * 0.6**2)])
+def test_past_six_depth_scales_a_plain_chain_fails_where_its_weights_gradients_follow(activation, sw2) -> None:
+    """Both nets are deep enough for ||dL/dz|| to change by about e^4 = 55x over the chain: 8 depth scales,
+    past the ~6 at which a plain network stops training (Schoenholz et al. 2017) and short of the 12 of the
+    signal view's error factor. In the chaotic tanh net (chi1 from the mean-field integral) the activations are
+    bounded, so each layer's dL/dW = dL/dz x^T spreads as dL/dz does: the input end learns from a signal 55x
+    the output end's, an error. ReLU is positively homogeneous (He et al. 2015): at sw2 = 2 x 0.6^2 the forward
+    pass shrinks by 0.6 per layer as the backward does, each layer's dL/dW stays level, and the trend stays a
+    warning (PyTorch's default init puts every ReLU MLP there, and they train)."""
+    torch.manual_seed(0)
+    chaotic = activation is nn.Tanh
+    gain = math.sqrt(tanh_chi1(sw2, 0.0) if chaotic else relu_chi1(sw2))
+    depth = round(4.0 / abs(math.log(gain))) + 1
+    report = gradcheck_cli.analyze(MLP(activation, sw2, depth=depth, width=256), _batches(256))
+    total = report.signal.total_factor
+    assert total is not None and 20 < max(total, 1 / total) < 400
+    (trend,) = [f for f in report.findings if f.view == "signal"]
+    assert trend.kind == ("exploding" if chaotic else "vanishing")
+    if chaotic:
+        assert trend.severity == "error" and "trainable depth" in trend.message
+        assert report.signal.weight_gradient_gain == pytest.approx(gain, rel=0.05)
+    else:
+        assert trend.severity == "warning" and report.signal.weight_gradient_gain is None
+        assert report.signal.gain_per_layer == pytest.approx(gain, rel=0.05)

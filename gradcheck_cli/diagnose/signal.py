@@ -79,7 +79,58 @@ def signal_view(
     if scaled is not None and 1 / thresholds.residual_gain < scaled < thresholds.residual_gain:
         return dataclasses.replace(summary, input_scale_gain=scaled), []
     described = f"{len(chain)} layers" + (f", {span + 1:.0f} deep" if span + 1 != len(chain) else "")
-    return summary, _findings(chain, ys, end, gain, total, thresholds, described, beyond is not None)
+    findings = _findings(chain, ys, end, gain, total, thresholds, described, beyond is not None)
+    if findings and findings[0].severity == "warning" and residual is False and beyond is None:
+        weight_gain = _past_trainable_depth(chain, xs, groups, total, span, thresholds)
+        if weight_gain is not None:
+            summary = dataclasses.replace(summary, weight_gradient_gain=weight_gain)
+            findings = [_untrainable(findings[0], weight_gain, span)]
+    return summary, findings
+
+
+def _past_trainable_depth(
+    chain: Sequence[Layer],
+    xs: Sequence[float],
+    groups: Sequence[object],
+    total: float,
+    span: float,
+    thresholds: Thresholds,
+) -> float | None:
+    """The per-layer gain of ||dL/dz|| x input RMS, the scale of dL/dW = dL/dz x^T, where a plain chain without
+    normalisation carries the trend past the trainable depth into its weights' gradients (None otherwise).
+
+    Past about 6 depth scales (a factor e^3 = 20 over the chain: signal_warning) a plain network does not train
+    (Schoenholz et al. 2017): its input end learns from a signal e^3 apart from the output end's. That holds
+    where the forward pass keeps its scale, as bounded activations do (tanh in the chaotic phase, an ordered
+    phase held up by biases): there the weights' gradients spread as dL/dz does. A ReLU chain at PyTorch's
+    default init shrinks forward as it shrinks backward (x0.41 per layer both ways; He et al. 2015), so its
+    layers' dL/dW stay level and each layer's steps keep their size; such chains train (AlexNet) and stay a
+    warning. So does a chain that mostly feeds normalisation layers, which divide the weights' scale out (its
+    growth is the one BatchNorm causes: Yang et al. 2019), and a chain whose layers' inputs were not measured."""
+    if 2 * sum(layer.feeds_norm for layer in chain) > len(chain):
+        return None
+    if not all(layer.input_rms and math.isfinite(layer.input_rms) for layer in chain):
+        return None
+    ys = [math.log10(layer.output_grad_per_position or 1.0) + math.log10(layer.input_rms or 1.0) for layer in chain]
+    slope = theil_sen_slope(xs, ys, groups)
+    if slope is None:
+        return None
+    weight_gain = 10 ** (-slope)
+    spread = weight_gain**span
+    if (spread < 1) != (total < 1) or max(spread, 1 / spread) < thresholds.signal_warning:
+        return None
+    return weight_gain
+
+
+def _untrainable(finding: Finding, weight_gain: float, span: float) -> Finding:
+    """A plain chain's trend past the trainable depth, carried into its weights' gradients: an error."""
+    spread = times(max(weight_gain**span, weight_gain ** (-span)))
+    message = (
+        f"{finding.message}; past the trainable depth of a plain network (6 depth scales, a factor of 20: "
+        f"Schoenholz et al. 2017), and the layers' weight gradients follow it (dL/dz x input RMS x{weight_gain:.3g} "
+        f"per layer, {spread} over the chain)"
+    )
+    return dataclasses.replace(finding, severity="error", message=message)
 
 
 # Fewest layers, in groups that span more than one depth, that the fitted slope may rest on. Two layers are one

@@ -171,16 +171,22 @@ def signal_line(report: Report) -> str:
     depths = [layer.depth for layer in report.layers if layer.name in in_chain]
     deep = len(set(depths)) if None not in depths else len(signal.chain)
     span = f"{len(signal.chain)} layers" + (f", {deep} deep" if deep != len(signal.chain) else "")
+    extras = [f"x{signal.total_factor:.3g} in all"]
+    if gates:
+        extras.append(f"x{gates:.2f} per layer beyond the LSTM/GRU gates at their neutral point, judged")
+    if signal.input_scale_gain:
+        extras.append(
+            f"x{signal.input_scale_gain:.2f} per layer with each layer's dL/dz taken at its input's scale below unit "
+            "RMS, judged: a normalised branch's gradient follows 1/RMS of the stream it reads"
+        )
+    if signal.weight_gradient_gain:
+        extras.append(
+            f"dL/dz x input RMS x{signal.weight_gradient_gain:.2f} per layer: the weights' gradients follow it past "
+            "the trainable depth of a plain network"
+        )
     return (
         f"signal view: ||dL/dz|| x{signal.gain_per_layer:.2f} per layer toward the input over {span} "
-        f"(x{signal.total_factor:.3g} in all"
-        + (f"; x{gates:.2f} per layer beyond the LSTM/GRU gates at their neutral point, judged)" if gates else "")
-        + (
-            f"; x{signal.input_scale_gain:.2f} per layer with each layer's dL/dz taken at its input's scale below "
-            "unit RMS, judged: a normalised branch's gradient follows 1/RMS of the stream it reads)"
-            if signal.input_scale_gain
-            else ("" if gates else ")")
-        )
+        f"({'; '.join(extras)})"
     )
 
 
