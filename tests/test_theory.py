@@ -74,3 +74,28 @@ def test_past_six_depth_scales_a_plain_chain_fails_where_its_weights_gradients_f
     else:
         assert trend.severity == "warning" and report.signal.weight_gradient_gain is None
         assert report.signal.gain_per_layer == pytest.approx(gain, rel=0.05)
+
+
+def test_an_embedding_before_a_chaotic_chain_does_not_hide_it() -> None:
+    """The chaotic tanh chain of the test above read from an nn.Embedding (its N(0, 1) rows are the unit-RMS
+    inputs of the mean-field setting): the embedding reads indices, so its input has no RMS and it is left out
+    of the weight-gradient fit, not a reason to skip it. Theory as above: about e^4 over the chain, an error."""
+
+    class Tokens(nn.Module):
+        def __init__(self, depth: int) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(50, 256)
+            self.chain = MLP(nn.Tanh, 3.0, depth=depth, width=256)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.chain(self.embed(tokens))
+
+    torch.manual_seed(0)
+    gain = math.sqrt(tanh_chi1(3.0, 0.0))
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 50, (128,), generator=g), torch.randint(0, 10, (128,), generator=g)) for _ in range(3)]
+    report = gradcheck_cli.analyze(Tokens(round(4.0 / math.log(gain)) + 1), batches)
+    assert "embed" in report.signal.chain
+    (trend,) = [f for f in report.findings if f.view == "signal"]
+    assert trend.kind == "exploding" and trend.severity == "error"
+    assert report.signal.weight_gradient_gain == pytest.approx(gain, rel=0.05)

@@ -106,12 +106,17 @@ def _past_trainable_depth(
     default init shrinks forward as it shrinks backward (x0.41 per layer both ways; He et al. 2015), so its
     layers' dL/dW stay level and each layer's steps keep their size; such chains train (AlexNet) and stay a
     warning. So does a chain that mostly feeds normalisation layers, which divide the weights' scale out (its
-    growth is the one BatchNorm causes: Yang et al. 2019), and a chain whose layers' inputs were not measured."""
+    growth is the one BatchNorm causes: Yang et al. 2019). Layers whose input has no RMS (an embedding reads
+    indices) are left out of this fit; too few left to fit, and the trend stays a warning."""
     if 2 * sum(layer.feeds_norm for layer in chain) > len(chain):
         return None
-    if not all(layer.input_rms and math.isfinite(layer.input_rms) for layer in chain):
+    measured = [i for i, layer in enumerate(chain) if layer.input_rms and math.isfinite(layer.input_rms)]
+    xs, groups = [xs[i] for i in measured], [groups[i] for i in measured]
+    if _fitted_layers(xs, groups) < FEWEST_FITTED:
         return None
-    ys = [math.log10(layer.output_grad_per_position or 1.0) + math.log10(layer.input_rms or 1.0) for layer in chain]
+    ys = [
+        math.log10(chain[i].output_grad_per_position or 1.0) + math.log10(chain[i].input_rms or 1.0) for i in measured
+    ]
     slope = theil_sen_slope(xs, ys, groups)
     if slope is None:
         return None
