@@ -182,6 +182,31 @@ def test_a_flagged_layer_always_has_its_own_row() -> None:
         assert len(folded) == 1 and (width == 80 or "{0..4,6..11}" in folded[0]), names
 
 
+def test_a_long_sequential_folds_its_every_other_index_as_one_run_with_its_step() -> None:
+    """nn.Sequential(Linear, ReLU, Linear, ReLU, ...) holds its weight layers at every other index (0, 2, 4, ...).
+    Listed one by one, 28 of them made the folded row's name wider than its numbers, so a 150-column terminal
+    dropped the type, params, spread and histogram columns; written as one run with its step they stay."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(40):  # past FOLD_ANY_ABOVE layers, where positions in a chain fold too
+        linear = nn.Linear(32, 32)
+        nn.init.kaiming_normal_(linear.weight)
+        layers += [linear, nn.ReLU()]
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(64, 32, generator=g), torch.randint(0, 32, (64,), generator=g))
+    report = gradcheck_cli.analyze(nn.Sequential(*layers), batch, steps=2)
+    text = _render(report, 150)
+    names = [line.split("│")[0].strip() for line in _table_rows(text)]
+    shown = {index for name in names if name.isdigit() for index in [int(name)]}
+    folded = [name for name in names if "by 2" in name]
+    assert len(folded) == 1 and re.fullmatch(r"\{\d+\.\.78 by 2\}", folded[0]), names
+    first = int(folded[0][1:].split("..")[0])
+    # every weight layer is in a row: its own, or the run's
+    assert shown | set(range(first, 79, 2)) == set(range(0, 79, 2)), names
+    header = next(line for line in text.splitlines() if "┃" in line)
+    assert all(column in header for column in ("type", "params", "spread")), header
+
+
 def test_layers_all_shows_every_layer_and_flagged_only_the_flagged() -> None:
     report = _report("bert-broken")
     assert len(_table_rows(_render(report, 160, "all"))) == len(report.layers)

@@ -101,13 +101,37 @@ def _pattern(members: Sequence[Layer]) -> str:
 
 
 def _ranges(values: Sequence[int]) -> str:
-    runs: list[list[int]] = []
-    for value in values:
-        if runs and value == runs[-1][1] + 1:
-            runs[-1][1] = value
+    """Sorted distinct numbers as runs: `0..4,6..11`; a run of at least STRIDED_RUN numbers a fixed step apart as
+    `8..62 by 2` (a Sequential's weight layers sit at every other index, its activations between them)."""
+    runs: list[tuple[int, int, int]] = []  # first, last, step
+    start = 0
+    while start < len(values):
+        if start + 1 == len(values):
+            runs.append((values[start], values[start], 1))
+            break
+        end = start + 1
+        step = values[end] - values[start]
+        while end + 1 < len(values) and values[end + 1] - values[end] == step:
+            end += 1
+        if step == 1 or end - start + 1 >= STRIDED_RUN:
+            runs.append((values[start], values[end], step))
+            start = end + 1
         else:
-            runs.append([value, value])
-    return ",".join(str(a) if a == b else (f"{a},{b}" if b == a + 1 else f"{a}..{b}") for a, b in runs)
+            runs.append((values[start], values[start], 1))
+            start += 1
+    return ",".join(_run(*run) for run in runs)
+
+
+# Fewest numbers a fixed step (above 1) apart that are written as one run: three (8,10,12) are as short listed.
+STRIDED_RUN = 4
+
+
+def _run(first: int, last: int, step: int) -> str:
+    if first == last:
+        return str(first)
+    if step == 1:
+        return f"{first},{last}" if last == first + 1 else f"{first}..{last}"
+    return f"{first}..{last} by {step}"
 
 
 def common_prefix(names: Sequence[str]) -> str:
