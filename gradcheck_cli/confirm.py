@@ -245,6 +245,12 @@ def through_time(
     handles += [
         spec.module.register_forward_hook(_record_calls(spec.name, steps[spec.name], watch)) for spec in modules
     ]
+    order: list[str] = []  # every module layer's calls, in the order they end
+    handles += [
+        spec.module.register_forward_hook(_log_call(spec.name, order))
+        for spec in setup.layers
+        if not spec.functional and spec.module is not setup.model
+    ]
     matrices = _functional_calls([spec for spec in looped if spec.functional], steps, watch)
     passes = Passes(setup.runner, setup.loss, setup.device, setup.amp_dtype)
     batch = setup.batches[0].to(setup.device)
@@ -268,7 +274,44 @@ def through_time(
             squares[name] = torch.stack(recorded)
     cells = {spec.name for spec in looped if isinstance(spec.module, nn.RNNCellBase)}
     in_time = _time_loops({name: len(recorded) for name, recorded in steps.items()}, watch, cells)
-    return _per_step_norms(squares, combiner, setup.device), watch.gated & in_time, set(steps) - in_time
+    weights = {spec.name for spec in setup.layers if any(is_matrix(p) for _, p in spec.params)}
+    interleaved = _interleaved(order, set(steps) - in_time, weights)
+    for name in interleaved:
+        squares.pop(name, None)
+    return (
+        _per_step_norms(squares, combiner, setup.device),
+        watch.gated & in_time,
+        set(steps) - in_time - interleaved,
+    )
+
+
+def _interleaved(order: Sequence[str], looped: set[str], weights: set[str]) -> set[str]:
+    """The looped layers whose calls are not a loop over depth: between two of them a weight layer of its own
+    runs (one called fewer times than the looped layer, so not part of a loop body). A block applied again to
+    its own result (ALBERT's shared layer) passes the stream from one call to the next through itself alone, so
+    the change of its gradient from call to call is its own Jacobian compounding; a layer shared by distinct
+    blocks (timm's CoaT applies one convolutional position encoder per stage in each of that stage's blocks)
+    passes it through those blocks' weights, so that change is the stream's, which the signal view judges with
+    those blocks in its chain. Such a layer is judged as any other, not through its calls."""
+    counts: dict[str, int] = {}
+    for name in order:
+        counts[name] = counts.get(name, 0) + 1
+    result = set()
+    for name in looped:
+        positions = [i for i, called in enumerate(order) if called == name]
+        if len(positions) < 2:
+            continue
+        between = set(order[positions[0] + 1 : positions[-1]])
+        if any(other in weights and counts[other] < counts[name] for other in between):
+            result.add(name)
+    return result
+
+
+def _log_call(name: str, order: list[str]) -> Callable[..., None]:
+    def hook(module: torch.nn.Module, args: object, output: object) -> None:
+        order.append(name)
+
+    return hook
 
 
 def _time_loops(calls: dict[str, int], watch: GateWatch, cells: set[str]) -> set[str]:

@@ -94,6 +94,47 @@ def test_a_loop_runs_through_time_only_when_its_calls_read_the_sequence_step_by_
         assert "applied 12 times" in finding.message and finding.factor is not None and finding.factor < 1 / 400
 
 
+class SharedBetweenBlocks(nn.Module):
+    """One residual layer shared by 12 distinct blocks, applied before each (timm's CoaT shares a convolutional
+    position encoder among a stage's blocks): x <- B_k(x + S x). Every B_k is 0.5 x an orthogonal matrix, so
+    going toward the input the gradient halves exactly at each block; S is 0.02 x orthogonal, so its own
+    Jacobian I + S changes a gradient's norm by at most 2% a call."""
+
+    def __init__(self, width: int = 32, blocks: int = 12) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, width)
+        self.shared = nn.Linear(width, width, bias=False)
+        self.blocks = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(blocks))
+        self.head = nn.Linear(width, 4)
+        with torch.no_grad():
+            nn.init.orthogonal_(self.shared.weight).mul_(0.02)
+            for block in self.blocks:
+                nn.init.orthogonal_(block.weight).mul_(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x[:, 0])
+        for block in self.blocks:
+            h = block(h + self.shared(h))
+        return self.head(h)
+
+
+def test_a_layer_shared_by_distinct_blocks_is_not_a_loop_over_depth() -> None:
+    """The shared layer's 12 calls see the gradient halve at each call, but the halving is the distinct blocks'
+    (0.5 x orthogonal, exact), not its own: it is no block applied again to its own result, and judging its
+    calls as one would blame it (before: `vanishing [time]`, 12 applications, 2048x, on `shared`). The signal
+    view, whose chain holds the blocks, reads their x0.5 per block and flags it there."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 12, 8, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(2)]
+    report = gradcheck_cli.analyze(SharedBetweenBlocks(), batches, steps=2)
+    shared = next(layer for layer in report.layers if layer.name == "shared")
+    assert shared.calls == 12 and not shared.loop_over_depth and shared.time_grad_norms is None
+    assert not [f for f in report.findings if f.view == "time"]
+    assert report.signal.gain_per_layer == pytest.approx(0.5, rel=0.05)
+    trend = next(f for f in report.findings if f.view == "signal")
+    assert trend.kind == "vanishing" and trend.severity == "error" and "blocks.0" in trend.also
+
+
 class Cell(nn.Module):
     """A cell written as one module that owns its matrices (`x @ self.W_ih + h @ self.W_hh`), its gating in its own
     forward and the state it returns: an LSTM cell (PyTorch's init, U(-1/sqrt(n), 1/sqrt(n))), the same with its
