@@ -19,6 +19,7 @@ squared norms combined across ranks), so all ranks replay alike.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 
 import torch
@@ -293,18 +294,18 @@ def _interleaved(order: Sequence[str], looped: set[str], weights: set[str]) -> s
     blocks (timm's CoaT applies one convolutional position encoder per stage in each of that stage's blocks)
     passes it through those blocks' weights, so that change is the stream's, which the signal view judges with
     those blocks in its chain. Such a layer is judged as any other, not through its calls."""
-    counts: dict[str, int] = {}
-    for name in order:
-        counts[name] = counts.get(name, 0) + 1
-    result = set()
-    for name in looped:
-        positions = [i for i, called in enumerate(order) if called == name]
-        if len(positions) < 2:
-            continue
-        between = set(order[positions[0] + 1 : positions[-1]])
-        if any(other in weights and counts[other] < counts[name] for other in between):
-            result.add(name)
-    return result
+    counts = Counter(order)
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for index, name in enumerate(order):
+        first.setdefault(name, index)
+        last[name] = index
+    return {
+        name
+        for name in looped
+        if counts[name] >= 2
+        and any(other in weights and counts[other] < counts[name] for other in set(order[first[name] + 1 : last[name]]))
+    }
 
 
 def _log_call(name: str, order: list[str]) -> Callable[..., None]:

@@ -65,12 +65,16 @@ class Passes:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
-    def forward_backward(self, batch: Batch) -> torch.Tensor:
-        """The loss (unscaled) after backward; gradients carry `scale`."""
+    def forward_loss(self, batch: Batch) -> torch.Tensor:
+        """The loss of one forward, before any backward."""
         with self.autocast():
             # No name for the output: it is freed once the loss is computed, as in a training loop, not kept
             # through the backward (a language model's logits are often the largest tensor of the step).
-            value = _loss(self.loss, forward(self.runner, batch), batch)
+            return _loss(self.loss, forward(self.runner, batch), batch)
+
+    def forward_backward(self, batch: Batch) -> torch.Tensor:
+        """The loss (unscaled) after backward; gradients carry `scale`."""
+        value = self.forward_loss(batch)
         _backward(self.scaler.scale(value) if self.scaler is not None else value)
         return value
 

@@ -27,8 +27,6 @@ def unread_parameters(setup: Setup, layers: Sequence[Layer], parameters: Sequenc
     redrawn around its values at their own scale (dead units come on). There, each candidate's parameters are
     redrawn once more and the first batch's loss computed again (forward only, the same random draws for
     dropout); a loss that stays bit for bit the same says the layer is not read whatever the weights."""
-    from gradcheck_cli.passes import _loss, forward
-
     silent = [
         layer
         for layer in layers
@@ -54,9 +52,9 @@ def unread_parameters(setup: Setup, layers: Sequence[Layer], parameters: Sequenc
 
     def loss() -> float:
         devices = [setup.device] if setup.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), passes.autocast():  # a graph: the loss checks it has one
+        with torch.random.fork_rng(devices=devices):  # with a graph: the loss checks that it has one
             torch.manual_seed(0)
-            return float(_loss(setup.loss, forward(setup.runner, batch), batch).detach())
+            return float(passes.forward_loss(batch).detach())
 
     def same_without(group: Sequence[Layer]) -> bool:
         changed = tensors(group)
