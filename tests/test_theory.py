@@ -99,3 +99,66 @@ def test_an_embedding_before_a_chaotic_chain_does_not_hide_it() -> None:
     (trend,) = [f for f in report.findings if f.view == "signal"]
     assert trend.kind == "exploding" and trend.severity == "error"
     assert report.signal.weight_gradient_gain == pytest.approx(gain, rel=0.05)
+
+
+class ShiftedBatchNormCNN(nn.Module):
+    """conv-BN-ReLU three times, every BN bias at `shift`: BatchNorm standardises each channel over the batch,
+    so the ReLU after it is active where N(0, 1) > -shift, a fraction 1 - Phi(-shift) of the positions."""
+
+    def __init__(self, shift: float) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(
+            *(
+                nn.Sequential(nn.Conv2d(c, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+                for c in (3, 32, 32)
+            )
+        )
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.bias.fill_(shift)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x).mean((2, 3)))
+
+
+def _normal_tail(z: float) -> float:
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+@pytest.mark.parametrize(("shift", "severity"), [(0.0, None), (-2.0, "warning"), (-3.0, "error")])
+def test_nearly_dead_relus_behind_a_shifted_batchnorm_are_found_though_no_unit_is_dead(shift, severity) -> None:
+    """The first convolution maps Gaussian images linearly, so what its BN standardises is Gaussian and the
+    ReLU after it is active for exactly 1 - Phi(-b) of the positions: 50% at b = 0, 2.3% at -2 (below the 5%
+    that warns), 0.13% at -3 (below the 1% that is an error). Every one of the 32 channels still fires at some
+    of its 16 x 16 x 16 positions, so no unit is dead in the never-active sense; what the next convolution reads
+    is almost all exact zeros, and that is the finding, on it (not on the first, which reads the images)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(3)]
+    report = gradcheck_cli.analyze(ShiftedBatchNormCNN(shift), batches)
+    active = _normal_tail(-shift)
+    zeros = report.layer("blocks.1.0").input_zero_fraction
+    # 8192 sampled values: a binomial spread of at most 0.6% at p = 1/2, 0.04% at p = 0.13%
+    assert zeros == pytest.approx(1 - active, abs=max(0.02, 4 * math.sqrt(active * (1 - active) / 8192)))
+    assert all(report.layer(n).dead_fraction == 0.0 for n in ("blocks.0.1", "blocks.1.1", "blocks.2.1"))
+    found = {f.layer: f.severity for f in report.findings if f.kind == "dead"}
+    assert found.get("blocks.1.0") == severity
+    assert "blocks.0.0" not in found
+    assert bool(found) == (severity is not None)
+    assert bool(report.failing()) == (severity == "error")
+
+
+def test_sparse_data_is_not_a_nearly_dead_activation() -> None:
+    """A first layer reading 99.5%-zero features (bag-of-words counts) reads data, not a dead activation."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(3):
+        x = torch.randn(64, 2000, generator=g) * (torch.rand(64, 2000, generator=g) < 0.005)
+        batches.append((x, torch.randint(0, 10, (64,), generator=g)))
+    model = nn.Sequential(nn.Linear(2000, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    report = gradcheck_cli.analyze(model, batches)
+    assert report.layer("0").input_zero_fraction > 0.99
+    assert not [f for f in report.findings if f.kind == "dead"]

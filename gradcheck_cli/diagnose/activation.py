@@ -7,6 +7,8 @@ import math
 
 from gradcheck_cli.diagnose.common import Context, all_zero, got_no_gradient, level
 from gradcheck_cli.diagnose.peers import peer_group
+from gradcheck_cli.diagnose.thresholds import Thresholds
+from gradcheck_cli.diagnose.update import expects_comparison
 from gradcheck_cli.report import Finding, Layer
 
 # Dead units, and chance. At a random symmetric initialisation a unit's pre-activation w.x + b is below 0 for
@@ -81,6 +83,8 @@ def activations(context: Context) -> list[Finding]:
             severity = None  # as many dead units as a random init leaves by chance (CHANCE_DEAD)
         if severity is not None and dead is not None:
             findings.append(Finding(layer.name, "dead", severity, "activation", f"{dead:.0%} of {source}", fix, dead))
+        else:
+            findings += nearly_dead(layer, thresholds)
         saturated = layer.saturated_fraction
         severity = level(saturated or 0.0, thresholds.saturation_warning, thresholds.saturation_error)
         if severity is not None and saturated is not None:
@@ -97,6 +101,36 @@ def activations(context: Context) -> list[Finding]:
                 )
             )
     return findings
+
+
+def nearly_dead(layer: Layer, thresholds: Thresholds) -> list[Finding]:
+    """A hidden weight layer that reads almost nothing but exact zeros: the activation before it (a ReLU
+    family unit, in whatever form: module, F.relu, a clamp) is active for a sliver of its inputs, so it passes
+    a gradient, and feeds this layer's weight gradient, for that sliver only. No unit need be dead for it:
+    BatchNorm shifted far below 0 leaves every channel active at a few positions of thousands (MobileNetV2
+    with its BN biases at -3: 0.2% active, none never), which the count of units that never activate misses.
+
+    Not judged: a layer that reads the model's input (depth 1: sparse features are data, not activations), an
+    embedding (it reads ids), a tied alias, a gated layer, and a layer whose input is exactly 0 everywhere
+    (each of its units outputs its bias: the layer before it carries that finding)."""
+    zeros = layer.input_zero_fraction
+    reads_hidden = layer.depth is not None and layer.depth > 1
+    weight_layer = expects_comparison(layer) and layer.category != "embedding"
+    if zeros is None or zeros >= 1.0 or not reads_hidden or not weight_layer or layer.gated:
+        return []
+    severity = level(zeros, thresholds.nearly_dead_warning, thresholds.nearly_dead_error)
+    if severity is None:
+        return []
+    message = (
+        f"{zeros:.1%} of its input values are exact zeros: the activation before it is nearly dead, active for "
+        f"{1 - zeros:.1%} of inputs (a healthy ReLU: about half), and gradients pass through that sliver only"
+    )
+    fix = (
+        "pre-activations sit below 0 for almost every input: check the bias or normalisation shift before the "
+        "activation (a BatchNorm/LayerNorm bias far below 0), initialise with nn.init.kaiming_normal_ and zero "
+        "biases, or use nn.LeakyReLU / nn.GELU; if the zeros come from dropout, lower its rate"
+    )
+    return [Finding(layer.name, "dead", severity, "activation", message, fix, zeros)]
 
 
 def usage(context: Context) -> list[Finding]:
