@@ -38,6 +38,7 @@ from gradcheck_cli.passes import (
     materialize_lazy,
     measure,
     seeded,
+    small_norm_note,
     unwrap,
 )
 from gradcheck_cli.reduce import released_caches
@@ -222,6 +223,8 @@ def _measure(
     )
     measurement = measure(setup, plan, collector, combiner)
     notes = []
+    note = small_norm_note(measurement.small_norm)
+    notes += [note] if note else []
     if measurement.training is not None:
         note = bad_step_note(measurement.training)
         notes += [note] if note else []

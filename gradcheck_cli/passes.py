@@ -206,6 +206,56 @@ class Measurement:
     flat: dict[str, tuple[float, int, str]] = dataclasses.field(default_factory=dict)
     # layer name -> its depth in the first measured forward's graph (depth.py); empty when not watched
     depths: dict[str, int] = dataclasses.field(default_factory=dict)
+    # the BatchNorm that normalised fewest values per channel, and how many, when under SMALL_NORM_VALUES
+    small_norm: tuple[str, int] | None = None
+
+
+# BatchNorm over two values per channel: x_hat = +-1 whatever the two values are, so its output does not depend
+# on its input and no gradient passes it (dL/dx = g - mean(g) - x_hat mean(g x_hat) = 0) but for what eps (in
+# sqrt(var + eps)) and rounding leave, divided by the pair's spread: huge gradients that mean nothing
+# (torchvision's EfficientNet-B0 at batch 2, 32 px: 1x1 maps in its last stages, 31 `exploding` errors). One
+# value per channel PyTorch refuses itself.
+DEGENERATE_NORM_VALUES = 2
+# Over m values the batch variance is sigma^2 chi2(m-1)/(m-1), and BN's backward divides by its square root:
+# P(a channel's spread under a tenth of sigma, a 10x larger gradient) is 1.4e-3 at m = 4, 7e-7 at m = 8. Below
+# 8, a network's thousands of channels hold some so amplified: a note names the layer, since what is measured is
+# then the batch's statistics as much as the model.
+SMALL_NORM_VALUES = 8
+
+
+def _check_batch_norms(probe: Probe, layers: Sequence[LayerSpec]) -> tuple[str, int] | None:
+    """The BatchNorm layer (train mode) that normalised the fewest values per channel (batch x positions) in
+    the first measured step, if under SMALL_NORM_VALUES; UserError at DEGENERATE_NORM_VALUES or fewer, so that
+    noise is not judged. SyncBatchNorm across processes pools the batches of all of them, which one process
+    cannot count: not checked."""
+    pooled = torch.distributed.is_available() and torch.distributed.is_initialized()
+    counted = [
+        (probe.norm_values[spec.index], spec)
+        for spec in layers
+        if spec.index in probe.norm_values and not (pooled and isinstance(spec.module, nn.SyncBatchNorm))
+    ]
+    if not counted:
+        return None
+    values, spec = min(counted, key=lambda item: item[0])
+    if values <= DEGENERATE_NORM_VALUES:
+        raise UserError(
+            f"{spec.name} ({type(spec.module).__name__}) normalises {values} values per channel in train mode (batch "
+            "x positions): its output is +-1 whatever its input, so no gradient passes it and what reaches the "
+            "layers before it is an artifact of eps and rounding",
+            "use batches of 4 or more samples, or larger inputs; or --eval for the running statistics",
+        )
+    return (spec.name, values) if values < SMALL_NORM_VALUES else None
+
+
+def small_norm_note(found: tuple[str, int] | None) -> str | None:
+    if found is None:
+        return None
+    name, values = found
+    return (
+        f"{name} (BatchNorm) normalises only {values} values per channel (batch x positions): its backward divides "
+        "by their spread, so some channels' gradients are inflated by chance; judge with the batch size and input "
+        "size you train with"
+    )
 
 
 @dataclass(frozen=True)
@@ -255,6 +305,7 @@ def measure(setup: Setup, plan: Plan, collector: Collector, combiner: Combiner) 
     nan_origin = None
     flat: dict[str, tuple[float, int, str]] = {}
     depths: dict[str, int] = {}
+    small_norm: tuple[str, int] | None = None
     with (
         seeded(plan.seed, setup.device),
         Restorer(model, save_parameters=plan.train_steps > 0),
@@ -274,6 +325,8 @@ def measure(setup: Setup, plan: Plan, collector: Collector, combiner: Combiner) 
                     value = _measured_step(passes, probe, collector, batch, rng)
                 if watch is not None:
                     flat, depths = flat_units(watch.flat), dict(watch.depth.depth)
+                if step == 0:
+                    small_norm = _check_batch_norms(probe, setup.layers)
                 if plan.grad_writer is not None:
                     plan.grad_writer.add_step(step, setup.layers, 1.0 / passes.scale)
                 if first_bad is None and not (math.isfinite(value) and collector.grads_finite(step)):
@@ -304,6 +357,7 @@ def measure(setup: Setup, plan: Plan, collector: Collector, combiner: Combiner) 
         training,
         flat,
         depths,
+        small_norm,
     )
 
 

@@ -63,6 +63,10 @@ class Probe:
         self._handles: list[RemovableHandle] = []
         self._last_layer: int | None = None
         self._layer_category = {spec.index: spec.category for spec in layers}
+        # BatchNorm layers: the fewest values one of their channels was normalised over in a call with batch
+        # statistics (batch x positions), read after the first step (norm_values)
+        self._batch_norms = {spec.index for spec in layers if isinstance(spec.module, nn.modules.batchnorm._BatchNorm)}
+        self.norm_values: dict[int, int] = {}
         self._recording = False
         # matrices no module applies (functional.py): watched through the functions they are passed to, each
         # call handled as its layer's forward hook; `used_as` what they were applied as (linear or conv)
@@ -168,6 +172,9 @@ class Probe:
                 tape.order.append(index)
             tape.calls[index] += 1
             inputs = first_tensor(args)
+            if index in self._batch_norms and _batch_statistics(module) and inputs is not None and inputs.dim() >= 2:
+                values = inputs.numel() // max(1, inputs.shape[1])
+                self.norm_values[index] = min(values, self.norm_values.get(index, values))
             if category == "norm" and inputs is not None and self._last_layer is not None:
                 last = self._last_output() if self._last_output is not None else None
                 if (last is not None and inputs is last) or _activated(inputs, self._last_node):
@@ -323,3 +330,8 @@ def in_backward() -> bool:
     """Whether autograd is running a backward pass right now (a checkpointed forward being recomputed)."""
     current = getattr(torch._C, "_current_graph_task_id", None)
     return current is not None and current() != -1
+
+
+def _batch_statistics(module: nn.Module | None) -> bool:
+    """Whether a BatchNorm module normalises by the batch's statistics in this call (not its running ones)."""
+    return module is not None and (module.training or not getattr(module, "track_running_stats", True))

@@ -76,6 +76,8 @@ def catalogue() -> dict[str, bytes]:
         "scripted.py": HEADER + "model = torch.jit.script(nn.Sequential(nn.Linear(8, 16), nn.ReLU()))\n",
         "on_meta.py": HEADER + "with torch.device('meta'):\n    " + MLP,
         "complex.py": HEADER + "model = nn.Linear(8, 2).to(torch.complex64)\n",
+        "batch_norm.py": HEADER
+        + "model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))\n",
         "oom_cuda.py": _module("raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')"),
         "oom_cpu.py": _module('raise RuntimeError("DefaultCPUAllocator: can\'t allocate memory: you tried 9 GB")'),
         "memory_error.py": _module("raise MemoryError()"),
@@ -202,6 +204,7 @@ CASES = {
         "has no values for 3 tensor(s) the model built on the meta device: 0.bias, 2.weight, 2.bias",
     ),
     "complex parameters": ("complex.py --data randn:4,8", "parameter weight is complex (complex64)"),
+    "BatchNorm over 2 values": ("batch_norm.py --data randn:2,8", "1 (BatchNorm1d) normalises 2 values per channel"),
     # user code that tries to end the process: never its own exit code (0 would read as a pass, 1 as findings)
     "sys.exit(0) in --data": ("mlp.py --data data_fns.py:exit_zero", "data_fns.py:exit_zero() called sys.exit(0)"),
     "sys.exit('msg') in --data": (

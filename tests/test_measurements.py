@@ -544,3 +544,33 @@ def test_a_layer_whose_output_the_loss_never_reads_is_unused_not_dead() -> None:
     zeros = gradcheck_cli.analyze(_zero_mlp(), (x, y), steps=2)
     assert not any(layer.unread for layer in zeros.layers)
     assert {f.kind for f in zeros.findings if f.layer in ("0", "2")} == {"dead"}
+
+
+def test_batch_norm_over_two_values_passes_no_gradient_and_is_refused() -> None:
+    """BatchNorm over 2 values per channel maps them to -1 and +1 whatever they are (eps aside): in float64
+    with eps = 1e-30 its input gradient is 0 up to rounding, so what reaches the layers before it is an
+    artifact of eps and rounding, and gradcheck stops (exit 2) rather than judge it. At 4 values the path is
+    real but BN's backward divides by the spread of 4 values: a note names the layer; at 8, nothing."""
+    import pytest
+    import torch
+    from torch import nn
+
+    from gradcheck_cli.errors import UserError
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, dtype=torch.float64, requires_grad=True)
+    (nn.BatchNorm1d(16, eps=1e-30).double()(x) * torch.randn(2, 16, dtype=torch.float64)).sum().backward()
+    assert x.grad.abs().max() < 1e-10
+
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+
+    def batches(size: int) -> list:
+        return [(torch.randn(size, 8), torch.randint(0, 4, (size,))) for _ in range(2)]
+
+    with pytest.raises(UserError, match="normalises 2 values per channel"):
+        gradcheck_cli.analyze(model(), batches(2))
+    notes = gradcheck_cli.analyze(model(), batches(4)).notes
+    assert [n for n in notes if n.startswith("1 (BatchNorm) normalises only 4 values per channel")]
+    assert not [n for n in gradcheck_cli.analyze(model(), batches(8)).notes if "(BatchNorm)" in n]
+    gradcheck_cli.analyze(model(), batches(2), eval_mode=True)  # running statistics: no batch statistics used
