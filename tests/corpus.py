@@ -109,6 +109,19 @@ def tv_mobilenet() -> nn.Module:
     return torchvision().models.mobilenet_v3_small(num_classes=10)
 
 
+def tv_mobilenet_v2_shifted(shift: float = -3.0) -> nn.Module:
+    """MobileNetV2 with every BatchNorm bias at `shift`: BN standardises each channel over the batch, so the
+    ReLU6 after it is active where N(0, 1) > -shift, 0.13% of positions at -3 (heavier-tailed deeper in: a
+    conv of sparse inputs), yet at thousands of positions per channel every unit fires somewhere: nearly dead,
+    no unit dead."""
+    model = torchvision().models.mobilenet_v2(num_classes=10)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.bias.fill_(shift)
+    return model
+
+
 def tv_efficientnet() -> nn.Module:
     return torchvision().models.efficientnet_b0(num_classes=10)
 
@@ -839,6 +852,15 @@ def cases() -> list[Case]:
             False,
             "the same RNN as a Python loop over nn.Linear cells",
             ("vanishing",),
+        ),
+        Case(
+            "tv-mobilenet-v2-bn-shifted",
+            "torchvision",
+            tv_mobilenet_v2_shifted,
+            lambda: images(64),
+            False,
+            "every BN bias at -3: each ReLU6 active for ~0.1% of its inputs, 1 - Phi(3) (see tv_mobilenet_v2_shifted)",
+            ("dead",),
         ),
         Case(
             "functional-dead-relu",
