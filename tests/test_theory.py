@@ -143,7 +143,7 @@ def test_nearly_dead_relus_behind_a_shifted_batchnorm_are_found_though_no_unit_i
     # 8192 sampled values: a binomial spread of at most 0.6% at p = 1/2, 0.04% at p = 0.13%
     assert zeros == pytest.approx(1 - active, abs=max(0.02, 4 * math.sqrt(active * (1 - active) / 8192)))
     assert all(report.layer(n).dead_fraction == 0.0 for n in ("blocks.0.1", "blocks.1.1", "blocks.2.1"))
-    found = {f.layer: f.severity for f in report.findings if f.kind == "dead"}
+    found = {name: f.severity for f in report.findings if f.kind == "dead" for name in (f.layer, *f.also)}
     assert found.get("blocks.1.0") == severity
     assert "blocks.0.0" not in found
     assert bool(found) == (severity is not None)

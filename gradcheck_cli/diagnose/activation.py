@@ -3,6 +3,7 @@ trainable parameters that got no gradient."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from gradcheck_cli.diagnose.common import Context, all_zero, got_no_gradient, level
@@ -35,6 +36,7 @@ def chance_of_dead(dead: int, units: int) -> float:
 def activations(context: Context) -> list[Finding]:
     layers, thresholds = context.layers, context.thresholds
     findings = []
+    sparse: list[Finding] = []  # nearly dead, grouped at the end
     for layer in layers:
         if layer.alias_of is not None:
             continue  # a tied tensor: its owner carries the verdict
@@ -83,8 +85,8 @@ def activations(context: Context) -> list[Finding]:
             severity = None  # as many dead units as a random init leaves by chance (CHANCE_DEAD)
         if severity is not None and dead is not None:
             findings.append(Finding(layer.name, "dead", severity, "activation", f"{dead:.0%} of {source}", fix, dead))
-        else:
-            findings += nearly_dead(layer, thresholds)
+        elif (found := nearly_dead(layer, thresholds)) is not None:
+            sparse.append(found)
         saturated = layer.saturated_fraction
         severity = level(saturated or 0.0, thresholds.saturation_warning, thresholds.saturation_error)
         if severity is not None and saturated is not None:
@@ -100,10 +102,35 @@ def activations(context: Context) -> list[Finding]:
                     saturated,
                 )
             )
-    return findings
+    return findings + _grouped(sparse)
 
 
-def nearly_dead(layer: Layer, thresholds: Thresholds) -> list[Finding]:
+def _grouped(found: list[Finding]) -> list[Finding]:
+    """Nearly dead layers of one severity are one finding (one cause, one fix, usually every block of a
+    network): on the sparsest of them, the others in `also`, with the range of their zero fractions."""
+    grouped = []
+    for severity in ("error", "warning"):
+        members = [f for f in found if f.severity == severity]
+        if not members:
+            continue
+        first = max(members, key=lambda f: f.factor or 0.0)
+        rest = [f for f in members if f is not first]
+        message = first.message
+        if rest:
+            low = min(f.factor or 0.0 for f in rest)
+            high = max(f.factor or 0.0 for f in rest)
+            roles = tuple(dict.fromkeys(peer_group(f.layer) for f in rest))
+            message += (
+                f"; the same for {len(rest)} more layers ({_share(low)}-{_share(high)} zeros), in {_named(roles)}"
+                if len(rest) > 1
+                else f"; the same for {rest[0].layer} ({_share(high)} zeros)"
+            )
+        also = tuple(f.layer for f in rest)
+        grouped.append(dataclasses.replace(first, message=message, also=also))
+    return grouped
+
+
+def nearly_dead(layer: Layer, thresholds: Thresholds) -> Finding | None:
     """A hidden weight layer that reads almost nothing but exact zeros: the activation before it (a ReLU
     family unit, in whatever form: module, F.relu, a clamp) is active for a sliver of its inputs, so it passes
     a gradient, and feeds this layer's weight gradient, for that sliver only. No unit need be dead for it:
@@ -117,20 +144,25 @@ def nearly_dead(layer: Layer, thresholds: Thresholds) -> list[Finding]:
     reads_hidden = layer.depth is not None and layer.depth > 1
     weight_layer = expects_comparison(layer) and layer.category != "embedding"
     if zeros is None or zeros >= 1.0 or not reads_hidden or not weight_layer or layer.gated:
-        return []
+        return None
     severity = level(zeros, thresholds.nearly_dead_warning, thresholds.nearly_dead_error)
     if severity is None:
-        return []
+        return None
     message = (
-        f"{zeros:.1%} of its input values are exact zeros: the activation before it is nearly dead, active for "
-        f"{1 - zeros:.1%} of inputs (a healthy ReLU: about half), and gradients pass through that sliver only"
+        f"{_share(zeros)} of its input values are exact zeros: the activation before it is nearly dead, active for "
+        f"{_share(1 - zeros)} of inputs (a healthy ReLU: about half), and gradients pass through that sliver only"
     )
     fix = (
         "pre-activations sit below 0 for almost every input: check the bias or normalisation shift before the "
         "activation (a BatchNorm/LayerNorm bias far below 0), initialise with nn.init.kaiming_normal_ and zero "
         "biases, or use nn.LeakyReLU / nn.GELU; if the zeros come from dropout, lower its rate"
     )
-    return [Finding(layer.name, "dead", severity, "activation", message, fix, zeros)]
+    return Finding(layer.name, "dead", severity, "activation", message, fix, zeros)
+
+
+def _share(fraction: float) -> str:
+    """A fraction as a percentage, to two decimals near the thresholds (99.04% is an error, 98.96% is not)."""
+    return f"{fraction:.2%}" if fraction >= 0.985 or fraction <= 0.015 else f"{fraction:.1%}"
 
 
 def usage(context: Context) -> list[Finding]:
