@@ -8,8 +8,8 @@ from a Context (the layers and the run's settings) to findings, registered in RU
   (update.py: each weight layer's ||g||/||W||), kept when they hold on most batches (views.py);
 - time: the gradient reaching each time step of a recurrent layer (time.py);
 - training: what the watched optimizer steps of --train-steps showed over time (training.py);
-- activation: dead ReLU units, saturated sigmoid/tanh inputs; usage: parameters that got no gradient
-  (activation.py).
+- activation: dead ReLU units, nearly dead ones (layers reading almost only exact zeros), saturated
+  sigmoid/tanh inputs; usage: parameters that got no gradient (activation.py).
 
 Adding a rule: write `def my_rule(context: Context) -> list[Finding]` in one of these files (or a new one)
 and add it to RULES; a new kind of finding also gets a line in kinds.py.

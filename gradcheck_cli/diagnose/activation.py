@@ -1,5 +1,6 @@
-"""Activation rules: ReLU units that never activate, sigmoid/tanh inputs that sit in saturation; and usage:
-trainable parameters that got no gradient."""
+"""Activation rules: ReLU units that never activate, layers that read almost only exact zeros (a nearly dead
+activation before them), sigmoid/tanh inputs that sit in saturation; and usage: trainable parameters that got
+no gradient."""
 
 from __future__ import annotations
 
