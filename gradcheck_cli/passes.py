@@ -229,10 +229,11 @@ def _check_batch_norms(probe: Probe, layers: Sequence[LayerSpec]) -> tuple[str, 
     noise is not judged. SyncBatchNorm across processes pools the batches of all of them, which one process
     cannot count: not checked."""
     pooled = torch.distributed.is_available() and torch.distributed.is_initialized()
+    norm_values = probe.take_norm_values()
     counted = [
-        (probe.norm_values[spec.index], spec)
+        (norm_values[spec.index], spec)
         for spec in layers
-        if spec.index in probe.norm_values and not (pooled and isinstance(spec.module, nn.SyncBatchNorm))
+        if spec.index in norm_values and not (pooled and isinstance(spec.module, nn.SyncBatchNorm))
     ]
     if not counted:
         return None

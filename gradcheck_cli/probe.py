@@ -64,7 +64,7 @@ class Probe:
         self._last_layer: int | None = None
         self._layer_category = {spec.index: spec.category for spec in layers}
         # BatchNorm layers: the fewest values one of their channels was normalised over in a call with batch
-        # statistics (batch x positions), read after the first step (norm_values)
+        # statistics (batch x positions), counted in the first step only (take_norm_values)
         self._batch_norms = {spec.index for spec in layers if isinstance(spec.module, nn.modules.batchnorm._BatchNorm)}
         self.norm_values: dict[int, int] = {}
         self._recording = False
@@ -131,6 +131,11 @@ class Probe:
             bare = {key: value for key, value in self._functional.items() if value[0] not in self._owners}
             self._functional = bare if any(index in self.used_as for index, _ in bare.values()) else {}
             self._owners = set()
+
+    def take_norm_values(self) -> dict[int, int]:
+        """The counts of the first step's BatchNorm calls; the hooks stop counting (no later step reads them)."""
+        self._batch_norms = set()
+        return self.norm_values
 
     def category(self, index: int) -> str:
         """The kind of layer `index` is measured as: its spec's, or what its matrix was seen applied as."""
